@@ -1,0 +1,2 @@
+def apply_cpu_defaults(config):
+    return None

@@ -1,0 +1,400 @@
+"""Per-token divergences between a student policy πs and a teacher πt (pure torch, no verl).
+
+Notation for a response token t: s_t = log πs(x_t | x_<t), q_t = log πt(x_t | x_<t).
+
+Supports of the divergence:
+
+* ``sampled``: only the sampled token's log-probs (`sampled_reverse_kl`, estimators k1 / k3).
+* ``topk``: the teacher's top-k tokens plus one tail bucket holding the remaining mass (`topk_divergence`).
+* ``full``: the whole vocabulary (`full_divergence`, and the memory-bounded `chunked_full_divergence` /
+  `chunked_divergence_from_hidden`).
+
+Divergences (``reverse_kl`` = KL(πs‖πt), ``forward_kl`` = KL(πt‖πs), ``jsd``): the generalized JSD of GKD
+(arXiv 2306.13649) / TRL's ``generalized_jsd_loss``: m = β·πt + (1−β)·πs,
+JSD_β = β·KL(πt‖m) + (1−β)·KL(πs‖m); β = 0 is forward KL exactly and β = 1 reverse KL exactly.
+
+Conventions: a term p·(log p − log r) is 0 where p = 0 (masked vocabulary entries with −inf logits give
+no NaN). A KL whose first distribution puts mass where the second has none is +inf, as in the math
+(e.g. reverse KL when only the teacher masks a token the student can emit); its gradient is then not
+finite either. The teacher is always a constant (detached). Values are computed in at least float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+SUPPORTS = ("sampled", "topk", "full")
+KL_ESTIMATORS = ("k1", "k3")
+
+# Smallest tail mass of the top-k support: keeps log(tail) finite when the top-k covers (numerically) all mass.
+_TAIL_FLOOR = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampled support
+# ----------------------------------------------------------------------------------------------------------
+def sanitize_teacher_logp(teacher_logp: Tensor, floor: float = -50.0) -> tuple[Tensor, Tensor]:
+    """Replace non-finite teacher log-probs (−inf, NaN, +inf) by ``floor``.
+
+    Returns ``(clean, invalid)`` where ``invalid`` is the bool mask of replaced entries, so callers can
+    clip and count them. Finite values (even below ``floor``) are returned unchanged.
+    """
+    invalid = ~torch.isfinite(teacher_logp)
+    clean = torch.where(invalid, torch.full_like(teacher_logp, floor), teacher_logp)
+    return clean, invalid
+
+
+def sampled_reverse_kl(
+    student_logp: Tensor, teacher_logp: Tensor, estimator: str = "k1", *, floor: float = -50.0
+) -> Tensor:
+    """Per-token estimate of KL(πs‖πt) from the sampled token (x_t ~ πs).
+
+    k1 = s − q (unbiased, can be negative); k3 = exp(q − s) − (q − s) − 1 (unbiased, ≥ 0, lower variance).
+    The teacher log-prob is sanitized first (−inf/NaN → ``floor``), so the result has no NaN for any finite
+    student log-prob. k3 can overflow to +inf in float32 when q − s > ~88. Differentiable w.r.t.
+    ``student_logp``; the teacher is detached.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    dtype = torch.promote_types(student_logp.dtype, torch.float32)
+    s = student_logp.to(dtype)
+    q, _ = sanitize_teacher_logp(teacher_logp.detach().to(dtype), floor)
+    if estimator == "k1":
+        return s - q
+    d = q - s
+    # expm1(d) - d avoids the cancellation of exp(d) - 1 for small |d|; clamp removes rounding below 0.
+    return (torch.expm1(d) - d).clamp_min(0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared core on log-probabilities
+# ----------------------------------------------------------------------------------------------------------
+def _canonical(divergence: str, beta: float) -> str:
+    """Validate (divergence, beta); map jsd with β = 0 / 1 to forward / reverse KL (TRL's convention)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+    if divergence == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+        if beta == 0.0:
+            return "forward_kl"
+        if beta == 1.0:
+            return "reverse_kl"
+    return divergence
+
+
+def _kl(logp: Tensor, logr: Tensor) -> Tensor:
+    """KL(p‖r) = Σ_i p_i (log p_i − log r_i) over the last dim, with 0 where p_i = 0 (NaN-free grads)."""
+    p = logp.exp()
+    pos = p > 0
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    diff = torch.where(pos, logp, zero) - torch.where(pos, logr, zero)
+    return torch.where(pos, p * diff, zero).sum(-1)
+
+
+def _log_mixture(ls: Tensor, lt: Tensor, beta: float) -> Tensor:
+    """log m = logsumexp(log β + log πt, log(1−β) + log πs) for 0 < β < 1.
+
+    Entries where both log-probs are −inf are replaced by 0 before the logsumexp (their value is never used,
+    p = 0 there) so that its backward cannot produce NaN.
+    """
+    dead = torch.isneginf(ls) & torch.isneginf(lt)
+    zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
+    a = torch.where(dead, zero, lt) + math.log(beta)
+    b = torch.where(dead, zero, ls) + math.log1p(-beta)
+    return torch.logaddexp(a, b)
+
+
+def _divergence_from_logp(ls: Tensor, lt: Tensor, kind: str, beta: float) -> Tensor:
+    """Divergence over the last dim from normalized student / teacher log-probs (``kind`` canonical)."""
+    if kind == "reverse_kl":
+        return _kl(ls, lt)
+    if kind == "forward_kl":
+        return _kl(lt, ls)
+    lm = _log_mixture(ls, lt, beta)
+    return beta * _kl(lt, lm) + (1.0 - beta) * _kl(ls, lm)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# full support
+# ----------------------------------------------------------------------------------------------------------
+def full_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Exact per-token divergence over the vocabulary for logits ``[..., V]`` → values ``[...]``.
+
+    log πs = log_softmax(student_logits / τ), log πt = log_softmax(teacher_logits / τ); then
+    reverse_kl = Σ πs (log πs − log πt), forward_kl = Σ πt (log πt − log πs),
+    jsd = β·KL(πt‖m) + (1−β)·KL(πs‖m) with log m = logsumexp(log β + log πt, log(1−β) + log πs).
+    Plain autograd (materializes several ``[..., V]`` tensors); differentiable w.r.t. ``student_logits``.
+    """
+    kind = _canonical(divergence, beta)
+    _check_temperature(temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+    dtype = _compute_dtype(student_logits.dtype)
+    ls = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    return _divergence_from_logp(ls, lt, kind, beta)
+
+
+def _value_and_grad(
+    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row divergence of logits ``zs``/``zt`` ``[n, V]`` and (optionally) its analytic gradient w.r.t. ``zs``.
+
+    With ls = log_softmax(zs/τ) and ps = exp(ls), d D / d zs =
+      reverse_kl: ps·(ls − lt − D)/τ;   forward_kl: (ps − pt)/τ;
+      jsd:        (1−β)·ps·(ls − lm − KL(πs‖m))/τ.
+    Entries with ps = 0 get gradient 0 (reverse_kl, jsd).
+    """
+    ls = torch.log_softmax(zs / temperature, dim=-1)
+    lt = torch.log_softmax(zt / temperature, dim=-1)
+    if kind == "reverse_kl":
+        value = _kl(ls, lt)
+        if not need_grad:
+            return value, None
+        ps = ls.exp()
+        grad = torch.where(ps > 0, ps * (ls - lt - value.unsqueeze(-1)), 0.0)
+    elif kind == "forward_kl":
+        value = _kl(lt, ls)
+        if not need_grad:
+            return value, None
+        grad = ls.exp() - lt.exp()
+    else:
+        lm = _log_mixture(ls, lt, beta)
+        ks = _kl(ls, lm)
+        value = beta * _kl(lt, lm) + (1.0 - beta) * ks
+        if not need_grad:
+            return value, None
+        ps = ls.exp()
+        grad = torch.where(ps > 0, (1.0 - beta) * ps * (ls - lm - ks.unsqueeze(-1)), 0.0)
+    if temperature != 1.0:
+        grad = grad / temperature
+    return value, grad
+
+
+class _ChunkedLogitsDivergence(torch.autograd.Function):
+    """Divergence of ``[T, V]`` logits, forward and backward chunk by chunk (analytic per-chunk gradient)."""
+
+    @staticmethod
+    def forward(ctx, zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int) -> Tensor:
+        dtype = _compute_dtype(zs.dtype)
+        out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
+        for a in range(0, zs.shape[0], chunk):
+            b = min(a + chunk, zs.shape[0])
+            out[a:b], _ = _value_and_grad(zs[a:b].to(dtype), zt[a:b].to(dtype), kind, beta, temperature, False)
+        ctx.save_for_backward(zs, zt)
+        ctx.cfg = (kind, beta, temperature, chunk)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        zs, zt = ctx.saved_tensors
+        kind, beta, temperature, chunk = ctx.cfg
+        dtype = _compute_dtype(zs.dtype)
+        grad_zs = torch.empty_like(zs)
+        for a in range(0, zs.shape[0], chunk):
+            b = min(a + chunk, zs.shape[0])
+            _, g = _value_and_grad(zs[a:b].to(dtype), zt[a:b].to(dtype), kind, beta, temperature, True)
+            grad_zs[a:b] = g * grad_out[a:b].to(dtype).unsqueeze(-1)
+        return grad_zs, None, None, None, None, None
+
+
+def chunked_full_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Same values as `full_divergence` for logits ``[T, V]`` (or ``[..., V]``), ``chunk_size`` rows at a time.
+
+    A custom autograd Function: forward saves only the two input tensors; backward recomputes each chunk's
+    softmaxes and writes the analytic gradient, so temporaries are O(chunk_size·V) in both passes.
+    Gradient flows to ``student_logits`` only.
+    """
+    kind = _canonical(divergence, beta)
+    _check_temperature(temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
+    lead = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    out = _ChunkedLogitsDivergence.apply(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.detach().reshape(-1, vocab),
+        kind,
+        float(beta),
+        float(temperature),
+        int(chunk_size),
+    )
+    return out.reshape(lead)
+
+
+class _ChunkedHiddenDivergence(torch.autograd.Function):
+    """Divergence from hidden states and lm-head weights, the lm-head matmul done per chunk in both passes."""
+
+    @staticmethod
+    def forward(
+        ctx, hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, kind: str, beta: float, temperature: float, chunk: int
+    ) -> Tensor:
+        dtype = _compute_dtype(hs.dtype)
+        out = torch.empty(hs.shape[0], dtype=dtype, device=hs.device)
+        for a in range(0, hs.shape[0], chunk):
+            b = min(a + chunk, hs.shape[0])
+            zs = torch.nn.functional.linear(hs[a:b], ws).to(dtype)
+            zt = torch.nn.functional.linear(ht[a:b], wt).to(dtype)
+            out[a:b], _ = _value_and_grad(zs, zt, kind, beta, temperature, False)
+        ctx.save_for_backward(hs, ws, ht, wt)
+        ctx.cfg = (kind, beta, temperature, chunk)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        hs, ws, ht, wt = ctx.saved_tensors
+        kind, beta, temperature, chunk = ctx.cfg
+        dtype = _compute_dtype(hs.dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hs = torch.empty_like(hs) if need_h else None
+        # The weight gradient is accumulated over chunks in (at least) float32, then cast to the weight dtype.
+        grad_ws = torch.zeros(ws.shape, dtype=_compute_dtype(ws.dtype), device=ws.device) if need_w else None
+        for a in range(0, hs.shape[0], chunk):
+            b = min(a + chunk, hs.shape[0])
+            zs = torch.nn.functional.linear(hs[a:b], ws).to(dtype)
+            zt = torch.nn.functional.linear(ht[a:b], wt).to(dtype)
+            _, gz = _value_and_grad(zs, zt, kind, beta, temperature, True)
+            gz = gz * grad_out[a:b].to(dtype).unsqueeze(-1)
+            if need_h:
+                grad_hs[a:b] = (gz.to(ws.dtype) @ ws).to(hs.dtype)
+            if need_w:
+                grad_ws.addmm_(gz.t().to(grad_ws.dtype), hs[a:b].to(grad_ws.dtype))
+        if need_w:
+            grad_ws = grad_ws.to(ws.dtype)
+        return grad_hs, grad_ws, None, None, None, None, None, None
+
+
+def chunked_divergence_from_hidden(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head_weight: Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Full-vocabulary divergence from hidden states: logits = hidden @ weightᵀ, computed per chunk.
+
+    ``student_hidden [T, H]`` (or ``[..., H]``), ``student_head_weight [V, H]``, ``teacher_hidden [T, H']``,
+    ``teacher_head_weight [V, H']`` → values ``[T]``, equal to
+    ``full_divergence(student_hidden @ Wsᵀ, teacher_hidden @ Wtᵀ, ...)``. Neither pass ever holds ``[T, V]``
+    logits: peak extra memory is O(chunk_size·V) plus the ``[V, H]`` weight gradient (accumulated in float32).
+    Gradients flow to ``student_hidden`` and ``student_head_weight``; the teacher is constant. Both heads must
+    have the same V (slice the weights to the shared vocabulary first if the padded sizes differ).
+    """
+    kind = _canonical(divergence, beta)
+    _check_temperature(temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
+        raise ValueError(
+            f"vocab sizes differ: student {student_head_weight.shape[0]} vs teacher {teacher_head_weight.shape[0]}"
+        )
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(f"token shapes differ: {tuple(lead)} vs {tuple(teacher_hidden.shape[:-1])}")
+    out = _ChunkedHiddenDivergence.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_head_weight,
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
+        teacher_head_weight.detach(),
+        kind,
+        float(beta),
+        float(temperature),
+        int(chunk_size),
+    )
+    return out.reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# top-k support
+# ----------------------------------------------------------------------------------------------------------
+def _append_log_tail(logp_k: Tensor) -> Tensor:
+    """Append log(1 − Σ_i p_i) (tail mass clamped to ≥ ``_TAIL_FLOOR``) to ``logp_k [..., k]`` → ``[..., k+1]``."""
+    total = logp_k.exp().sum(-1, keepdim=True)
+    tail = torch.log1p(-total.clamp(max=1.0 - _TAIL_FLOOR))
+    return torch.cat([logp_k, tail], dim=-1)
+
+
+def topk_divergence(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logp: Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Divergence over the support {teacher's top-k ids} ∪ {tail bucket}, per token.
+
+    ``student_logits [..., V]``, ``teacher_topk_ids [..., k]`` (long, distinct per row),
+    ``teacher_topk_logp [..., k]`` = the teacher's full-vocabulary log-probs at those ids, *already at the loss
+    temperature* (no temperature is applied to them). Teacher distribution: (p_1..p_k, 1 − Σp); student:
+    softmax(student_logits/τ) at the ids plus 1 − Σ. Tail masses are floored at 1e-12 so a tail of ~0 (k = V)
+    gives a ~0 term and no NaN; −inf teacher log-probs are zero-probability entries. The (k+1)-point
+    divergence is evaluated in float64; the result has the student's compute dtype (≥ float32).
+    """
+    kind = _canonical(divergence, beta)
+    _check_temperature(temperature)
+    if teacher_topk_ids.shape != teacher_topk_logp.shape:
+        raise ValueError(
+            f"top-k ids / logp shapes differ: {tuple(teacher_topk_ids.shape)} vs {tuple(teacher_topk_logp.shape)}"
+        )
+    dtype = _compute_dtype(student_logits.dtype)
+    z = student_logits.to(dtype)
+    if temperature != 1.0:
+        z = z / temperature
+    ls_k = z.gather(-1, teacher_topk_ids.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
+    ls = _append_log_tail(ls_k.to(torch.float64))
+    lt = _append_log_tail(teacher_topk_logp.detach().to(torch.float64))
+    return _divergence_from_logp(ls, lt, kind, beta).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------------------
+_BY_SUPPORT: dict[str, Callable[..., Tensor]] = {
+    "sampled": sampled_reverse_kl,
+    "topk": topk_divergence,
+    "full": chunked_full_divergence,
+}
+
+
+def divergence_fn(support: str) -> Callable[..., Tensor]:
+    """Per-token divergence function of a support: sampled → `sampled_reverse_kl`,
+    topk → `topk_divergence`, full → `chunked_full_divergence` (each keeps its own signature)."""
+    if support not in SUPPORTS:
+        raise ValueError(f"unknown support {support!r}; expected one of {SUPPORTS}")
+    return _BY_SUPPORT[support]

@@ -1,0 +1,1 @@
+"""OPD policy losses (verl extension point: core_algos.register_policy_loss)."""

@@ -1,0 +1,73 @@
+"""`python -m opd_verl.main_opd [hydra overrides]`: verl's PPO entry point with the `opd:` section.
+
+Our options are validated before Ray starts. `--cfg job` composes, validates and prints the config, then exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from opd_verl.options import OPDConfigError, check_override_keys, validate_config
+
+_PRINT_ONLY = {"flag": False}
+
+
+def _fail(message: str) -> None:
+    print(f"opd_verl: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _strip_cfg_job(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove `--cfg job` / `--cfg=job` / `-c job` from argv; report whether it was there."""
+    out, found, i = [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--cfg", "-c") and i + 1 < len(argv) and argv[i + 1] == "job":
+            found, i = True, i + 2
+            continue
+        if arg == "--cfg=job":
+            found, i = True, i + 1
+            continue
+        out.append(arg)
+        i += 1
+    return out, found
+
+
+def prepare(config: DictConfig) -> None:
+    """Validate everything of ours and apply platform defaults; raises OPDConfigError on bad input."""
+    validate_config(OmegaConf.to_container(config, resolve=True))
+    from opd_verl.cpu_defaults import apply_cpu_defaults
+
+    apply_cpu_defaults(config)
+
+
+@hydra.main(config_path="config", config_name="opd_trainer", version_base=None)
+def main(config: DictConfig) -> None:
+    try:
+        prepare(config)
+    except OPDConfigError as err:
+        _fail(str(err))
+    if _PRINT_ONLY["flag"]:
+        print(OmegaConf.to_yaml(config))
+        return
+    from opd_verl.runner import run
+
+    run(config)
+
+
+def cli() -> None:
+    argv, print_only = _strip_cfg_job(sys.argv[1:])
+    try:
+        check_override_keys(argv)
+    except OPDConfigError as err:
+        _fail(str(err))
+    _PRINT_ONLY["flag"] = print_only
+    sys.argv = [sys.argv[0], *argv]
+    main()
+
+
+if __name__ == "__main__":
+    cli()

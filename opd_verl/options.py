@@ -1,0 +1,183 @@
+"""The `opd:` config section: its schema (the packaged YAML) and validation that runs before Ray starts.
+
+Every check raises OPDConfigError with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+import yaml
+
+OPD_ESTIMATORS = ("opd", "opd_hybrid")
+DISTILL_LOSS_MODE = "opd_distill"
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+SUPPORTS = ("sampled", "topk", "full")
+KL_ESTIMATORS = ("k1", "k3")
+MULTI_TEACHER_MODES = ("mean_prob", "mean_logit", "route")
+TEACHER_ENTRY_KEYS = ("path", "weight", "data_source", "tokenizer_path")
+
+
+class OPDConfigError(ValueError):
+    """A bad `opd.*` (or related verl) setting; the message is one line naming the key and the fix."""
+
+
+def opd_defaults() -> dict[str, Any]:
+    """The `opd:` section of the packaged opd_trainer.yaml: the schema of every option we accept."""
+    text = resources.files("opd_verl").joinpath("config/opd_trainer.yaml").read_text()
+    return yaml.safe_load(text)["opd"]
+
+
+def _flat_keys(section: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in section.items():
+        keys.append(prefix + key)
+        if isinstance(value, Mapping):
+            keys += _flat_keys(value, prefix + key + ".")
+    return keys
+
+
+def _unknown_key_error(key: str) -> OPDConfigError:
+    valid = ", ".join(k for k in _flat_keys(opd_defaults()))
+    return OPDConfigError(f"unknown key 'opd.{key}'; valid opd keys: {valid}")
+
+
+_OVERRIDE = re.compile(r"^[+~]{0,2}opd\.([A-Za-z0-9_.]+)(=|$)")
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Reject command-line overrides of `opd.*` keys that do not exist (also with Hydra's `+`/`++` prefixes)."""
+    valid = set(_flat_keys(opd_defaults()))
+    for override in overrides:
+        match = _OVERRIDE.match(override)
+        if not match:
+            continue
+        key = match.group(1)
+        # opd.teachers.0.path style keys address list entries of `teachers`
+        if key.startswith("teachers."):
+            continue
+        if key not in valid:
+            raise _unknown_key_error(key)
+
+
+def check_unknown_keys(section: Mapping, schema: Mapping | None = None, prefix: str = "") -> None:
+    """Reject keys of the composed `opd:` section that the schema does not have (e.g. from a recipe YAML)."""
+    schema = opd_defaults() if schema is None else schema
+    for key, value in section.items():
+        if key not in schema:
+            raise _unknown_key_error(prefix + str(key))
+        if isinstance(schema[key], Mapping) and isinstance(value, Mapping):
+            check_unknown_keys(value, schema[key], prefix + key + ".")
+
+
+def _choice(opd: Mapping, key: str, choices: tuple[str, ...]) -> None:
+    if opd[key] not in choices:
+        raise OPDConfigError(f"opd.{key}={opd[key]!r} is not one of {', '.join(choices)}; set opd.{key}=<one of them>")
+
+
+def teacher_entries(opd: Mapping) -> list[dict[str, Any]]:
+    """The configured teachers as a list of {path, weight, data_source, tokenizer_path} (empty if none)."""
+    if opd.get("teachers"):
+        entries = []
+        for i, entry in enumerate(opd["teachers"]):
+            if isinstance(entry, str):
+                entry = {"path": entry}
+            if not isinstance(entry, Mapping) or not entry.get("path"):
+                raise OPDConfigError(f"opd.teachers[{i}] has no path; write each teacher as {{path: ..., weight: 1.0}}")
+            extra = set(entry) - set(TEACHER_ENTRY_KEYS)
+            if extra:
+                raise OPDConfigError(
+                    f"opd.teachers[{i}] has unknown key(s) {sorted(extra)}; valid: {', '.join(TEACHER_ENTRY_KEYS)}"
+                )
+            entries.append(
+                {
+                    "path": str(entry["path"]),
+                    "weight": float(entry.get("weight", 1.0)),
+                    "data_source": entry.get("data_source"),
+                    "tokenizer_path": entry.get("tokenizer_path"),
+                }
+            )
+        return entries
+    teacher = opd.get("teacher") or {}
+    if teacher.get("path"):
+        return [
+            {
+                "path": str(teacher["path"]),
+                "weight": 1.0,
+                "data_source": None,
+                "tokenizer_path": teacher.get("tokenizer_path"),
+            }
+        ]
+    return []
+
+
+def uses_opd(config: Mapping) -> bool:
+    """True when the run needs a teacher: an OPD advantage estimator or the distillation policy loss."""
+    estimator = config["algorithm"]["adv_estimator"]
+    loss_mode = config["actor_rollout_ref"]["actor"].get("policy_loss", {}).get("loss_mode")
+    return estimator in OPD_ESTIMATORS or loss_mode == DISTILL_LOSS_MODE
+
+
+def validate_opd_section(opd: Mapping) -> None:
+    """Checks of the `opd:` section on its own."""
+    check_unknown_keys(opd)
+    _choice(opd, "divergence", DIVERGENCES)
+    _choice(opd, "support", SUPPORTS)
+    _choice(opd, "kl_estimator", KL_ESTIMATORS)
+    _choice(opd, "multi_teacher_mode", MULTI_TEACHER_MODES)
+    if not 0.0 <= float(opd["beta"]) <= 1.0:
+        raise OPDConfigError(f"opd.beta={opd['beta']} is outside [0, 1]; set opd.beta between 0 (forward KL) and 1 (reverse KL)")
+    if float(opd["temperature"]) <= 0:
+        raise OPDConfigError(f"opd.temperature={opd['temperature']} must be > 0; set opd.temperature=1.0 for no scaling")
+    if int(opd["topk"]) < 1:
+        raise OPDConfigError(f"opd.topk={opd['topk']} must be >= 1; set opd.topk to e.g. 20")
+    if float(opd["adv_clip_min"]) >= float(opd["adv_clip_max"]):
+        raise OPDConfigError(
+            f"opd.adv_clip_min={opd['adv_clip_min']} must be < opd.adv_clip_max={opd['adv_clip_max']}; "
+            "set e.g. opd.adv_clip_min=-10 opd.adv_clip_max=10"
+        )
+    if not 0.0 <= float(opd["discount"]) <= 1.0:
+        raise OPDConfigError(f"opd.discount={opd['discount']} is outside [0, 1]; set opd.discount=0 for per-token terms")
+    if int(opd["chunk_size"]) < 1:
+        raise OPDConfigError(f"opd.chunk_size={opd['chunk_size']} must be >= 1; set e.g. opd.chunk_size=1024")
+    for key in ("lambda_rl", "lambda_distill", "hybrid_alpha"):
+        if float(opd[key]) < 0:
+            raise OPDConfigError(f"opd.{key}={opd[key]} must be >= 0")
+    if opd["support"] == "sampled" and float(opd["temperature"]) != 1.0:
+        raise OPDConfigError(
+            "opd.temperature applies to logits, which support=sampled does not use; set opd.support=topk|full "
+            "or opd.temperature=1.0"
+        )
+    if opd["support"] == "sampled" and opd["divergence"] != "reverse_kl":
+        raise OPDConfigError(
+            f"opd.divergence={opd['divergence']} needs the teacher's distribution; set opd.support=topk|full "
+            "(support=sampled only estimates reverse_kl)"
+        )
+    entries = teacher_entries(opd)
+    if opd["multi_teacher_mode"] == "route" and len(entries) > 1:
+        missing = [e["path"] for e in entries if not e.get("data_source")]
+        if missing:
+            raise OPDConfigError(
+                f"opd.multi_teacher_mode=route needs a data_source on every teacher; missing on {missing}"
+            )
+
+
+def validate_config(config: Mapping) -> None:
+    """All checks of ours on a composed config; raises OPDConfigError before anything is loaded."""
+    opd = config["opd"]
+    validate_opd_section(opd)
+    if not uses_opd(config):
+        return
+    if not teacher_entries(opd):
+        raise OPDConfigError(
+            f"algorithm.adv_estimator={config['algorithm']['adv_estimator']} needs a teacher; "
+            "set opd.teacher.path=<model dir or hub name>"
+        )
+    estimator = config["algorithm"]["adv_estimator"]
+    if estimator == "opd_hybrid" and opd["hybrid_base_estimator"] in OPD_ESTIMATORS:
+        raise OPDConfigError(
+            "opd.hybrid_base_estimator must be an RL estimator (grpo, rloo, gae, ...), not an OPD one"
+        )
