@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main_opd(*overrides: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m opd_verl.main_opd <overrides>` in a subprocess of this interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "opd_verl.main_opd", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def composed_config():
+    """The default composed opd_trainer config (Hydra compose API), as a plain container factory."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "opd_verl" / "config"), version_base=None):
+        cfg = compose(config_name="opd_trainer")
+    container = OmegaConf.to_container(cfg, resolve=False)
+
+    def make():
+        import copy
+
+        return copy.deepcopy(container)
+
+    return make

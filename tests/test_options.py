@@ -1,0 +1,119 @@
+"""Validation of the `opd:` section (opd_verl.options), in-process on the composed default config."""
+
+import pytest
+
+from opd_verl.options import (
+    OPDConfigError,
+    check_override_keys,
+    opd_defaults,
+    teacher_entries,
+    validate_config,
+)
+
+
+def _opd_config(make, estimator="opd", **opd):
+    cfg = make()
+    cfg["algorithm"]["adv_estimator"] = estimator
+    cfg["opd"]["teacher"]["path"] = "/models/teacher"
+    for key, value in opd.items():
+        cfg["opd"][key] = value
+    return cfg
+
+
+def test_defaults_validate(composed_config):
+    validate_config(composed_config())  # grpo, no teacher: nothing of ours is needed
+    validate_config(_opd_config(composed_config))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("beta", 1.5, "opd.beta=1.5 is outside [0, 1]"),
+        ("beta", -0.1, "opd.beta=-0.1 is outside [0, 1]"),
+        ("temperature", 0.0, "opd.temperature=0.0 must be > 0"),
+        ("topk", 0, "opd.topk=0 must be >= 1"),
+        ("divergence", "kl", "opd.divergence='kl' is not one of reverse_kl, forward_kl, jsd"),
+        ("support", "vocab", "opd.support='vocab' is not one of sampled, topk, full"),
+        ("chunk_size", 0, "opd.chunk_size=0 must be >= 1"),
+        ("discount", 1.5, "opd.discount=1.5 is outside [0, 1]"),
+    ],
+)
+def test_bad_values_name_the_key(composed_config, key, value, expected):
+    cfg = _opd_config(composed_config, **{"support": "full", key: value})
+    with pytest.raises(OPDConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_clip_min_must_be_below_max(composed_config):
+    cfg = _opd_config(composed_config, adv_clip_min=1.0, adv_clip_max=1.0)
+    with pytest.raises(OPDConfigError, match=r"opd.adv_clip_min=1.0 must be < opd.adv_clip_max=1.0"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("estimator", ["opd", "opd_hybrid"])
+def test_missing_teacher_is_an_error(composed_config, estimator):
+    cfg = _opd_config(composed_config, estimator=estimator)
+    cfg["opd"]["teacher"]["path"] = None
+    with pytest.raises(OPDConfigError, match=rf"algorithm.adv_estimator={estimator} needs a teacher; set opd.teacher.path"):
+        validate_config(cfg)
+
+
+def test_distill_loss_needs_teacher(composed_config):
+    cfg = composed_config()
+    cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "opd_distill"
+    with pytest.raises(OPDConfigError, match="needs a teacher"):
+        validate_config(cfg)
+
+
+def test_unknown_key_in_section_lists_valid_keys(composed_config):
+    cfg = _opd_config(composed_config)
+    cfg["opd"]["betta"] = 0.3
+    with pytest.raises(OPDConfigError) as err:
+        validate_config(cfg)
+    assert "unknown key 'opd.betta'" in str(err.value)
+    assert "beta" in str(err.value) and "teacher.path" in str(err.value)
+
+
+def test_unknown_nested_key(composed_config):
+    cfg = _opd_config(composed_config)
+    cfg["opd"]["teacher"]["pth"] = "x"
+    with pytest.raises(OPDConfigError, match=r"unknown key 'opd.teacher.pth'"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("override", ["opd.betta=1", "+opd.betta=1", "++opd.teacher.pth=x"])
+def test_unknown_override_keys(override):
+    with pytest.raises(OPDConfigError, match="unknown key"):
+        check_override_keys([override])
+
+
+def test_known_override_keys_pass():
+    check_override_keys(["opd.beta=0.2", "opd.teacher.path=/x", "algorithm.adv_estimator=opd", "opd.preflight.allow_template_mismatch=true"])
+
+
+def test_sampled_support_only_estimates_reverse_kl(composed_config):
+    cfg = _opd_config(composed_config, divergence="jsd", support="sampled")
+    with pytest.raises(OPDConfigError, match="support=sampled only estimates reverse_kl"):
+        validate_config(cfg)
+
+
+def test_multi_teacher_entries_and_routing(composed_config):
+    cfg = _opd_config(composed_config, multi_teacher_mode="route")
+    cfg["opd"]["teachers"] = [{"path": "/a", "data_source": "gsm8k"}, {"path": "/b"}]
+    with pytest.raises(OPDConfigError, match="needs a data_source on every teacher"):
+        validate_config(cfg)
+    cfg["opd"]["teachers"][1]["data_source"] = "math"
+    validate_config(cfg)
+    assert [t["path"] for t in teacher_entries(cfg["opd"])] == ["/a", "/b"]
+    cfg["opd"]["teachers"][1]["wieght"] = 2
+    with pytest.raises(OPDConfigError, match=r"opd.teachers\[1\] has unknown key"):
+        validate_config(cfg)
+
+
+def test_schema_is_the_packaged_yaml():
+    defaults = opd_defaults()
+    assert defaults["divergence"] == "reverse_kl" and defaults["support"] == "sampled"
+    assert defaults["discount"] == 0.0 and defaults["teacher"]["path"] is None
