@@ -50,5 +50,9 @@ def run(config: DictConfig) -> None:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    from opd_verl.options import uses_opd
+
+    # With OPD the reference role holds the teacher, so verl's checks of the reference config apply.
+    use_reference_policy = need_reference_policy(config) or uses_opd(config)
+    validate_config(config=config, use_reference_policy=use_reference_policy, use_critic=need_critic(config))
     run_ppo(config, task_runner_class=OPDTaskRunner)

@@ -1,12 +1,121 @@
-"""The OPD trainer: verl's synchronous v1 PPO trainer with OPD advantages (verl extension point: the trainer)."""
+"""The OPD trainer: verl's synchronous v1 PPO trainer with the teacher in the reference role and OPD advantages
+(verl extension point: the trainer class; targets verl 0.9.1 `verl/trainer/ppo/v1/trainer_base.py`)."""
 
 from __future__ import annotations
 
+import numpy as np
+import ray
+import transfer_queue as tq
+from omegaconf import OmegaConf
+from tensordict import TensorDict
+from verl.protocol import DataProto
+from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+from verl.workers.utils.padding import response_to_nested
+
+from opd_verl.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
+from opd_verl.options import OPD_ESTIMATORS, teacher_entries, uses_opd
+from opd_verl.teacher_worker import make_worker_class
 
 
 class OPDTrainer(PPOTrainerSync):
-    """PPOTrainerSync whose advantage step sees the teacher's and the student's log-probs."""
+    """PPOTrainerSync whose reference is the teacher and whose advantage step sees teacher and student log-probs."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.opd = OmegaConf.to_container(config.opd, resolve=True)
+        self.opd_active = uses_opd(config)
+        if self.opd_active:
+            self.use_reference_policy = True
+
+    # verl puts the reference inside a LoRA actor (adapter off) and builds none; with OPD the reference is the
+    # teacher, which must stay a separate model.
+    @property
+    def ref_in_actor(self) -> bool:
+        return False if getattr(self, "opd_active", False) else self._ref_in_actor
+
+    @ref_in_actor.setter
+    def ref_in_actor(self, value: bool) -> None:
+        self._ref_in_actor = value
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if not uses_opd(self.config):
+            return
+        worker_cls = ray.remote(
+            make_worker_class(OmegaConf.to_container(self.config.opd, resolve=True), teacher_entries(self.config.opd))
+        )
+        if Role.Actor in self.role_worker_mapping:  # separate actor and reference worker groups
+            self.role_worker_mapping[Role.Actor] = worker_cls
+            self.role_worker_mapping[Role.RefPolicy] = worker_cls
+            self.mapping[Role.RefPolicy] = self.mapping[Role.Actor]
+            return
+        pool = self.mapping.pop(Role.ActorRollout, None) or self.mapping[Role.ActorRolloutRef]
+        self.role_worker_mapping.pop(Role.ActorRollout, None)
+        self.role_worker_mapping[Role.ActorRolloutRef] = worker_cls
+        self.mapping[Role.ActorRolloutRef] = pool
+
+    def _compute_advantage(self, batch, metrics: dict):
+        estimator = self.config.algorithm.adv_estimator
+        if estimator not in OPD_ESTIMATORS:
+            if self.opd_active:
+                self._log_distill_metrics(batch, metrics)
+            return super()._compute_advantage(batch, metrics)
+        # Mirrors PPOTrainer._compute_advantage (verl 0.9.1) and adds the teacher's and the student's log-probs.
+        fields = ["uid", "response_mask", "rm_scores", "old_log_probs", "ref_log_prob"]
+        if self.use_critic:
+            fields.append("values")
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask = data["response_mask"]
+        data = DataProto(batch=data.to_padded_tensor())
+        data.batch["token_level_scores"] = data.batch["rm_scores"]
+        data.non_tensor_batch["uid"] = np.array(data.batch.pop("uid").tolist(), dtype=object)
+        if self.config.algorithm.use_kl_in_reward:
+            data, kl_metrics = apply_kl_penalty(data, kl_ctrl=self.kl_ctrl_in_reward, kl_penalty=self.config.algorithm.kl_penalty)
+            metrics.update(kl_metrics)
+        else:
+            data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+
+        mask = data.batch["response_mask"]
+        teacher, student = data.batch["ref_log_prob"], data.batch["old_log_probs"]
+        metrics.update(distill_metrics(teacher, student, mask))
+        common = dict(teacher_log_prob=teacher, student_log_prob=student, opd_config=self.opd, metrics=metrics)
+        if estimator == "opd":
+            advantages, returns = compute_opd_advantage(data.batch["token_level_rewards"], mask, **common)
+        else:
+            data = compute_advantage_for_multi_trajectories(
+                data,
+                batch_keys=batch.keys,
+                adv_estimator=self.opd["hybrid_base_estimator"],
+                gamma=self.config.algorithm.gamma,
+                lam=self.config.algorithm.lam,
+                num_repeat=self.config.actor_rollout_ref.rollout.n,
+                norm_adv_by_std_in_grpo=self.config.algorithm.get("norm_adv_by_std_in_grpo", True),
+                config=self.config.algorithm,
+            )
+            advantages, returns = compute_opd_hybrid_advantage(
+                data.batch["token_level_rewards"],
+                mask,
+                base_advantages=data.batch["advantages"],
+                base_returns=data.batch["returns"],
+                **common,
+            )
+        data.batch["advantages"], data.batch["returns"] = advantages, returns
+
+        out_fields = ["advantages", "returns"] + (["token_level_rewards"] if self.config.algorithm.use_kl_in_reward else [])
+        output = TensorDict(
+            {field: response_to_nested(data.batch[field], response_mask) for field in out_fields}, batch_size=len(batch)
+        )
+        return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+    def _log_distill_metrics(self, batch, metrics: dict) -> None:
+        data = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask", "old_log_probs", "ref_log_prob"]
+        ).to_padded_tensor()
+        metrics.update(distill_metrics(data["ref_log_prob"], data["old_log_probs"], data["response_mask"]))
+        metrics["distill/kl_coef"] = float(self.opd["lambda_distill"])
 
 
 def trainer_class(config):
