@@ -38,6 +38,18 @@ def packed_logits(logits: torch.Tensor, micro_batch, output_args: Mapping) -> to
     return torch.cat([logits[i, :n] for i, n in enumerate(lengths)])
 
 
+def match_vocab(teacher_logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Teacher logits over the student's vocabulary size: padded embedding rows (e.g. 151936 vs 152064) beyond it
+    are dropped; missing ones get -inf (probability 0). preflight has checked that the shared ids are the same tokens."""
+    extra = teacher_logits.shape[-1] - vocab
+    if extra > 0:
+        return teacher_logits[..., :vocab]
+    if extra < 0:
+        pad = teacher_logits.new_full((*teacher_logits.shape[:-1], -extra), float("-inf"))
+        return torch.cat([teacher_logits, pad], dim=-1)
+    return teacher_logits
+
+
 def distill_token_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, opd: Mapping):
     """Per-token divergence over opd.support (topk or full) and the teacher's top-k mass (1 for full)."""
     divergence, beta, tau = opd["divergence"], float(opd["beta"]), float(opd["temperature"])
@@ -76,7 +88,7 @@ def opd_actor_loss(
 ):
     """Logits-processor call (student_logits given): per-token divergences. Loss call: the weighted sum."""
     if student_logits is not None:
-        teacher_logits = teacher_logits_fn(data).to(student_logits.device)
+        teacher_logits = match_vocab(teacher_logits_fn(data).to(student_logits.device), student_logits.shape[-1])
         values, mass = distill_token_values(student_logits.squeeze(0), teacher_logits, opd)
         return {DISTILL_KEY: values.unsqueeze(0), TOPK_MASS_KEY: mass.unsqueeze(0)}
 

@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from opd_verl.options import OPDConfigError, check_override_keys, validate_config
+from opd_verl.options import OPDConfigError, check_override_keys, uses_opd, validate_config
 
 _PRINT_ONLY = {"flag": False}
 
@@ -38,7 +38,13 @@ def _strip_cfg_job(argv: list[str]) -> tuple[list[str], bool]:
 
 def prepare(config: DictConfig) -> None:
     """Validate everything of ours and apply platform defaults; raises OPDConfigError on bad input."""
-    validate_config(OmegaConf.to_container(config, resolve=True))
+    plain = OmegaConf.to_container(config, resolve=True)
+    validate_config(plain)
+    if uses_opd(plain):
+        from opd_verl.preflight import run_preflight
+
+        for line in run_preflight(plain):
+            print(f"opd_verl: {line}", file=sys.stderr)
     from opd_verl.cpu_defaults import apply_cpu_defaults
 
     apply_cpu_defaults(config)

@@ -81,7 +81,7 @@ _MATH_NAME_HINTS = ("math", "aime", "amc", "deepmath", "openthoughts", "olympiad
 # GSM8K '####' answers
 # --------------------------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?")
 
 
 def normalize_number(text: str) -> str | None:

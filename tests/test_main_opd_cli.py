@@ -6,7 +6,8 @@ import yaml
 
 from conftest import run_main_opd
 
-OPD = ["algorithm.adv_estimator=opd", "opd.teacher.path=/models/teacher"]
+# Hub names: preflight reads local model directories only, so these compose without any model on disk.
+OPD = ["algorithm.adv_estimator=opd", "opd.teacher.path=Qwen/Qwen2-7B", "actor_rollout_ref.model.path=Qwen/Qwen2-0.5B"]
 
 
 def test_cfg_job_prints_the_validated_config():
@@ -15,7 +16,7 @@ def test_cfg_job_prints_the_validated_config():
     cfg = yaml.safe_load(result.stdout)
     assert cfg["algorithm"]["adv_estimator"] == "opd"
     assert cfg["opd"]["divergence"] == "jsd" and cfg["opd"]["beta"] == 0.3
-    assert cfg["opd"]["teacher"]["path"] == "/models/teacher"
+    assert cfg["opd"]["teacher"]["path"] == "Qwen/Qwen2-7B"
     assert "actor_rollout_ref" in cfg and "trainer" in cfg  # verl's ppo_trainer is the base
 
 
@@ -48,3 +49,10 @@ def test_missing_teacher_is_reported():
 def test_bad_value_with_cfg_job_still_fails():
     result = run_main_opd(*OPD, "opd.topk=0", "--cfg", "job")
     _assert_one_line_error(result, "opd.topk=0 must be >= 1")
+
+
+def test_missing_teacher_directory_is_reported(tmp_path):
+    result = run_main_opd(
+        "algorithm.adv_estimator=opd", f"opd.teacher.path={tmp_path}/nope", "actor_rollout_ref.model.path=Qwen/Qwen2-0.5B"
+    )
+    _assert_one_line_error(result, f"opd.teacher.path={tmp_path}/nope does not exist")

@@ -1,0 +1,262 @@
+"""Rule rewards (opd_verl/rewards.py): '####' and \\boxed{} answers, data_source routing, error guards, and the
+way verl 0.9.1 loads and calls a custom reward function."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from opd_verl import rewards
+from opd_verl.rewards import (
+    AIME2024,
+    DATA_SOURCES,
+    DEEPMATH,
+    GSM8K,
+    MATH500,
+    OPENTHOUGHTS3,
+    answer_style,
+    compute_score,
+    extract_hash_answer,
+    last_boxed_content,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GSM8K '####'
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("solution", "ground_truth", "expected"),
+    [
+        ("2 + 2 = 4\n#### 1,234", "1234", 1.0),
+        ("#### 1234", "1,234", 1.0),
+        ("#### $1,234.00.", "1234", 1.0),
+        ("#### 1234.0", "1234", 1.0),
+        ("####1234 apples", "1234", 1.0),
+        ("#### -5", "-5", 1.0),
+        ("#### 0.5", "1/2", 1.0),
+        ("#### .5", "0.5", 1.0),
+        ("first #### 12, then corrected\n#### 1234", "1234", 1.0),  # the last '####' counts
+        ("#### 1234\n#### 12", "1234", 0.0),
+        ("#### 1235", "1234", 0.0),
+        ("#### 1234.5", "1234", 0.0),
+        ("#### twelve", "12", 0.0),  # malformed: no number after '####'
+        ("####", "12", 0.0),
+        ("The answer is 1234.", "1234", 0.0),  # no '####' and no \boxed{}
+        ("The answer is \\boxed{1234}.", "1234", 1.0),  # gsm8k falls back to \boxed{}
+        ("The answer is \\boxed{1,234}.", "1234", 1.0),
+        ("", "1234", 0.0),
+        ("#### 1234", "#### 1,234", 1.0),  # a ground truth given as the full source answer line
+        ("#### 1234", None, 0.0),
+    ],
+)
+def test_gsm8k_answers(solution, ground_truth, expected):
+    assert compute_score(GSM8K, solution, ground_truth) == expected
+
+
+def test_extract_hash_answer_normalises():
+    assert extract_hash_answer("work\n#### $1,234.00") == "1234"
+    assert extract_hash_answer("#### -3.50 dollars") == "-3.5"
+    assert extract_hash_answer("no marker 42") is None
+    assert extract_hash_answer("#### none") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# \boxed{} with math-verify
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("solution", "ground_truth", "expected"),
+    [
+        ("so \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("so \\boxed{0.5}", "\\frac{1}{2}", 1.0),
+        ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", 1.0),
+        ("\\boxed{x^2+2x+1}", "(x+1)^2", 1.0),
+        ("\\boxed{023}", "23", 1.0),
+        ("\\boxed{\\text{(C)}}", "(C)", 1.0),
+        ("\\boxed{1} first, then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),  # the last box counts
+        ("\\boxed{\\frac{1}{2}} then \\boxed{1}", "\\frac{1}{2}", 0.0),
+        ("so \\boxed{\\frac{1}{3}}", "0.5", 0.0),
+        ("\\boxed{x^2+1}", "(x+1)^2", 0.0),
+        ("the answer is 0.5", "0.5", 0.0),  # no \boxed{}: no answer
+        ("\\boxed{\\frac{1}{2", "0.5", 0.0),  # malformed (truncated) box
+        ("\\boxed{}", "0.5", 0.0),
+        ("\\boxed{\\frac{1}{2}}", "", 0.0),
+        ("", "0.5", 0.0),
+    ],
+)
+def test_boxed_answers(solution, ground_truth, expected):
+    assert compute_score(MATH500, solution, ground_truth) == expected
+
+
+@pytest.mark.parametrize("source", [DEEPMATH, AIME2024, MATH500, OPENTHOUGHTS3, "math_dapo", "aime2025"])
+def test_math_sources_use_boxed_not_hash(source):
+    assert compute_score(source, "\\boxed{42}", "42") == 1.0
+    assert compute_score(source, "#### 42", "42") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("solution", "expected"),
+    [("#### 7", 1.0), ("\\boxed{7}", 1.0), ("#### 8", 0.0), ("\\boxed{8}", 0.0), ("7", 0.0)],
+)
+def test_unknown_source_tries_both(solution, expected):
+    assert compute_score("some/unknown-set", solution, "7") == expected
+
+
+def test_last_boxed_content():
+    assert last_boxed_content("a \\boxed{1} b \\boxed{\\frac{a}{b}} c") == "\\frac{a}{b}"
+    assert last_boxed_content("\\fbox{3}") == "3"
+    assert last_boxed_content("\\boxed{2} and \\boxed{\\frac{1}{") == "2"  # truncated last box: previous one
+    assert last_boxed_content("\\boxed 5") == "5"
+    assert last_boxed_content("nothing here") is None
+
+
+def test_data_sources_all_have_a_checker():
+    assert set(DATA_SOURCES) == {"gsm8k", "deepmath", "openthoughts3", "aime2024", "math500"}
+    assert answer_style(DATA_SOURCES["gsm8k"]) == "gsm8k"
+    for name in ("deepmath", "openthoughts3", "aime2024", "math500"):
+        assert answer_style(DATA_SOURCES[name]) == "boxed"
+    assert answer_style("openai/gsm8k-platinum") == "gsm8k"
+    assert answer_style("my/eval") == "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guards: never raise, timeouts and errors score 0.0
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_math_verify_timeout_scores_zero(monkeypatch):
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    def timed_out(*args, **kwargs):
+        raise TimeoutException("simulated")
+
+    monkeypatch.setattr(math_verify, "parse", timed_out)
+    assert compute_score(MATH500, "\\boxed{0.5}", "\\frac{1}{2}") == 0.0
+    # the plain-text fast path needs no math-verify
+    assert compute_score(MATH500, "\\boxed{\\frac{1}{2}}", "\\frac{1}{2}") == 1.0
+
+
+def test_math_verify_error_scores_zero(monkeypatch):
+    import math_verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(math_verify, "verify", broken)
+    assert compute_score(MATH500, "\\boxed{0.5}", "\\frac{1}{2}") == 0.0
+
+
+@pytest.mark.parametrize("solution", [None, 123, b"#### 1", ["\\boxed{1}"]])
+def test_non_text_response_scores_zero(solution):
+    assert compute_score(GSM8K, solution, "1") == 0.0
+    assert compute_score(MATH500, solution, "1") == 0.0
+
+
+def test_extra_kwargs_are_accepted():
+    score = compute_score(
+        data_source=GSM8K,
+        solution_str="#### 3",
+        ground_truth="3",
+        extra_info={"split": "test", "index": 0, "num_turns": 2, "rollout_reward_scores": {}},
+        reward_router_address=None,
+        some_reward_kwarg=1,
+    )
+    assert score == 1.0
+
+
+def test_off_main_thread_uses_worker_process():
+    """verl calls the reward from an executor thread, where math-verify's signal timeouts cannot work."""
+    cases = [
+        ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+        ("\\boxed{x^2+2x+1}", "(x+1)^2", 1.0),
+        ("\\boxed{3}", "(x+1)^2", 0.0),
+    ]
+    seen_threads = []
+
+    def score(case):
+        seen_threads.append(threading.current_thread() is threading.main_thread())
+        return compute_score(MATH500, case[0], case[1])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(score, cases))
+    assert not any(seen_threads)
+    assert results == [c[2] for c in cases]
+    assert rewards._pool is not None  # the spawned math-verify worker was used
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verl 0.9.1 loads the function as documented
+# ---------------------------------------------------------------------------------------------------------------
+
+
+VERL_CALL_SCRIPT = r"""
+import asyncio
+import sys
+
+CASES = [
+    ("openai/gsm8k", "#### 1,234", "1234", 1.0),
+    ("HuggingFaceH4/MATH-500", "\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("HuggingFaceH4/MATH-500", "\\boxed{0.3}", "0.5", 0.0),
+]
+
+
+async def main():
+    # imported here, not at the top, so the spawned math-verify worker does not import verl (torch) again
+    from verl.utils.import_utils import load_extern_object
+
+    loop = asyncio.get_running_loop()
+    for path in ("pkg://opd_verl.rewards", sys.argv[1]):
+        fn = load_extern_object(module_path=path, object_name="compute_score")
+        for ds, sol, gt, want in CASES:
+            got = await loop.run_in_executor(
+                None, lambda: fn(data_source=ds, solution_str=sol, ground_truth=gt, extra_info={"index": 0})
+            )
+            assert got == want, (path, ds, sol, gt, got)
+    print("verl-ok")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_verl_loads_and_calls_compute_score(tmp_path):
+    """Both documented values of reward.custom_reward_function.path resolve with verl's own loader, and the
+    function answers verl's keyword call from an executor thread (as the naive reward manager makes it)."""
+    script = tmp_path / "call_like_verl.py"
+    script.write_text(VERL_CALL_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(REPO / "opd_verl" / "rewards.py")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verl-ok" in proc.stdout
+
+
+def test_override_lines_in_docstring_name_real_verl_keys():
+    """The docstring's override keys exist in verl 0.9.1's reward config."""
+    import importlib.util
+
+    import yaml
+
+    doc = rewards.__doc__
+    assert "reward.custom_reward_function.path=pkg://opd_verl.rewards" in doc
+    assert "reward.custom_reward_function.name=compute_score" in doc
+    verl_dir = Path(importlib.util.find_spec("verl").origin).parent  # without importing verl (torch)
+    cfg_path = verl_dir / "trainer" / "config" / "reward" / "reward.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    assert set(cfg["custom_reward_function"]) >= {"path", "name"}
