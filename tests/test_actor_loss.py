@@ -1,0 +1,82 @@
+"""Pieces of the loss-level distillation (opd_verl.actor_loss, opd_verl.teacher_worker) against brute force."""
+
+import math
+
+import pytest
+import torch
+
+from opd_verl.actor_loss import distill_token_values, match_vocab, packed_logits, sampled_distill_loss_matrix
+from opd_verl.teacher_worker import combine_teacher_log_probs, combine_teacher_logits
+
+OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
+
+
+def test_packed_logits_right_padded_rows_and_temperature():
+    lengths = [3, 1, 2]
+    ids = torch.nested.nested_tensor([torch.arange(n) for n in lengths], layout=torch.jagged)
+    logits = torch.randn(3, 4, 5, dtype=torch.float64)
+    temperature = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    packed = packed_logits(logits, {"input_ids": ids}, {"temperature": temperature})
+    expected = torch.cat([logits[i, :n] / temperature[i] for i, n in enumerate(lengths)])
+    assert torch.equal(packed, expected)
+
+
+def test_packed_logits_remove_padding_layout():
+    logits = torch.randn(1, 6, 5)
+    temps = torch.full((6,), 2.0)
+    out = packed_logits(logits, {"input_ids": None}, {"temperature_rmpad": temps})
+    assert torch.allclose(out, logits[0] / 2.0)
+
+
+def test_match_vocab_truncates_padded_rows_and_pads_missing_with_zero_probability():
+    z = torch.randn(2, 7)
+    assert torch.equal(match_vocab(z, 5), z[:, :5])
+    padded = match_vocab(z, 9)
+    assert padded.shape == (2, 9) and torch.isinf(padded[:, 7:]).all()
+    assert torch.allclose(torch.softmax(padded, -1)[:, :7], torch.softmax(z, -1))
+
+
+@pytest.mark.parametrize("support", ["full", "topk"])
+def test_distill_token_values_full_and_topk(support):
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    zt = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    opd = {**OPD, "support": support, "divergence": "reverse_kl", "topk": 6}
+    values, mass = distill_token_values(zs, zt, opd)
+    ps, pt = torch.softmax(zs, -1), torch.softmax(zt, -1)
+    for i in range(5):
+        kl = sum(float(ps[i, v]) * (math.log(float(ps[i, v])) - math.log(float(pt[i, v]))) for v in range(6))
+        assert abs(float(values[i]) - kl) < 1e-6  # topk with k = V equals the full divergence
+        assert abs(float(mass[i]) - 1.0) < 1e-6
+
+
+def test_topk_mass_is_the_teachers_topk_probability():
+    zt = torch.tensor([[3.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
+    _, mass = distill_token_values(torch.zeros(1, 4, dtype=torch.float64), zt, {**OPD, "support": "topk", "topk": 2})
+    p = torch.softmax(zt, -1)
+    assert abs(float(mass[0]) - float(p[0, 0] + p[0, 1])) < 1e-6
+
+
+def test_sampled_k1_loss_has_the_score_function_gradient():
+    s = torch.tensor([-0.5, -1.5, -2.0], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([-1.0, -0.5, -3.0], dtype=torch.float64)
+    loss_mat = sampled_distill_loss_matrix(s, q, "k1")
+    assert torch.allclose(loss_mat.detach(), s.detach() - q)  # value: the k1 estimate
+    (grad,) = torch.autograd.grad(loss_mat.sum(), s)
+    assert torch.allclose(grad, s.detach() - q)  # gradient: (s - q) * d s
+
+
+def test_multi_teacher_mean_prob_of_sampled_token():
+    a, b = torch.log(torch.tensor([0.2, 0.5])), torch.log(torch.tensor([0.6, 0.1]))
+    out = combine_teacher_log_probs([a, b], [1.0, 3.0])
+    expected = torch.log(0.25 * torch.tensor([0.2, 0.5]) + 0.75 * torch.tensor([0.6, 0.1]))
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_multi_teacher_logit_combinations():
+    a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    mean_logit = combine_teacher_logits([a, b], [1.0, 1.0], {"multi_teacher_mode": "mean_logit"})
+    assert torch.allclose(mean_logit, (0.5 * a + 0.5 * b).float(), atol=1e-6)
+    mean_prob = combine_teacher_logits([a, b], [1.0, 1.0], {"multi_teacher_mode": "mean_prob"})
+    expected = 0.5 * torch.softmax(a, -1) + 0.5 * torch.softmax(b, -1)
+    assert torch.allclose(torch.softmax(mean_prob.double(), -1), expected, atol=1e-6)
