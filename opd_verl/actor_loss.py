@@ -38,16 +38,11 @@ def packed_logits(logits: torch.Tensor, micro_batch, output_args: Mapping) -> to
     return torch.cat([logits[i, :n] for i, n in enumerate(lengths)])
 
 
-def match_vocab(teacher_logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Teacher logits over the student's vocabulary size: padded embedding rows (e.g. 151936 vs 152064) beyond it
-    are dropped; missing ones get -inf (probability 0). preflight has checked that the shared ids are the same tokens."""
-    extra = teacher_logits.shape[-1] - vocab
-    if extra > 0:
-        return teacher_logits[..., :vocab]
-    if extra < 0:
-        pad = teacher_logits.new_full((*teacher_logits.shape[:-1], -extra), float("-inf"))
-        return torch.cat([teacher_logits, pad], dim=-1)
-    return teacher_logits
+def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """Both logit sets over the ids they share: padded embedding rows (e.g. 151936 vs 152064) beyond the smaller
+    vocabulary are dropped (never sampled; preflight has checked that shared ids are the same tokens)."""
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :vocab], teacher_logits[..., :vocab]
 
 
 def distill_token_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, opd: Mapping):
@@ -88,8 +83,8 @@ def opd_actor_loss(
 ):
     """Logits-processor call (student_logits given): per-token divergences. Loss call: the weighted sum."""
     if student_logits is not None:
-        teacher_logits = match_vocab(teacher_logits_fn(data).to(student_logits.device), student_logits.shape[-1])
-        values, mass = distill_token_values(student_logits.squeeze(0), teacher_logits, opd)
+        student, teacher = shared_vocab(student_logits.squeeze(0), teacher_logits_fn(data).to(student_logits.device))
+        values, mass = distill_token_values(student, teacher, opd)
         return {DISTILL_KEY: values.unsqueeze(0), TOPK_MASS_KEY: mass.unsqueeze(0)}
 
     lambda_rl, lambda_distill = float(opd["lambda_rl"]), float(opd["lambda_distill"])

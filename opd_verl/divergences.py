@@ -156,39 +156,61 @@ def full_divergence(
     return _divergence_from_logp(ls, lt, kind, beta)
 
 
-def _value_and_grad(
-    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row divergence of logits ``zs``/``zt`` ``[n, V]`` and (optionally) its analytic gradient w.r.t. ``zs``.
-
-    With ls = log_softmax(zs/τ) and ps = exp(ls), d D / d zs =
-      reverse_kl: ps·(ls − lt − D)/τ;   forward_kl: (ps − pt)/τ;
-      jsd:        (1−β)·ps·(ls − lm − KL(πs‖m))/τ.
-    Entries with ps = 0 get gradient 0 (reverse_kl, jsd).
-    """
-    ls = torch.log_softmax(zs / temperature, dim=-1)
-    lt = torch.log_softmax(zt / temperature, dim=-1)
-    if kind == "reverse_kl":
-        value = _kl(ls, lt)
-        if not need_grad:
-            return value, None
-        ps = ls.exp()
-        grad = torch.where(ps > 0, ps * (ls - lt - value.unsqueeze(-1)), 0.0)
-    elif kind == "forward_kl":
-        value = _kl(lt, ls)
-        if not need_grad:
-            return value, None
-        grad = ls.exp() - lt.exp()
-    else:
-        lm = _log_mixture(ls, lt, beta)
-        ks = _kl(ls, lm)
-        value = beta * _kl(lt, lm) + (1.0 - beta) * ks
-        if not need_grad:
-            return value, None
-        ps = ls.exp()
-        grad = torch.where(ps > 0, (1.0 - beta) * ps * (ls - lm - ks.unsqueeze(-1)), 0.0)
+def _logp(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> Tensor:
+    """log_softmax(z / τ) in ``dtype``; ``z`` is modified in place only if ``owned`` (a fresh temporary)."""
+    zc = z.to(dtype)
     if temperature != 1.0:
-        grad = grad / temperature
+        zc = zc.div_(temperature) if (owned or zc is not z) else zc / temperature
+    return torch.log_softmax(zc, dim=-1)
+
+
+def _value_and_grad(
+    ls: Tensor, lt: Tensor, kind: str, beta: float, temperature: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row divergence from log-probs ``ls``/``lt`` ``[n, V]`` and (optionally) its gradient w.r.t. the
+    student *logits* zs (ls = log_softmax(zs/τ), ps = exp(ls)):
+
+      reverse_kl: dD/dzs = ps·(ls − lt − D)/τ;   forward_kl: (ps − pt)/τ;
+      jsd:        (1−β)·ps·(ls − lm − KL(πs‖m))/τ.
+
+    No autograd; CONSUMES ``ls`` and ``lt`` (overwritten in place) to keep ~3–4 live ``[n, V]`` buffers.
+    Entries with p = 0 contribute 0 to values and (reverse_kl, jsd) get gradient 0.
+    """
+    if kind == "forward_kl":
+        pt = lt.exp()
+        d = lt.sub_(ls).masked_fill_(pt == 0, 0.0).mul_(pt)  # πt·(lt − ls), 0 where πt = 0
+        value = d.sum(-1)
+        del d, lt
+        if not need_grad:
+            return value, None
+        grad = ls.exp_().sub_(pt)
+    elif kind == "reverse_kl":
+        ps = ls.exp()
+        zero = ps == 0
+        d = ls.sub_(lt).masked_fill_(zero, 0.0).mul_(ps)  # πs·(ls − lt), 0 where πs = 0
+        del lt
+        value = d.sum(-1)
+        if not need_grad:
+            return value, None
+        grad = d.addcmul_(ps, value.unsqueeze(-1), value=-1.0).masked_fill_(zero, 0.0)
+    else:
+        lm = lt + math.log(beta)
+        lm = torch.logaddexp(lm, ls + math.log1p(-beta), out=lm)
+        pt = lt.exp()
+        dt = lt.sub_(lm).masked_fill_(pt == 0, 0.0).mul_(pt)  # πt·(lt − lm)
+        kt = dt.sum(-1)
+        del dt, lt, pt
+        ps = ls.exp()
+        zero = ps == 0
+        ds = ls.sub_(lm).masked_fill_(zero, 0.0).mul_(ps)  # πs·(ls − lm)
+        del lm
+        ks = ds.sum(-1)
+        value = beta * kt + (1.0 - beta) * ks
+        if not need_grad:
+            return value, None
+        grad = ds.addcmul_(ps, ks.unsqueeze(-1), value=-1.0).masked_fill_(zero, 0.0).mul_(1.0 - beta)
+    if temperature != 1.0:
+        grad = grad.div_(temperature)
     return value, grad
 
 
@@ -201,7 +223,9 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
         out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
         for a in range(0, zs.shape[0], chunk):
             b = min(a + chunk, zs.shape[0])
-            out[a:b], _ = _value_and_grad(zs[a:b].to(dtype), zt[a:b].to(dtype), kind, beta, temperature, False)
+            out[a:b], _ = _value_and_grad(
+                _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature, False
+            )
         ctx.save_for_backward(zs, zt)
         ctx.cfg = (kind, beta, temperature, chunk)
         return out
@@ -215,8 +239,11 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
         grad_zs = torch.empty_like(zs)
         for a in range(0, zs.shape[0], chunk):
             b = min(a + chunk, zs.shape[0])
-            _, g = _value_and_grad(zs[a:b].to(dtype), zt[a:b].to(dtype), kind, beta, temperature, True)
-            grad_zs[a:b] = g * grad_out[a:b].to(dtype).unsqueeze(-1)
+            _, g = _value_and_grad(
+                _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature, True
+            )
+            grad_zs[a:b] = g.mul_(grad_out[a:b].to(dtype).unsqueeze(-1))
+            del g
         return grad_zs, None, None, None, None, None
 
 
@@ -231,8 +258,9 @@ def chunked_full_divergence(
     """Same values as `full_divergence` for logits ``[T, V]`` (or ``[..., V]``), ``chunk_size`` rows at a time.
 
     A custom autograd Function: forward saves only the two input tensors; backward recomputes each chunk's
-    softmaxes and writes the analytic gradient, so temporaries are O(chunk_size·V) in both passes.
-    Gradient flows to ``student_logits`` only.
+    softmaxes and writes the analytic gradient, so temporaries are O(chunk_size·V) in both passes (about
+    3–4 live ``[chunk_size, V]`` buffers of the compute dtype, 4–5 for jsd). Gradient flows to ``student_logits``
+    only; the input logits are never modified.
     """
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
@@ -264,9 +292,14 @@ class _ChunkedHiddenDivergence(torch.autograd.Function):
         out = torch.empty(hs.shape[0], dtype=dtype, device=hs.device)
         for a in range(0, hs.shape[0], chunk):
             b = min(a + chunk, hs.shape[0])
-            zs = torch.nn.functional.linear(hs[a:b], ws).to(dtype)
-            zt = torch.nn.functional.linear(ht[a:b], wt).to(dtype)
-            out[a:b], _ = _value_and_grad(zs, zt, kind, beta, temperature, False)
+            out[a:b], _ = _value_and_grad(
+                _logp(torch.nn.functional.linear(hs[a:b], ws), dtype, temperature, owned=True),
+                _logp(torch.nn.functional.linear(ht[a:b], wt), dtype, temperature, owned=True),
+                kind,
+                beta,
+                temperature,
+                False,
+            )
         ctx.save_for_backward(hs, ws, ht, wt)
         ctx.cfg = (kind, beta, temperature, chunk)
         return out
@@ -283,10 +316,15 @@ class _ChunkedHiddenDivergence(torch.autograd.Function):
         grad_ws = torch.zeros(ws.shape, dtype=_compute_dtype(ws.dtype), device=ws.device) if need_w else None
         for a in range(0, hs.shape[0], chunk):
             b = min(a + chunk, hs.shape[0])
-            zs = torch.nn.functional.linear(hs[a:b], ws).to(dtype)
-            zt = torch.nn.functional.linear(ht[a:b], wt).to(dtype)
-            _, gz = _value_and_grad(zs, zt, kind, beta, temperature, True)
-            gz = gz * grad_out[a:b].to(dtype).unsqueeze(-1)
+            _, gz = _value_and_grad(
+                _logp(torch.nn.functional.linear(hs[a:b], ws), dtype, temperature, owned=True),
+                _logp(torch.nn.functional.linear(ht[a:b], wt), dtype, temperature, owned=True),
+                kind,
+                beta,
+                temperature,
+                True,
+            )
+            gz = gz.mul_(grad_out[a:b].to(dtype).unsqueeze(-1))
             if need_h:
                 grad_hs[a:b] = (gz.to(ws.dtype) @ ws).to(hs.dtype)
             if need_w:
@@ -311,7 +349,9 @@ def chunked_divergence_from_hidden(
     ``student_hidden [T, H]`` (or ``[..., H]``), ``student_head_weight [V, H]``, ``teacher_hidden [T, H']``,
     ``teacher_head_weight [V, H']`` → values ``[T]``, equal to
     ``full_divergence(student_hidden @ Wsᵀ, teacher_hidden @ Wtᵀ, ...)``. Neither pass ever holds ``[T, V]``
-    logits: peak extra memory is O(chunk_size·V) plus the ``[V, H]`` weight gradient (accumulated in float32).
+    logits: peak extra memory is O(chunk_size·V) (about 3–5 ``[chunk_size, V]`` float32 buffers) plus the
+    ``[V, H]`` weight gradient (accumulated in float32). Logits are the lm-head output in the hidden dtype
+    (bf16 hidden → bf16-rounded logits, as a normal bf16 lm-head), then upcast.
     Gradients flow to ``student_hidden`` and ``student_head_weight``; the teacher is constant. Both heads must
     have the same V (slice the weights to the shared vocabulary first if the padded sizes differ).
     """

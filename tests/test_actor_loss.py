@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from opd_verl.actor_loss import distill_token_values, match_vocab, packed_logits, sampled_distill_loss_matrix
+from opd_verl.actor_loss import distill_token_values, packed_logits, shared_vocab, sampled_distill_loss_matrix
 from opd_verl.teacher_worker import combine_teacher_log_probs, combine_teacher_logits
 
 OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
@@ -28,12 +28,12 @@ def test_packed_logits_remove_padding_layout():
     assert torch.allclose(out, logits[0] / 2.0)
 
 
-def test_match_vocab_truncates_padded_rows_and_pads_missing_with_zero_probability():
-    z = torch.randn(2, 7)
-    assert torch.equal(match_vocab(z, 5), z[:, :5])
-    padded = match_vocab(z, 9)
-    assert padded.shape == (2, 9) and torch.isinf(padded[:, 7:]).all()
-    assert torch.allclose(torch.softmax(padded, -1)[:, :7], torch.softmax(z, -1))
+def test_shared_vocab_drops_padded_rows_of_the_larger_model():
+    zs, zt = torch.randn(2, 7), torch.randn(2, 5)
+    s, t = shared_vocab(zs, zt)
+    assert torch.equal(s, zs[:, :5]) and torch.equal(t, zt)
+    t2, s2 = shared_vocab(zt, zs)
+    assert torch.equal(t2, zt) and torch.equal(s2, zs[:, :5])
 
 
 @pytest.mark.parametrize("support", ["full", "topk"])
