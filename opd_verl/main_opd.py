@@ -52,8 +52,12 @@ def prepare(config: DictConfig) -> None:
 
 @hydra.main(config_path="config", config_name="opd_trainer", version_base=None)
 def main(config: DictConfig) -> None:
+    from opd_verl.data_checks import check_data
+
     try:
         prepare(config)
+        if not _PRINT_ONLY["flag"]:
+            check_data({"data": OmegaConf.to_container(config.data, resolve=True)})
     except OPDConfigError as err:
         _fail(str(err))
     if _PRINT_ONLY["flag"]:

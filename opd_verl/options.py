@@ -176,6 +176,15 @@ def validate_config(config: Mapping) -> None:
             f"algorithm.adv_estimator={config['algorithm']['adv_estimator']} needs a teacher; "
             "set opd.teacher.path=<model dir or hub name>"
         )
+    model = config["actor_rollout_ref"]["model"]
+    lora_rank = model.get("lora_rank") or (model.get("lora") or {}).get("rank") or 0
+    if (lora_rank > 0 or model.get("lora_adapter_path")) and any(
+        t["path"] == model["path"] for t in teacher_entries(opd)
+    ):
+        raise OPDConfigError(
+            f"opd.teacher.path={model['path']} is the LoRA student's own base model, i.e. the adapter-off actor; "
+            "set opd.teacher.path to a different (larger) model"
+        )
     estimator = config["algorithm"]["adv_estimator"]
     if estimator == "opd_hybrid" and opd["hybrid_base_estimator"] in OPD_ESTIMATORS:
         raise OPDConfigError(

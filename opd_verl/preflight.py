@@ -108,6 +108,11 @@ def run_preflight(config: Mapping) -> list[str]:
         if problem:
             reports.append("preflight: chat templates differ (allowed by opd.preflight.allow_template_mismatch)")
         student_v, teacher_v = _vocab_size(student_path), _vocab_size(teacher["path"])
+        if opd["support"] == "topk" and teacher_v and int(opd["topk"]) > teacher_v:
+            raise OPDConfigError(
+                f"opd.topk={opd['topk']} is larger than the vocabulary of teacher {teacher['path']} ({teacher_v}); "
+                f"set opd.topk <= {teacher_v} or opd.support=full"
+            )
         if student_v and teacher_v and student_v != teacher_v:
             reports.append(
                 f"preflight: embedding sizes differ (student {student_v}, teacher {teacher_v}) over the same tokenizer; "

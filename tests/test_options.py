@@ -117,3 +117,14 @@ def test_schema_is_the_packaged_yaml():
     defaults = opd_defaults()
     assert defaults["divergence"] == "reverse_kl" and defaults["support"] == "sampled"
     assert defaults["discount"] == 0.0 and defaults["teacher"]["path"] is None
+
+
+def test_lora_student_with_its_own_base_as_teacher(composed_config):
+    cfg = _opd_config(composed_config)
+    cfg["actor_rollout_ref"]["model"]["path"] = "/models/base"
+    cfg["actor_rollout_ref"]["model"]["lora_rank"] = 8
+    cfg["opd"]["teacher"]["path"] = "/models/base"
+    with pytest.raises(OPDConfigError, match="is the LoRA student's own base model"):
+        validate_config(cfg)
+    cfg["opd"]["teacher"]["path"] = "/models/bigger"
+    validate_config(cfg)

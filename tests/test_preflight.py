@@ -13,10 +13,12 @@ def _model_dir(path, tokenizer=None, vocab_multiple=64):
     return save_model_dir(path, tokenizer, model)
 
 
-def _config(student, teacher, allow_template_mismatch=False):
+def _config(student, teacher, allow_template_mismatch=False, support="sampled", topk=20):
     return {
         "actor_rollout_ref": {"model": {"path": student, "tokenizer_path": None}},
         "opd": {
+            "support": support,
+            "topk": topk,
             "teacher": {"path": teacher, "tokenizer_path": None},
             "teachers": [],
             "preflight": {"allow_template_mismatch": allow_template_mismatch},
@@ -74,3 +76,10 @@ def test_teacher_dir_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OPDConfigError, match="has no readable config.json"):
         run_preflight(_config(student, str(tmp_path / "empty")))
+
+
+def test_topk_larger_than_the_teachers_vocabulary(tmp_path):
+    student, teacher = _model_dir(tmp_path / "s"), _model_dir(tmp_path / "t")
+    run_preflight(_config(student, teacher, support="topk", topk=128))
+    with pytest.raises(OPDConfigError, match=r"opd.topk=129 is larger than the vocabulary of teacher .* \(128\)"):
+        run_preflight(_config(student, teacher, support="topk", topk=129))

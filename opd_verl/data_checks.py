@@ -1,0 +1,67 @@
+"""Checks of the train/val parquet files before Ray starts: readable, the columns verl needs, non-empty prompts.
+
+Reads only the parquet schema, the row count and the prompt column.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from opd_verl.options import OPDConfigError
+
+REQUIRED_COLUMNS = ("prompt",)
+REWARD_COLUMNS = ("data_source", "reward_model")
+
+
+def _files(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def check_parquet(path: str, key: str, prompt_key: str = "prompt", need_reward_columns: bool = True) -> int:
+    """Validate one parquet file; returns its row count."""
+    import pyarrow.parquet as pq
+
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise OPDConfigError(f"{key}: {path} does not exist; run a data_preprocess/ script or fix the path")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise OPDConfigError(f"{key}: {path} is not a readable parquet file ({type(err).__name__}); regenerate it") from None
+    columns = set(parquet.schema_arrow.names)
+    required = [prompt_key] + (list(REWARD_COLUMNS) if need_reward_columns else [])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise OPDConfigError(
+            f"{key}: {path} has no column(s) {missing} (has {sorted(columns)}); write it with a data_preprocess/ "
+            f"script or set data.prompt_key"
+        )
+    rows = parquet.metadata.num_rows
+    if rows == 0:
+        raise OPDConfigError(f"{key}: {path} has no rows; point it at a non-empty dataset")
+    prompts = parquet.read(columns=[prompt_key]).column(prompt_key).to_pylist()
+    for index, prompt in enumerate(prompts):
+        if prompt is None or len(prompt) == 0:
+            raise OPDConfigError(
+                f"{key}: {path} row {index} has an empty {prompt_key!r} (no chat messages); drop or fix that row"
+            )
+    return rows
+
+
+def check_data(config: Mapping) -> None:
+    """All local train/val files of a composed config (plain dict)."""
+    data = config["data"]
+    prompt_key = data.get("prompt_key", "prompt")
+    for key in ("train_files", "val_files"):
+        for path in _files(data.get(key)):
+            if _is_local(path):
+                check_parquet(path, f"data.{key}", prompt_key)
