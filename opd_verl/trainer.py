@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import ray
 import transfer_queue as tq
@@ -15,6 +17,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.workers.utils.padding import response_to_nested
 
+from opd_verl.checkpoints import mark_complete, repair_tracker
 from opd_verl.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
 from opd_verl.options import OPD_ESTIMATORS, teacher_entries, uses_opd
 from opd_verl.teacher_worker import make_worker_class
@@ -56,6 +59,21 @@ class OPDTrainer(PPOTrainerSync):
         self.role_worker_mapping.pop(Role.ActorRollout, None)
         self.role_worker_mapping[Role.ActorRolloutRef] = worker_cls
         self.mapping[Role.ActorRolloutRef] = pool
+
+    def _checkpoint_root(self) -> str:
+        root = self.config.trainer.default_local_dir
+        return root if os.path.isabs(root) else os.path.join(os.getcwd(), root)
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        mark_complete(os.path.join(self._checkpoint_root(), f"global_step_{self.global_steps}"))
+
+    def _load_checkpoint(self):
+        if self.config.trainer.resume_mode == "auto":
+            message = repair_tracker(self._checkpoint_root())
+            if message:
+                print(f"opd_verl: {message}")
+        return super()._load_checkpoint()
 
     def _compute_advantage(self, batch, metrics: dict):
         estimator = self.config.algorithm.adv_estimator
