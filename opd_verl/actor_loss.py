@@ -38,6 +38,32 @@ def packed_logits(logits: torch.Tensor, micro_batch, output_args: Mapping) -> to
     return torch.cat([logits[i, :n] for i, n in enumerate(lengths)])
 
 
+ALIGNMENT_TOLERANCE = 1e-3
+
+
+def check_alignment(teacher_logits: torch.Tensor, labels: torch.Tensor, micro_batch) -> float:
+    """The teacher's packed logits must reproduce, at the sampled tokens, the log-probs of verl's reference pass.
+
+    Catches off-by-one shifts and padding mix-ups between the two code paths; raises on a mismatch.
+    """
+    if "ref_log_prob" not in micro_batch:
+        return 0.0
+    nnz = int(micro_batch["input_ids"].offsets()[-1])  # drops sequence-parallel padding at the end, if any
+    logits, labels = teacher_logits[:nnz].float(), labels.reshape(-1)[:nnz].long()
+    label_logp = logits.gather(-1, labels.view(-1, 1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    ours = no_padding_2_padding(label_logp, micro_batch)
+    padded = micro_batch.select("ref_log_prob", "response_mask").to_padded_tensor()
+    mask = padded["response_mask"].bool()
+    diff = (ours - padded["ref_log_prob"].to(ours.dtype)).abs()[mask]
+    worst = float(diff.max()) if diff.numel() else 0.0
+    if worst > ALIGNMENT_TOLERANCE:
+        raise RuntimeError(
+            f"opd_verl: teacher logits in the actor loss disagree with the reference pass by {worst:.3g} nats at the "
+            "sampled tokens (token alignment or padding mismatch); please report this with your verl version"
+        )
+    return worst
+
+
 def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     """Both logit sets over the ids they share: padded embedding rows (e.g. 151936 vs 152064) beyond the smaller
     vocabulary are dropped (never sampled; preflight has checked that shared ids are the same tokens)."""

@@ -146,7 +146,13 @@ class OPDWorker(ActorRolloutRefWorker):
             with torch.no_grad():
                 output = engine.module(**model_inputs, use_cache=False)
             logits.append(packed_logits(output.logits, micro_batch, output_args))
-        return combine_teacher_logits(logits, [t["weight"] for t in self.teacher_entries], self.opd_options)
+        combined = combine_teacher_logits(logits, [t["weight"] for t in self.teacher_entries], self.opd_options)
+        if not getattr(self, "_alignment_checked", False) and self.opd_options["multi_teacher_mode"] != "mean_logit":
+            from opd_verl.actor_loss import check_alignment
+
+            check_alignment(combined, output_args["input_ids_rmpad_rolled"], micro_batch)
+            self._alignment_checked = True
+        return combined
 
 
 def combine_teacher_logits(logits: list[torch.Tensor], weights: list[float], opd: dict) -> torch.Tensor:

@@ -80,3 +80,41 @@ def test_multi_teacher_logit_combinations():
     mean_prob = combine_teacher_logits([a, b], [1.0, 1.0], {"multi_teacher_mode": "mean_prob"})
     expected = 0.5 * torch.softmax(a, -1) + 0.5 * torch.softmax(b, -1)
     assert torch.allclose(torch.softmax(mean_prob.double(), -1), expected, atol=1e-6)
+
+
+def _micro_batch(prompt_lens, response_lens, teacher_logits, labels):
+    """A micro-batch in verl's no-padding layout whose ref_log_prob comes from `teacher_logits` at `labels`."""
+    from tensordict import TensorDict
+
+    nested = lambda rows: torch.nested.nested_tensor(rows, layout=torch.jagged)  # noqa: E731
+    logp = torch.log_softmax(teacher_logits, -1).gather(-1, labels.view(-1, 1)).squeeze(-1)
+    refs, start = [], 0
+    for p, r in zip(prompt_lens, response_lens):
+        # the log-prob of response token j is predicted at position p - 1 + j
+        refs.append(logp[start + p - 1 : start + p - 1 + r])
+        start += p + r
+    ids = [torch.arange(p + r) for p, r in zip(prompt_lens, response_lens)]
+    return TensorDict(
+        {
+            "prompts": nested([torch.zeros(p, dtype=torch.long) for p in prompt_lens]),
+            "responses": nested([torch.zeros(r, dtype=torch.long) for r in response_lens]),
+            "input_ids": nested(ids),
+            "ref_log_prob": nested(refs),
+            "response_mask": nested([torch.ones(r) for r in response_lens]),
+        },
+        batch_size=[len(prompt_lens)],
+    )
+
+
+def test_alignment_check_passes_aligned_and_catches_a_shift():
+    from opd_verl.actor_loss import check_alignment
+
+    prompt_lens, response_lens = [2, 3], [3, 1]
+    nnz = sum(prompt_lens) + sum(response_lens)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(nnz, 7, generator=g) * 3
+    labels = torch.randint(0, 7, (nnz,), generator=g)
+    batch = _micro_batch(prompt_lens, response_lens, logits, labels)
+    assert check_alignment(logits, labels, batch) < 1e-5
+    with pytest.raises(RuntimeError, match="disagree with the reference pass"):
+        check_alignment(torch.roll(logits, 1, dims=0), labels, batch)
