@@ -83,3 +83,15 @@ def test_topk_larger_than_the_teachers_vocabulary(tmp_path):
     run_preflight(_config(student, teacher, support="topk", topk=128))
     with pytest.raises(OPDConfigError, match=r"opd.topk=129 is larger than the vocabulary of teacher .* \(128\)"):
         run_preflight(_config(student, teacher, support="topk", topk=129))
+
+
+def test_main_opd_stops_on_a_vocabulary_mismatch_before_training(tmp_path):
+    from conftest import run_main_opd
+
+    student = _model_dir(tmp_path / "s")
+    teacher = _model_dir(tmp_path / "t", build_tokenizer(vocab_chars="0123456789 +-=\n"))
+    result = run_main_opd("algorithm.adv_estimator=opd", f"actor_rollout_ref.model.path={student}", f"opd.teacher.path={teacher}")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("opd_verl: error:")]
+    assert len(errors) == 1 and "different vocabularies" in errors[0] and teacher in errors[0], result.stderr
+    assert "ray init" not in result.stdout
