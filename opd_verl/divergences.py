@@ -329,6 +329,7 @@ class _ChunkedHiddenDivergence(torch.autograd.Function):
                 grad_hs[a:b] = (gz.to(ws.dtype) @ ws).to(hs.dtype)
             if need_w:
                 grad_ws.addmm_(gz.t().to(grad_ws.dtype), hs[a:b].to(grad_ws.dtype))
+            del gz  # free this chunk's [chunk, V] gradient before the next chunk allocates its own
         if need_w:
             grad_ws = grad_ws.to(ws.dtype)
         return grad_hs, grad_ws, None, None, None, None, None, None

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import ray
+import torch
 import transfer_queue as tq
 from omegaconf import OmegaConf
 from tensordict import TensorDict
@@ -21,6 +22,9 @@ from opd_verl.checkpoints import mark_complete, repair_tracker
 from opd_verl.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
 from opd_verl.options import OPD_ESTIMATORS, teacher_entries, uses_opd
 from opd_verl.teacher_worker import make_worker_class
+
+
+TOKEN_DUMP_ENV = "OPD_VERL_DUMP_TOKENS"
 
 
 class OPDTrainer(PPOTrainerSync):
@@ -121,12 +125,28 @@ class OPDTrainer(PPOTrainerSync):
                 **common,
             )
         data.batch["advantages"], data.batch["returns"] = advantages, returns
+        if os.environ.get(TOKEN_DUMP_ENV):
+            self._dump_token_terms(batch, data.batch)
 
         out_fields = ["advantages", "returns"] + (["token_level_rewards"] if self.config.algorithm.use_kl_in_reward else [])
         output = TensorDict(
             {field: response_to_nested(data.batch[field], response_mask) for field in out_fields}, batch_size=len(batch)
         )
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+    def _dump_token_terms(self, batch, padded) -> None:
+        """Debug dump ($OPD_VERL_DUMP_TOKENS=dir): ids and per-token terms of each step, to recompute offline."""
+        ids = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts", "responses"])
+        directory = os.environ[TOKEN_DUMP_ENV]
+        os.makedirs(directory, exist_ok=True)
+        torch.save(
+            {
+                "prompts": [t.clone() for t in ids["prompts"].unbind()],
+                "responses": [t.clone() for t in ids["responses"].unbind()],
+                **{k: padded[k].clone() for k in ("response_mask", "ref_log_prob", "old_log_probs", "advantages")},
+            },
+            os.path.join(directory, f"step_{self.global_steps}.pt"),
+        )
 
     def _log_distill_metrics(self, batch, metrics: dict) -> None:
         data = tq.kv_batch_get(

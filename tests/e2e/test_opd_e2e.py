@@ -114,3 +114,66 @@ def test_hybrid_grpo_plus_kl_runs(workdir):
     )
     assert metrics[1]["distill/kl_coef"] == pytest.approx(0.1)
     assert metrics[1]["distill/kl_per_token"] > 1e-3
+
+
+def test_lora_student_keeps_the_real_teacher(workdir):
+    """verl would make the adapter-off actor the reference (KL 0 at step 1, the LoRA B matrices start at 0)."""
+    metrics = _run(
+        workdir,
+        "lora",
+        _opd(
+            workdir,
+            "lora",
+            steps=1,
+            **{
+                "actor_rollout_ref.model.lora_rank": 8,
+                "actor_rollout_ref.model.lora_alpha": 16,
+                "actor_rollout_ref.model.lora.merge": True,
+            },
+        ),
+    )
+    assert metrics[1]["distill/kl_per_token"] > 1e-2
+
+
+def _float64_log_probs(model_dir, prompt, response):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = _float64_log_probs.cache.get(model_dir)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+        _float64_log_probs.cache[model_dir] = model
+    ids = torch.cat([prompt, response]).view(1, -1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(response))
+    return logp[positions, response]
+
+
+_float64_log_probs.cache = {}
+
+
+def test_per_token_terms_match_a_float64_recomputation_with_mixed_lengths(workdir, tmp_path):
+    """Alignment (teacher token t vs student token t, ragged lengths) and precision (fp32, far below bf16's 1/32)."""
+    import torch
+
+    dump = tmp_path / "dump"
+    overrides = _opd(workdir, "precision", steps=1, **{"data.max_response_length": 48})
+    result = run_main(overrides, workdir.root / "precision.log", timeout=TIMEOUT, env={"OPD_VERL_DUMP_TOKENS": str(dump)})
+    assert result.returncode == 0, result.log[-4000:]
+    saved = torch.load(dump / "step_1.pt")
+    lengths = [len(r) for r in saved["responses"]]
+    assert len(set(lengths)) > 1, f"need responses of different lengths, got {lengths}"
+    worst_student = worst_teacher = 0.0
+    for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
+        n = int(saved["response_mask"][i].sum())
+        assert n == len(response)
+        s64 = _float64_log_probs(workdir.model, prompt, response)
+        q64 = _float64_log_probs(workdir.teacher, prompt, response)
+        worst_student = max(worst_student, float((saved["old_log_probs"][i, :n].double() - s64).abs().max()))
+        worst_teacher = max(worst_teacher, float((saved["ref_log_prob"][i, :n].double() - q64).abs().max()))
+        expected_adv = (q64 - s64).clamp(-10, 10)
+        assert torch.allclose(saved["advantages"][i, :n].double(), expected_adv, atol=1e-4)
+        assert saved["advantages"][i, n:].abs().max() == 0 if n < saved["advantages"].shape[1] else True
+    # bf16 log-probs would be off by up to ~1/32 nat; fp32 is off by ~1e-6
+    assert worst_student < 1e-4 and worst_teacher < 1e-4, (worst_student, worst_teacher)

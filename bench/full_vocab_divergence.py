@@ -1,0 +1,798 @@
+"""Benchmark: full-vocabulary JSD (chunked, custom autograd) vs the sampled-token reverse KL, on CPU.
+
+    .venv/bin/python bench/full_vocab_divergence.py            # full run (V = 151936, T in {1024, 2048, 8192})
+    .venv/bin/python bench/full_vocab_divergence.py --quick    # smoke test (< 1 min)
+
+Writes ``bench/results/full_vocab_divergence.json`` (``..._quick.json`` with ``--quick``) and an SVG plot of
+peak memory vs T next to it.
+
+What is measured (forward + backward of ``loss = out.sum()``, float32, JSD with beta = 0.5):
+
+* ``ours_hidden``    `chunked_divergence_from_hidden` on hidden states ``[T, H]`` and lm-head weights ``[V, H]``
+                     (student and teacher); gradients to the student's hidden states and head weight.
+* ``sampled_hidden`` the sampled-token baseline on the same student inputs: log pi_s(x_t) from the hidden states,
+                     chunked with the same chunk size (`_ChunkedSampledLogp` below: per chunk logits = h W^T,
+                     logsumexp, gather; backward recomputes the chunk's logits and uses the analytic gradient
+                     onehot - softmax), then `sampled_reverse_kl` (k1) against given teacher log-probs. It saves
+                     the per-token logsumexp ([T] floats) so its backward skips one reduction, i.e. it is a
+                     slightly *favourable* baseline. Both sides pay the student lm-head matmul in both passes.
+* ``naive_hidden``   logits materialised with autograd (``F.linear``), then `full_divergence` (plain autograd):
+                     O(T*V) memory; skipped when the extrapolated peak does not fit the memory budget.
+* ``ours_logits`` / ``sampled_logits`` on pre-materialised logits ``[T, V]``: `chunked_full_divergence` vs
+                     ``log_softmax(z).gather(ids)`` + `sampled_reverse_kl` (plain autograd).
+
+Memory: every measurement runs in a fresh subprocess (``--quick`` / ``isolate=False``: one reused worker
+process). After the inputs are allocated and a small warm-up call has run, the kernel's peak-RSS mark is
+reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and the peak is ``VmHWM - VmRSS`` read from
+``/proc/self/status`` after the run: the resident memory the forward + backward added on top of its inputs,
+including the gradients it returns. tracemalloc does not see torch's allocations, and torch has no CPU
+allocator statistics. torch's default CPU allocator is plain malloc, and glibc always serves blocks >= 32 MB
+(every [chunk, V] buffer of the full run: 1024 x 151936 x 4 B = 594 MB) with mmap and unmaps them on free, so
+RSS tracks the live tensors; smaller freed blocks may stay in the heap (a few MB of slack). The --quick / test
+sizes have buffers < 32 MB, so those workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` (every block >= 64 KB
+mmapped), which makes their memory numbers meaningful but adds page-fault time to every allocation: --quick
+timings are a smoke test only. Minor page faults per run are recorded.
+
+Timing: wall clock (``time.perf_counter``) and process CPU time (user + sys) around forward + backward.
+The machine is shared, so variants are interleaved (ours, sampled, sampled, ours, ...), each rep in its own
+process, and medians are reported; the ratio is the median of the per-rep paired ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+_RESULT_TAG = "@@RESULT "
+MB = 1024 * 1024
+
+FULL = {
+    "vocab": 151936,  # Qwen2/2.5/3 vocabulary
+    "hidden": 256,
+    "ts": [1024, 2048, 8192],
+    "chunk": 1024,  # the library default chunk_size
+    "beta": 0.5,
+    "reps": {"1024": 3, "2048": 3, "8192": 1},
+    "logits_ts": [1024, 2048],
+    "naive_probe_t": 256,
+    "check_t": 256,
+    "seed": 0,
+    "isolate": True,
+    "malloc_mmap_threshold": None,  # glibc default (blocks >= 32 MB are mmapped)
+}
+QUICK = {
+    "vocab": 16384,
+    "hidden": 128,
+    "ts": [256, 512],
+    "chunk": 64,
+    "beta": 0.5,
+    "reps": {"256": 2, "512": 2},
+    "logits_ts": [256, 512],
+    "naive_probe_t": 256,
+    "check_t": 200,
+    "seed": 0,
+    "isolate": False,
+    "malloc_mmap_threshold": 65536,
+}
+
+
+# ==========================================================================================================
+# worker side (runs in a subprocess; imports torch)
+# ==========================================================================================================
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _sampled_fn():
+    import torch
+    import torch.nn.functional as F
+
+    class _ChunkedSampledLogp(torch.autograd.Function):
+        """log softmax(h W^T)[ids] per token, chunk by chunk in both passes (the sampled-support baseline)."""
+
+        @staticmethod
+        def forward(ctx, h, w, ids, chunk):
+            n = h.shape[0]
+            out = torch.empty(n, dtype=torch.float32)
+            lse = torch.empty(n, dtype=torch.float32)
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                z = F.linear(h[a:b], w)
+                lse[a:b] = torch.logsumexp(z, dim=-1)
+                out[a:b] = z.gather(-1, ids[a:b, None]).squeeze(-1) - lse[a:b]
+                del z
+            ctx.save_for_backward(h, w, ids, lse)
+            ctx.chunk = chunk
+            return out
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            h, w, ids, lse = ctx.saved_tensors
+            chunk = ctx.chunk
+            n = h.shape[0]
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros_like(w) if need_w else None
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                gb = g[a:b].unsqueeze(-1)
+                # d logp[y] / dz = onehot(y) - softmax(z), times the incoming gradient
+                gz = F.linear(h[a:b], w).sub_(lse[a:b, None]).exp_().mul_(-gb)
+                gz.scatter_add_(-1, ids[a:b, None], gb)
+                if need_h:
+                    grad_h[a:b] = gz @ w
+                if need_w:
+                    grad_w.addmm_(gz.t(), h[a:b])
+                del gz
+            return grad_h, grad_w, None, None
+
+    def sampled_logp_from_hidden(h, w, ids, chunk):
+        return _ChunkedSampledLogp.apply(h, w, ids, int(chunk))
+
+    return sampled_logp_from_hidden
+
+
+def _hidden_inputs(t: int, v: int, h: int, seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    scale = 3.0 / math.sqrt(h)  # logits with std ~3
+    hs = torch.randn(t, h, generator=g)
+    ws = torch.randn(v, h, generator=g) * scale
+    ht = hs + 0.5 * torch.randn(t, h, generator=g)
+    wt = ws + 0.5 * scale * torch.randn(v, h, generator=g)
+    ids = torch.randint(v, (t,), generator=g)
+    q = -10.0 * torch.rand(t, generator=g)  # the teacher's log-prob of the sampled token (an input)
+    return {"hs": hs, "ws": ws, "ht": ht, "wt": wt, "ids": ids, "q": q}
+
+
+def _logits_inputs(t: int, v: int, seed: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(t, v, generator=g).mul_(3.0)
+    zt = zs * 0.8 + torch.randn(t, v, generator=g).mul_(1.5)
+    ids = torch.randint(v, (t,), generator=g)
+    q = -10.0 * torch.rand(t, generator=g)
+    return {"zs": zs, "zt": zt, "ids": ids, "q": q}
+
+
+def _nbytes(inputs: dict) -> int:
+    return sum(x.numel() * x.element_size() for x in inputs.values())
+
+
+def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | None = None) -> None:
+    """One forward + backward of ``variant`` on inputs ``x`` (first ``rows`` tokens if given)."""
+    import torch
+    import torch.nn.functional as F
+
+    from opd_verl.divergences import (
+        chunked_divergence_from_hidden,
+        chunked_full_divergence,
+        full_divergence,
+        sampled_reverse_kl,
+    )
+
+    def rows_of(t):
+        return t if rows is None else t[:rows]
+
+    if variant.endswith("_hidden"):
+        hs = rows_of(x["hs"]).detach().requires_grad_(True)
+        ws = x["ws"].detach().requires_grad_(True)
+        ht, wt = rows_of(x["ht"]), x["wt"]
+        if variant == "ours_hidden":
+            out = chunked_divergence_from_hidden(hs, ws, ht, wt, "jsd", beta, chunk_size=chunk)
+        elif variant == "sampled_hidden":
+            s = _sampled_fn()(hs, ws, rows_of(x["ids"]), chunk)
+            out = sampled_reverse_kl(s, rows_of(x["q"]), "k1")
+        elif variant == "naive_hidden":
+            zs = F.linear(hs, ws)
+            with torch.no_grad():
+                zt = F.linear(ht, wt)
+            out = full_divergence(zs, zt, "jsd", beta)
+        else:
+            raise ValueError(variant)
+        out.sum().backward()
+        return
+    zs = rows_of(x["zs"]).detach().requires_grad_(True)
+    zt = rows_of(x["zt"])
+    if variant == "ours_logits":
+        out = chunked_full_divergence(zs, zt, "jsd", beta, chunk_size=chunk)
+    elif variant == "sampled_logits":
+        s = torch.log_softmax(zs, dim=-1).gather(-1, rows_of(x["ids"])[:, None]).squeeze(-1)
+        out = sampled_reverse_kl(s, rows_of(x["q"]), "k1")
+    elif variant == "naive_logits":
+        out = full_divergence(zs, zt, "jsd", beta)
+    else:
+        raise ValueError(variant)
+    out.sum().backward()
+
+
+def _measure(variant: str, x: dict, chunk: int, beta: float) -> dict:
+    """Warm up on 8 tokens, reset the peak-RSS mark, then time one forward + backward and read the peak."""
+    import gc
+
+    _run_variant(variant, x, chunk, beta, rows=8)
+    gc.collect()
+    _reset_peak_rss()
+    base_kb = _status_kb("VmRSS")
+    f0, c0, t0 = _minflt(), _cpu_s(), time.perf_counter()
+    _run_variant(variant, x, chunk, beta)
+    wall = time.perf_counter() - t0
+    cpu = _cpu_s() - c0
+    faults = _minflt() - f0
+    hwm_kb = _status_kb("VmHWM")
+    gc.collect()
+    return {
+        "variant": variant,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_mb": (hwm_kb - base_kb) / 1024,
+        "minor_page_faults": faults,
+        "baseline_rss_mb": base_kb / 1024,
+        "loadavg_1m": os.getloadavg()[0],
+    }
+
+
+def _check(v: int, h: int, t: int, chunk: int, beta: float, seed: int) -> dict:
+    """Chunked vs unchunked on the same inputs: values and gradients (ours from hidden, ours from logits,
+    and the bench's own sampled baseline vs plain autograd)."""
+    import torch
+    import torch.nn.functional as F
+
+    from opd_verl.divergences import (
+        chunked_divergence_from_hidden,
+        chunked_full_divergence,
+        full_divergence,
+        sampled_reverse_kl,
+    )
+
+    x = _hidden_inputs(t, v, h, seed)
+
+    def leaves():
+        return x["hs"].clone().requires_grad_(True), x["ws"].clone().requires_grad_(True)
+
+    def cmp(a, b):
+        a, b = a.detach(), b.detach()
+        return {"max_abs_diff": float((a - b).abs().max()), "max_abs_ref": float(b.abs().max())}
+
+    hs1, ws1 = leaves()
+    v1 = chunked_divergence_from_hidden(hs1, ws1, x["ht"], x["wt"], "jsd", beta, chunk_size=chunk)
+    v1.sum().backward()
+    hs2, ws2 = leaves()
+    zs2 = F.linear(hs2, ws2)
+    zt = F.linear(x["ht"], x["wt"])
+    v2 = full_divergence(zs2, zt, "jsd", beta)
+    v2.sum().backward()
+
+    zs3 = zs2.detach().clone().requires_grad_(True)
+    v3 = chunked_full_divergence(zs3, zt, "jsd", beta, chunk_size=chunk)
+    v3.sum().backward()
+    zs4 = zs2.detach().clone().requires_grad_(True)
+    v4 = full_divergence(zs4, zt, "jsd", beta)
+    v4.sum().backward()
+
+    hs5, ws5 = leaves()
+    s5 = _sampled_fn()(hs5, ws5, x["ids"], chunk)
+    sampled_reverse_kl(s5, x["q"], "k1").sum().backward()
+    hs6, ws6 = leaves()
+    s6 = torch.log_softmax(F.linear(hs6, ws6), dim=-1).gather(-1, x["ids"][:, None]).squeeze(-1)
+    sampled_reverse_kl(s6, x["q"], "k1").sum().backward()
+
+    return {
+        "T": t,
+        "chunk": chunk,
+        "vocab": v,
+        "hidden": h,
+        "ours_hidden_vs_naive": {
+            "value": cmp(v1, v2),
+            "grad_hidden": cmp(hs1.grad, hs2.grad),
+            "grad_weight": cmp(ws1.grad, ws2.grad),
+        },
+        "ours_logits_vs_naive": {"value": cmp(v3, v4), "grad_logits": cmp(zs3.grad, zs4.grad)},
+        "sampled_hidden_vs_autograd": {
+            "value": cmp(s5, s6),
+            "grad_hidden": cmp(hs5.grad, hs6.grad),
+            "grad_weight": cmp(ws5.grad, ws6.grad),
+        },
+    }
+
+
+def _do_job(job: dict) -> dict:
+    import gc
+
+    import torch
+
+    kind = job["kind"]
+    if kind == "check":
+        return _check(job["vocab"], job["hidden"], job["T"], job["chunk"], job["beta"], job["seed"])
+    if kind == "hidden":
+        x = _hidden_inputs(job["T"], job["vocab"], job["hidden"], job["seed"])
+    elif kind == "logits":
+        x = _logits_inputs(job["T"], job["vocab"], job["seed"])
+    else:
+        raise ValueError(kind)
+    res = {"inputs_mb": _nbytes(x) / MB, "threads": torch.get_num_threads(), "runs": []}
+    for variant in job["variants"]:
+        res["runs"].append(_measure(variant, x, job["chunk"], job["beta"]))
+    del x
+    gc.collect()
+    return res
+
+
+def worker_main() -> None:
+    """Read one JSON job per stdin line, answer one ``@@RESULT {json}`` line per job; exit on EOF."""
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        try:
+            out = {"ok": True, "result": _do_job(job)}
+        except Exception as e:  # reported to the parent, which records it
+            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(_RESULT_TAG + json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
+# ==========================================================================================================
+# parent side (no torch tensors here)
+# ==========================================================================================================
+def _meminfo_kb(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class _Worker:
+    """A worker subprocess; a watchdog thread kills it if its RSS exceeds ``rss_limit_mb``."""
+
+    def __init__(self, rss_limit_mb: float, extra_env: dict | None = None):
+        env = {**os.environ, **(extra_env or {})}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.rss_limit_mb = rss_limit_mb
+        self.killed_at_mb: float | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        path = f"/proc/{self.proc.pid}/status"
+        while not self._stop.wait(0.2):
+            try:
+                with open(path) as f:
+                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+            except (OSError, StopIteration):
+                return
+            if rss > self.rss_limit_mb:
+                self.killed_at_mb = rss
+                self.proc.kill()
+                return
+
+    def run(self, job: dict) -> dict:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_RESULT_TAG):
+                return json.loads(line[len(_RESULT_TAG) :])
+        self.proc.wait()
+        why = f"killed by the watchdog at RSS {self.killed_at_mb:.0f} MB" if self.killed_at_mb else "worker died"
+        return {"ok": False, "error": f"{why} (exit code {self.proc.returncode})"}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _machine() -> dict:
+    import torch  # only for the version / thread count; the parent allocates no tensors
+
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mem_total_gb": _meminfo_kb("MemTotal") / 1024**2,
+        "mem_available_gb_at_start": _meminfo_kb("MemAvailable") / 1024**2,
+        "loadavg_at_start": list(os.getloadavg()),
+        "shared_machine_note": "other jobs shared the cores; wall times are noisy, see loadavg per run",
+    }
+
+
+def _summ(runs: list[dict]) -> dict:
+    return {
+        "wall_s": [r["wall_s"] for r in runs],
+        "cpu_s": [r["cpu_s"] for r in runs],
+        "peak_mb": [r["peak_mb"] for r in runs],
+        "minor_page_faults": [r["minor_page_faults"] for r in runs],
+        "median_wall_s": median(r["wall_s"] for r in runs),
+        "median_cpu_s": median(r["cpu_s"] for r in runs),
+        "median_peak_mb": median(r["peak_mb"] for r in runs),
+        "loadavg_1m": [r["loadavg_1m"] for r in runs],
+    }
+
+
+def run_benchmark(cfg: dict, log=print) -> dict:
+    """Run all measurements of ``cfg`` (see FULL / QUICK) and return the JSON-able result dict."""
+    t_start = time.perf_counter()
+    cfg = dict(cfg)
+    v, h, chunk, beta, seed = cfg["vocab"], cfg["hidden"], cfg["chunk"], cfg["beta"], cfg["seed"]
+    mem_avail_mb = _meminfo_kb("MemAvailable") / 1024
+    budget_mb = cfg.get("mem_budget_mb") or 0.6 * mem_avail_mb  # naive runs only if predicted to fit this
+    rss_limit_mb = cfg.get("rss_limit_mb") or 0.85 * mem_avail_mb  # watchdog: kill any worker above this
+    shared: _Worker | None = None
+    worker_env = {}
+    if cfg.get("malloc_mmap_threshold"):
+        worker_env["MALLOC_MMAP_THRESHOLD_"] = str(cfg["malloc_mmap_threshold"])
+
+    def run_job(job: dict, label: str) -> dict:
+        nonlocal shared
+        if cfg["isolate"]:
+            w = _Worker(rss_limit_mb, worker_env)
+            try:
+                out = w.run(job)
+            finally:
+                w.close()
+        else:
+            if shared is None or shared.proc.poll() is not None:
+                shared = _Worker(rss_limit_mb, worker_env)
+            out = shared.run(job)
+        el = time.perf_counter() - t_start
+        if not out["ok"]:
+            log(f"[{el:6.0f}s] {label}: ERROR {out['error']}", flush=True)
+            return out
+        res = out["result"]
+        for r in res.get("runs", []):
+            log(
+                f"[{el:6.0f}s] {label} {r['variant']:<15} wall {r['wall_s']:7.2f}s  cpu {r['cpu_s']:7.2f}s  "
+                f"peak +{r['peak_mb']:7.0f} MB  (load {r['loadavg_1m']:.1f})",
+                flush=True,
+            )
+        return out
+
+    base = {"vocab": v, "hidden": h, "chunk": chunk, "beta": beta, "seed": seed}
+    result: dict[str, Any] = {
+        "benchmark": "full_vocab_divergence",
+        "command": " ".join([".venv/bin/python", "bench/full_vocab_divergence.py", *cfg.get("argv", [])]),
+        "machine": _machine(),
+        "settings": {
+            **{k: cfg[k] for k in ("vocab", "hidden", "ts", "chunk", "beta", "reps", "logits_ts", "seed")},
+            "naive_probe_t": cfg["naive_probe_t"],
+            "check_t": cfg["check_t"],
+            "dtype": "float32",
+            "divergence": "jsd (beta=0.5), temperature 1, loss = per-token values summed, fwd + bwd",
+            "sampled_baseline": "k1 = log pi_s(x_t) - log pi_t(x_t) with log pi_s(x_t) from the student's full "
+            "log-softmax: from hidden via a chunked custom autograd Function (same chunk size, saves the [T] "
+            "logsumexp, analytic backward onehot - softmax); from logits via plain autograd log_softmax + gather",
+            "gradients": "student hidden states and student lm-head weight (from hidden); student logits (from logits)",
+            "isolate": cfg["isolate"],
+            "worker_env": worker_env,
+            "memory_method": "peak = VmHWM - VmRSS (/proc/self/status) after resetting the peak mark with "
+            "/proc/self/clear_refs=5, once inputs exist and an 8-token warm-up ran; includes returned gradients",
+            "timing_method": "wall (perf_counter) and CPU (getrusage user+sys) time of one fwd+bwd per process; "
+            "ours/sampled interleaved with alternating order; medians; ratio = median of paired per-rep ratios",
+            "mem_budget_mb_for_naive": budget_mb,
+            "watchdog_rss_limit_mb": rss_limit_mb,
+        },
+    }
+    log(
+        f"full_vocab_divergence: V={v} H={h} chunk={chunk} T={cfg['ts']} isolate={cfg['isolate']} "
+        f"(mem available {mem_avail_mb / 1024:.1f} GB, naive budget {budget_mb / 1024:.1f} GB)",
+        flush=True,
+    )
+    try:
+        # 1. correctness: chunked == unchunked on the same inputs
+        chk = run_job({**base, "kind": "check", "T": cfg["check_t"], "chunk": max(1, cfg["check_t"] // 3)}, "check")
+        result["check"] = chk["result"] if chk["ok"] else {"error": chk["error"]}
+        if chk["ok"]:
+            c = chk["result"]
+            log(
+                "[check] max |chunked - unchunked|: ours_hidden value "
+                f"{c['ours_hidden_vs_naive']['value']['max_abs_diff']:.2e}, grad_w "
+                f"{c['ours_hidden_vs_naive']['grad_weight']['max_abs_diff']:.2e}; ours_logits value "
+                f"{c['ours_logits_vs_naive']['value']['max_abs_diff']:.2e}; sampled value "
+                f"{c['sampled_hidden_vs_autograd']['value']['max_abs_diff']:.2e}",
+                flush=True,
+            )
+
+        # 2. naive memory probe at a small T, to extrapolate its (linear in T) peak
+        probe_t = cfg["naive_probe_t"]
+        pr = run_job({**base, "kind": "hidden", "T": probe_t, "variants": ["naive_hidden"]}, f"T={probe_t:<5d}")
+        bytes_per_logit = None
+        naive_by_t: dict[int, dict] = {}
+        if pr["ok"]:
+            prun = pr["result"]["runs"][0]
+            bytes_per_logit = prun["peak_mb"] * MB / (probe_t * v)
+            naive_by_t[probe_t] = {**_summ([prun]), "inputs_mb": pr["result"]["inputs_mb"]}
+        result["naive_probe"] = {"T": probe_t, "bytes_per_logit_element": bytes_per_logit}
+
+        # 3. per T: ours vs sampled from hidden (interleaved), naive if it fits, logits variants
+        rows = []
+        for t in cfg["ts"]:
+            reps = int(cfg["reps"].get(str(t), 1))
+            runs: dict[str, list] = {"ours_hidden": [], "sampled_hidden": []}
+            inputs_mb = None
+            for r in range(reps):
+                order = ["ours_hidden", "sampled_hidden"] if r % 2 == 0 else ["sampled_hidden", "ours_hidden"]
+                for variant in order:
+                    out = run_job({**base, "kind": "hidden", "T": t, "variants": [variant]}, f"T={t:<5d} rep {r + 1}/{reps}")
+                    if out["ok"]:
+                        runs[variant].append(out["result"]["runs"][0])
+                        inputs_mb = out["result"]["inputs_mb"]
+            row: dict[str, Any] = {"T": t, "reps": reps, "inputs_mb": inputs_mb}
+            for variant, rs in runs.items():
+                row[variant] = _summ(rs) if rs else {"error": "no successful run"}
+            pairs = [
+                (a["wall_s"] / b["wall_s"], a["cpu_s"] / b["cpu_s"])
+                for a, b in zip(runs["ours_hidden"], runs["sampled_hidden"])
+            ]
+            if pairs:
+                row["ratio_wall_per_rep"] = [p[0] for p in pairs]
+                row["ratio_wall_median"] = median(p[0] for p in pairs)
+                row["ratio_cpu_median"] = median(p[1] for p in pairs)
+
+            # naive (materialised logits + autograd), if the extrapolated peak fits the budget
+            if t in naive_by_t:
+                row["naive_hidden"] = naive_by_t[t]
+            elif bytes_per_logit is None:
+                row["naive_hidden"] = {"skipped": "naive probe failed"}
+            else:
+                need_mb = bytes_per_logit * t * v / MB
+                if need_mb > budget_mb:
+                    row["naive_hidden"] = {
+                        "skipped": f"would need ~{need_mb / 1024:.1f} GB (extrapolated from T={probe_t}: "
+                        f"{bytes_per_logit:.1f} B per logit element) > budget {budget_mb / 1024:.1f} GB",
+                        "predicted_peak_mb": need_mb,
+                    }
+                    log(f"[{time.perf_counter() - t_start:6.0f}s] T={t:<5d} naive_hidden: {row['naive_hidden']['skipped']}")
+                else:
+                    out = run_job({**base, "kind": "hidden", "T": t, "variants": ["naive_hidden"]}, f"T={t:<5d}")
+                    row["naive_hidden"] = (
+                        {**_summ(out["result"]["runs"]), "predicted_peak_mb": need_mb}
+                        if out["ok"]
+                        else {"error": out["error"], "predicted_peak_mb": need_mb}
+                    )
+
+            # pre-materialised logits: ours (chunked_full_divergence) vs sampled log_softmax + gather
+            if t in cfg["logits_ts"]:
+                lr: dict[str, list] = {"ours_logits": [], "sampled_logits": []}
+                for r in range(reps):
+                    order = ["ours_logits", "sampled_logits"] if r % 2 == 0 else ["sampled_logits", "ours_logits"]
+                    out = run_job({**base, "kind": "logits", "T": t, "variants": order}, f"T={t:<5d} rep {r + 1}/{reps}")
+                    if out["ok"]:
+                        for run in out["result"]["runs"]:
+                            lr[run["variant"]].append(run)
+                        row["logits_inputs_mb"] = out["result"]["inputs_mb"]
+                logits_row: dict[str, Any] = {k: _summ(vs) for k, vs in lr.items() if vs}
+                lp = [a["wall_s"] / b["wall_s"] for a, b in zip(lr["ours_logits"], lr["sampled_logits"])]
+                if lp:
+                    logits_row["ratio_wall_per_rep"] = lp
+                    logits_row["ratio_wall_median"] = median(lp)
+                    logits_row["ratio_cpu_median"] = median(
+                        a["cpu_s"] / b["cpu_s"] for a, b in zip(lr["ours_logits"], lr["sampled_logits"])
+                    )
+                logits_row["memory_note"] = "both variants in one process (peak mark reset between them)"
+                row["logits"] = logits_row
+            rows.append(row)
+        result["results"] = rows
+        result["naive_small_t"] = {str(k): v_ for k, v_ in naive_by_t.items() if k not in cfg["ts"]}
+    finally:
+        if shared is not None:
+            shared.close()
+
+    result["summary"] = _summary(result, cfg)
+    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    result["elapsed_s"] = time.perf_counter() - t_start
+    return result
+
+
+def _summary(result: dict, cfg: dict) -> dict:
+    rows = result.get("results", [])
+    table = []
+    for r in rows:
+        def med(key, field):
+            d = r.get(key) or {}
+            return d.get(field)
+
+        naive = r.get("naive_hidden") or {}
+        table.append(
+            {
+                "T": r["T"],
+                "time_ours_s": med("ours_hidden", "median_wall_s"),
+                "time_sampled_s": med("sampled_hidden", "median_wall_s"),
+                "ratio_wall": r.get("ratio_wall_median"),
+                "ratio_cpu": r.get("ratio_cpu_median"),
+                "ratio_logits_wall": (r.get("logits") or {}).get("ratio_wall_median"),
+                "ratio_logits_cpu": (r.get("logits") or {}).get("ratio_cpu_median"),
+                "peak_mb_ours": med("ours_hidden", "median_peak_mb"),
+                "peak_mb_sampled": med("sampled_hidden", "median_peak_mb"),
+                "peak_mb_naive": naive.get("median_peak_mb") if "median_peak_mb" in naive else naive.get("skipped"),
+            }
+        )
+    ratios = [x["ratio_wall"] for x in table if x["ratio_wall"] is not None]
+    peaks = [x["peak_mb_ours"] for x in table if x["peak_mb_ours"] is not None and x["T"] >= cfg["chunk"]]
+    summary = {"table": table, "ratio_target": 3.0}
+    if ratios:
+        summary["ratio_max"] = max(ratios)
+        summary["ratio_target_met"] = max(ratios) <= 3.0
+    if len(peaks) >= 2:
+        growth = max(peaks) / min(peaks)
+        summary["ours_peak_growth_over_T_ge_chunk"] = growth
+        summary["ours_memory_flat"] = growth <= 1.10  # within 10% over the T range (T >= chunk)
+    multi = [x["peak_mb_ours"] for x in table if x["peak_mb_ours"] is not None and x["T"] >= 2 * cfg["chunk"]]
+    if len(multi) >= 2:
+        # from two chunks on (a single-chunk run can hold one [chunk, V] buffer less, see the report)
+        summary["ours_peak_growth_over_T_ge_2chunk"] = max(multi) / min(multi)
+    return summary
+
+
+def _svg(result: dict, path: Path) -> None:
+    """Peak extra memory vs T (log-log) as a small dependency-free SVG."""
+    series: dict[str, list[tuple[float, float]]] = {"ours": [], "sampled": [], "naive": [], "naive (extrapolated)": []}
+    for r in result.get("results", []):
+        for key, name in (("ours_hidden", "ours"), ("sampled_hidden", "sampled")):
+            if (r.get(key) or {}).get("median_peak_mb"):
+                series[name].append((r["T"], r[key]["median_peak_mb"]))
+        n = r.get("naive_hidden") or {}
+        if n.get("median_peak_mb"):
+            series["naive"].append((r["T"], n["median_peak_mb"]))
+        elif n.get("predicted_peak_mb"):
+            series["naive (extrapolated)"].append((r["T"], n["predicted_peak_mb"]))
+    for k, n in (result.get("naive_small_t") or {}).items():
+        series["naive"].append((int(k), n["median_peak_mb"]))
+    series["naive"].sort()
+    if series["naive"] and series["naive (extrapolated)"]:
+        series["naive (extrapolated)"].insert(0, series["naive"][-1])
+    pts = [p for s in series.values() for p in s if p[1] > 0]
+    if not pts:
+        return
+    w, hgt, m = 640, 420, 70
+    x0, x1 = math.log2(min(p[0] for p in pts)), math.log2(max(p[0] for p in pts))
+    y0, y1 = math.log10(min(p[1] for p in pts)) - 0.1, math.log10(max(p[1] for p in pts)) + 0.1
+    x1 = x1 if x1 > x0 else x0 + 1
+
+    def xy(t, mb):
+        return (m + (math.log2(t) - x0) / (x1 - x0) * (w - 2 * m), hgt - m - (math.log10(mb) - y0) / (y1 - y0) * (hgt - 2 * m))
+
+    colors = {"ours": "#1f77b4", "sampled": "#2ca02c", "naive": "#d62728", "naive (extrapolated)": "#d62728"}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{hgt}" font-family="sans-serif" font-size="12">']
+    out.append(f'<rect width="{w}" height="{hgt}" fill="white"/>')
+    s = result["settings"]
+    out.append(f'<text x="{m}" y="20">Peak extra RSS vs T: JSD fwd+bwd, V={s["vocab"]}, H={s["hidden"]}, chunk={s["chunk"]}</text>')
+    out.append(f'<line x1="{m}" y1="{hgt - m}" x2="{w - m}" y2="{hgt - m}" stroke="black"/>')
+    out.append(f'<line x1="{m}" y1="{m}" x2="{m}" y2="{hgt - m}" stroke="black"/>')
+    for t in sorted({p[0] for p in pts}):
+        x, _ = xy(t, 10**y0)
+        out.append(f'<text x="{x:.0f}" y="{hgt - m + 16}" text-anchor="middle">{t}</text>')
+    for e in range(math.floor(y0), math.ceil(y1) + 1):
+        if y0 <= e <= y1:
+            _, y = xy(2**x0, 10**e)
+            out.append(f'<text x="{m - 6}" y="{y + 4:.0f}" text-anchor="end">{10**e:g} MB</text>')
+    out.append(f'<text x="{w / 2}" y="{hgt - 25}" text-anchor="middle">T (tokens, log scale)</text>')
+    for i, (name, ps) in enumerate(series.items()):
+        if not ps:
+            continue
+        dash = ' stroke-dasharray="6,4"' if "extrapolated" in name else ""
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(*p) for p in ps))
+        out.append(f'<polyline points="{coords}" fill="none" stroke="{colors[name]}" stroke-width="2"{dash}/>')
+        for p in ps:
+            x, y = xy(*p)
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colors[name]}"/>')
+        out.append(f'<text x="{m + 10}" y="{m + 16 * i}" fill="{colors[name]}">{name}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out))
+
+
+def _print_table(result: dict, log=print) -> None:
+    log("\n  T      ours s  sampled s  ratio wall   cpu  | on logits: wall   cpu  | peak MB ours / sampled / naive")
+    for x in result["summary"]["table"]:
+        def f(v, fmt):
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+        naive = x["peak_mb_naive"]
+        naive_s = f"{naive:.0f}" if isinstance(naive, (int, float)) else ("skipped" if naive else "-")
+        log(
+            f"  {x['T']:<6d} {f(x['time_ours_s'], '7.2f')}  {f(x['time_sampled_s'], '8.2f')}  "
+            f"{f(x['ratio_wall'], '8.2f')} {f(x['ratio_cpu'], '5.2f')}  |          "
+            f"{f(x['ratio_logits_wall'], '5.2f')} {f(x['ratio_logits_cpu'], '5.2f')}  |  "
+            f"{f(x['peak_mb_ours'], '.0f')} / {f(x['peak_mb_sampled'], '.0f')} / {naive_s}"
+        )
+    s = result["summary"]
+    if "ratio_target_met" in s:
+        log(f"  ratio target <= {s['ratio_target']}x met: {s['ratio_target_met']} (max {s['ratio_max']:.2f}x)")
+    if "ours_memory_flat" in s:
+        log(f"  ours peak memory flat in T (<= 10% growth): {s['ours_memory_flat']} (x{s['ours_peak_growth_over_T_ge_chunk']:.3f})")
+    if "ours_peak_growth_over_T_ge_2chunk" in s:
+        log(f"  ours peak growth over T >= 2 chunks: x{s['ours_peak_growth_over_T_ge_2chunk']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions for every T (default: per-T preset)")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker_main()
+        return None
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg["argv"] = argv
+    if args.reps is not None:
+        cfg["reps"] = {str(t): args.reps for t in cfg["ts"]}
+    if args.hidden is not None:
+        cfg["hidden"] = args.hidden
+    if args.chunk is not None:
+        cfg["chunk"] = args.chunk
+    out = args.out or RESULTS / ("full_vocab_divergence_quick.json" if args.quick else "full_vocab_divergence.json")
+    result = run_benchmark(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _svg(result, out.with_name(out.stem + "_memory.svg"))
+    _print_table(result)
+    print(f"\nwrote {out} ({result['elapsed_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""bench/full_vocab_divergence.py on tiny sizes: result structure, and chunked == unchunked (values + grads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("full_vocab_divergence", REPO / "bench" / "full_vocab_divergence.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_full_vocab_bench_tiny(tmp_path):
+    bench = _bench()
+    cfg = {
+        **bench.QUICK,
+        "vocab": 512,
+        "hidden": 32,
+        "ts": [64],
+        "chunk": 16,
+        "reps": {"64": 1},
+        "logits_ts": [64],
+        "naive_probe_t": 64,
+        "check_t": 64,  # checked with chunk 64 // 3 = 21: ragged last chunk
+    }
+    res = bench.run_benchmark(cfg, log=lambda *a, **k: None)
+    json.loads(json.dumps(res))  # JSON-able
+
+    for key in ("machine", "settings", "check", "results", "summary"):
+        assert key in res, key
+    assert {"torch", "cpu_count", "date"} <= set(res["machine"])
+    assert res["settings"]["vocab"] == 512 and res["settings"]["ts"] == [64]
+
+    # chunked vs unchunked on the same inputs (a real check, float32)
+    chk = res["check"]
+    assert "error" not in chk, chk
+    assert chk["ours_hidden_vs_naive"]["value"]["max_abs_diff"] < 1e-5
+    assert chk["ours_logits_vs_naive"]["value"]["max_abs_diff"] < 1e-5
+    for name, cmp in [
+        *chk["ours_hidden_vs_naive"].items(),
+        *chk["ours_logits_vs_naive"].items(),
+        *chk["sampled_hidden_vs_autograd"].items(),
+    ]:
+        assert cmp["max_abs_diff"] <= 1e-5 * max(1.0, cmp["max_abs_ref"]), (name, cmp)
+
+    (row,) = res["results"]
+    assert row["T"] == 64
+    for variant in ("ours_hidden", "sampled_hidden", "naive_hidden"):
+        d = row[variant]
+        assert d["median_wall_s"] > 0 and d["median_peak_mb"] >= 0, (variant, d)
+    assert row["ratio_wall_median"] > 0
+    assert row["logits"]["ratio_wall_median"] > 0
+    (line,) = res["summary"]["table"]
+    assert set(line) >= {"T", "time_ours_s", "time_sampled_s", "ratio_wall", "peak_mb_ours", "peak_mb_sampled", "peak_mb_naive"}
+
+    bench._svg(res, tmp_path / "m.svg")
+    assert (tmp_path / "m.svg").read_text().startswith("<svg")
