@@ -163,6 +163,14 @@ def validate_opd_section(opd: Mapping) -> None:
             raise OPDConfigError(
                 f"opd.multi_teacher_mode=route needs a data_source on every teacher; missing on {missing}"
             )
+        raise OPDConfigError(
+            "opd.multi_teacher_mode=route is not implemented yet; use mean_prob or mean_logit, or one run per data_source"
+        )
+    if opd["multi_teacher_mode"] == "mean_logit" and len(entries) > 1 and opd["support"] == "sampled":
+        raise OPDConfigError(
+            "opd.multi_teacher_mode=mean_logit needs the teachers' logits; set opd.support=topk|full "
+            "(loss_mode=opd_distill) or opd.multi_teacher_mode=mean_prob"
+        )
 
 
 def validate_config(config: Mapping) -> None:

@@ -106,8 +106,14 @@ def test_multi_teacher_entries_and_routing(composed_config):
     with pytest.raises(OPDConfigError, match="needs a data_source on every teacher"):
         validate_config(cfg)
     cfg["opd"]["teachers"][1]["data_source"] = "math"
+    with pytest.raises(OPDConfigError, match="route is not implemented yet"):
+        validate_config(cfg)
+    cfg["opd"]["multi_teacher_mode"] = "mean_prob"
     validate_config(cfg)
     assert [t["path"] for t in teacher_entries(cfg["opd"])] == ["/a", "/b"]
+    cfg["opd"]["multi_teacher_mode"] = "mean_logit"
+    with pytest.raises(OPDConfigError, match="mean_logit needs the teachers' logits"):
+        validate_config(cfg)
     cfg["opd"]["teachers"][1]["wieght"] = 2
     with pytest.raises(OPDConfigError, match=r"opd.teachers\[1\] has unknown key"):
         validate_config(cfg)
