@@ -108,12 +108,14 @@ def build_qwen2(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = False,
-    vocab_multiple: int = 64,
+    vocab_multiple: int = 1,
 ):
     """A randomly initialised Qwen2ForCausalLM (float32) whose vocabulary fits `tokenizer`.
 
-    hidden_size must be a multiple of head_dim; the vocabulary is padded to a multiple of `vocab_multiple`.
-    The same seed gives the same weights.
+    hidden_size must be a multiple of head_dim. The vocabulary is exactly the tokenizer's by default
+    (`vocab_multiple=1`): verl masks rollout logits of ids >= len(tokenizer) (its "OOV tail") while the actor's
+    log-probs cover the whole vocabulary, so untrained padding rows of a random model would make the rollout's
+    and the actor's log-probs differ (by ~log(padded/len(tokenizer)) nats). The same seed gives the same weights.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM

