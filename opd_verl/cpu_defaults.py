@@ -202,6 +202,11 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     # when less is free; an explicit KV cache size skips that check. VLLM_CPU_KVCACHE_SPACE (GiB) overrides it.
     if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         a.prefer(f"{r}.engine_kwargs.vllm.kv_cache_memory_bytes", DEFAULT_KV_CACHE_BYTES, None)
+    # LoRA: verl 0.9.1's adapter hand-over to vLLM (`hijack__load_adapter`) fails on vllm-cpu 0.31.0 ("'WeightsMapper'
+    # object has no attribute 'get_unstacked_mapper'"); merging the adapter into the synced weights works.
+    lora_rank = a.get("actor_rollout_ref.model.lora_rank") or (a.get("actor_rollout_ref.model.lora") or {}).get("rank")
+    if lora_rank:
+        a.force("actor_rollout_ref.model.lora.merge", True, lambda v: v is not True)
     a.prefer(f"{r}.agent.num_workers", 1, 8)
     a.prefer("reward.num_workers", 1, 8)
     # DataLoader worker processes in the TaskRunner: on CPU they compete for the cores, and at shutdown Ray kills

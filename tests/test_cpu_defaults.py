@@ -230,3 +230,16 @@ def test_main_opd_too_few_cpus_exits_before_ray():
     assert out.returncode == 2
     assert "opd_verl: error: ray_kwargs.ray_init.num_cpus=1 is too few" in out.stderr
     assert "Started a local Ray instance" not in out.stdout + out.stderr
+
+
+def test_lora_on_cpu_merges_the_adapter_for_vllm():
+    from hydra import compose, initialize_config_dir
+
+    from opd_verl.cpu_defaults import apply_cpu_defaults
+
+    config_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "opd_verl" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(config_name="opd_trainer", overrides=["trainer.device=cpu", "actor_rollout_ref.model.lora_rank=8"])
+    changes = {key: new for key, new, _ in apply_cpu_defaults(cfg, overrides=["trainer.device=cpu"], out=open("/dev/null", "w"))}
+    assert changes.get("actor_rollout_ref.model.lora.merge") is True
+    assert cfg.actor_rollout_ref.model.lora.merge is True

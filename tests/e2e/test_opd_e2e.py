@@ -52,7 +52,8 @@ def test_teacher_equal_to_student_gives_zero_kl(workdir):
 
 
 def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
-    """L = λ_rl·L_pg + λ_distill·JSD over the full vocabulary, with A = A_grpo − α(s − q) in L_pg."""
+    """L = λ_rl·L_pg + λ_distill·JSD over the full vocabulary, with A = A_grpo − α(s − q) in L_pg, and two
+    teachers averaged (probabilities) in both the reference pass and the in-loss teacher forward."""
     metrics = _run(
         workdir,
         "hybrid_full_jsd",
@@ -71,6 +72,8 @@ def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
                 "opd.chunk_size": 64,
                 "opd.lambda_rl": 1.0,
                 "opd.lambda_distill": 1.0,
+                "opd.teachers": f"[{{path:{workdir.teacher},weight:3.0}},{{path:{workdir.model},weight:1.0}}]",
+                "opd.multi_teacher_mode": "mean_prob",
             },
         ),
     )
@@ -93,7 +96,6 @@ def test_topk_forward_kl_with_a_lora_student(workdir):
             **{
                 "actor_rollout_ref.model.lora_rank": 8,
                 "actor_rollout_ref.model.lora_alpha": 16,
-                "actor_rollout_ref.model.lora.merge": True,
                 "actor_rollout_ref.actor.policy_loss.loss_mode": "opd_distill",
                 "opd.support": "topk",
                 "opd.divergence": "forward_kl",
