@@ -55,14 +55,20 @@ class OPDWorker(ActorRolloutRefWorker):
     opd_options: dict = {}  # the composed `opd:` section, set by make_worker_class
     teacher_entries: list = []
 
-    def _build_teacher(self, teacher: dict) -> TrainingWorker:
-        # Mirrors the reference block of ActorRolloutRefWorker.init_model (verl 0.9.1) with the teacher's model.
+    def _rename_ref_batch_keys(self) -> None:
         with open_dict(self.config.ref):
             self.config.ref.ppo_mini_batch_size = self.config.actor.ppo_mini_batch_size
             self.config.ref.ppo_micro_batch_size = self.config.ref.pop("log_prob_micro_batch_size", None)
             self.config.ref.ppo_micro_batch_size_per_gpu = self.config.ref.pop("log_prob_micro_batch_size_per_gpu", None)
             self.config.ref.use_dynamic_bsz = self.config.ref.pop("log_prob_use_dynamic_bsz", False)
             self.config.ref.ppo_max_token_len_per_gpu = self.config.ref.pop("log_prob_max_token_len_per_gpu", None)
+
+    def _build_teacher(self, teacher: dict) -> TrainingWorker:
+        # Mirrors the reference block of ActorRolloutRefWorker.init_model (verl 0.9.1) with the teacher's model.
+        # The renaming of the log_prob_* keys is done once (it pops them), then shared by every teacher.
+        if not getattr(self, "_ref_keys_renamed", False):
+            self._rename_ref_batch_keys()
+            self._ref_keys_renamed = True
         ref_config: ActorConfig = omega_conf_to_dataclass(self.config.ref)
         ref_config.model_config = teacher_model_config(self.config.model, teacher)
         if self.opd_options.get("teacher", {}).get("param_offload"):
