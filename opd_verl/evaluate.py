@@ -1,0 +1,342 @@
+"""Evaluate HF model directories on a verl parquet: greedy accuracy, avg@k and pass@k, side by side.
+
+    python -m opd_verl.evaluate --model DIR [--model DIR ...] --data test.parquet [--k 8] [--greedy]
+    python -m opd_verl.evaluate --teacher T --student-before S0 --student-after S1 --data test.parquet --greedy
+
+Each row's prompt messages are rendered with the model's chat template (add_generation_prompt, as verl does),
+answers are generated with transformers' `generate` (greedy, and k samples at --temperature) and scored with
+opd_verl.rewards.compute_score against reward_model.ground_truth. With --teacher/--student-before/--student-after
+the "gap closed" = (after - before) / (teacher - before) is printed for every metric.
+
+Metrics per model:
+- greedy: fraction of prompts whose greedy answer is correct;
+- avg@k: mean score of k sampled answers per prompt (the expected accuracy of one sample);
+- pass@k: fraction of prompts with at least one correct answer among k samples (the unbiased estimator of
+  Chen et al. 2021, `pass_at_k(n, c, k)`, with n = k samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics (pure)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    # product form, numerically stable: prod_{i=n-c+1}^{n} (1 - k/i)
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+def avg_at_k(scores: Sequence[Sequence[float]]) -> float:
+    """Mean over prompts of the mean score of each prompt's samples."""
+    if not scores:
+        return float("nan")
+    return sum(sum(s) / len(s) for s in scores) / len(scores)
+
+
+def mean_pass_at_k(scores: Sequence[Sequence[float]], k: int) -> float:
+    """Mean over prompts of pass@k (a sample counts as correct when its score >= 1)."""
+    if not scores:
+        return float("nan")
+    return sum(pass_at_k(len(s), sum(1 for x in s if x >= 1.0), k) for s in scores) / len(scores)
+
+
+def gap_closed(before: float, after: float, teacher: float) -> float:
+    """(after - before) / (teacher - before); nan when the teacher is not better than the student before."""
+    denom = teacher - before
+    if not denom > 1e-12:
+        return float("nan")
+    return (after - before) / denom
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data and generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRow:
+    messages: list[dict]
+    ground_truth: str
+    data_source: str
+
+
+def load_rows(path: str | os.PathLike, max_samples: int | None = None) -> list[EvalRow]:
+    """Rows of a verl RL parquet (columns prompt, reward_model.ground_truth, data_source)."""
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data {path}: no such file (a verl parquet, e.g. one written by data_preprocess/)")
+    table = pq.read_table(path)
+    missing = [c for c in ("prompt", "reward_model") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"--data {path}: missing column(s) {missing}; expected verl's RL parquet format")
+    rows = []
+    for record in table.to_pylist():
+        prompt = record["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        rows.append(
+            EvalRow(
+                messages=messages,
+                ground_truth=str((record.get("reward_model") or {}).get("ground_truth")),
+                data_source=str(record.get("data_source") or ""),
+            )
+        )
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+    return rows
+
+
+def load_model(path: str):
+    """(model, tokenizer) of an HF directory, float32, eval mode, left padding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def render_prompts(tokenizer, messages_list: Sequence[list[dict]]) -> list[list[int]]:
+    out = []
+    for messages in messages_list:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    n: int = 1,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> list[list[str]]:
+    """n completions per prompt (decoded, special tokens dropped), in prompt order."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    outputs: list[list[str]] = []
+    per_batch = max(1, batch_size // max(1, n))
+    for start in range(0, len(prompt_ids), per_batch):
+        chunk = prompt_ids[start : start + per_batch]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, ids in enumerate(chunk):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[i, width - len(ids) :] = 1
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, num_return_sequences=n)
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for i in range(len(chunk)):
+            outputs.append(texts[i * n : (i + 1) * n])
+    return outputs
+
+
+def score(rows: Sequence[EvalRow], completions: Sequence[Sequence[str]]) -> list[list[float]]:
+    from opd_verl.rewards import compute_score
+
+    return [
+        [float(compute_score(r.data_source, c, r.ground_truth)) for c in comps] for r, comps in zip(rows, completions)
+    ]
+
+
+@dataclass
+class ModelEval:
+    name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)  # a few (prompt, completion, score) examples
+    seconds: float = 0.0
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    rows: Sequence[EvalRow],
+    k: int = 8,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 128,
+    seed: int = 0,
+    name: str = "model",
+    n_examples: int = 3,
+) -> ModelEval:
+    """Greedy accuracy (if `greedy`) and avg@k / pass@k (if k > 0) of one loaded model on `rows`."""
+    start = time.monotonic()
+    result = ModelEval(name=name)
+    prompt_ids = render_prompts(tokenizer, [r.messages for r in rows])
+    was_training = model.training
+    model.eval()
+    try:
+        if greedy:
+            comps = generate(model, tokenizer, prompt_ids, 1, True, 1.0, max_new_tokens, batch_size, seed)
+            scores = score(rows, comps)
+            result.metrics["greedy"] = avg_at_k(scores)
+            for r, c, s in list(zip(rows, comps, scores))[:n_examples]:
+                result.samples.append({"prompt": r.messages[-1]["content"], "completion": c[0], "score": s[0]})
+        if k and k > 0:
+            comps = generate(model, tokenizer, prompt_ids, k, False, temperature, max_new_tokens, batch_size, seed)
+            scores = score(rows, comps)
+            result.metrics[f"avg@{k}"] = avg_at_k(scores)
+            result.metrics[f"pass@{k}"] = mean_pass_at_k(scores, k)
+    finally:
+        if was_training:
+            model.train()
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def greedy_accuracy(model, tokenizer, rows: Sequence[EvalRow], max_new_tokens: int = 32, batch_size: int = 256) -> float:
+    """Fraction of `rows` the model answers correctly with greedy decoding."""
+    return evaluate_model(model, tokenizer, rows, k=0, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size).metrics["greedy"]
+
+
+def evaluate_paths(
+    models: Sequence[tuple[str, str]], data: str, k: int = 8, greedy: bool = True, max_samples: int | None = None, **kw
+) -> list[ModelEval]:
+    """Evaluate [(name, HF dir)] on the parquet `data`."""
+    rows = load_rows(data, max_samples)
+    out = []
+    for name, path in models:
+        model, tokenizer = load_model(path)
+        out.append(evaluate_model(model, tokenizer, rows, k=k, greedy=greedy, name=name, **kw))
+        del model
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[ModelEval]) -> str:
+    """Metrics as rows, models as columns."""
+    metrics: list[str] = []
+    for r in results:
+        for m in r.metrics:
+            if m not in metrics:
+                metrics.append(m)
+    names = [r.name for r in results]
+    width = max([8] + [len(n) for n in names])
+    lines = ["metric".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
+    for m in metrics:
+        cells = []
+        for r in results:
+            v = r.metrics.get(m)
+            cells.append(("-" if v is None else f"{100 * v:.1f}%").rjust(width + 2))
+        lines.append(m.ljust(10) + "".join(cells))
+    return "\n".join(lines)
+
+
+def gap_report(results: dict[str, ModelEval]) -> dict[str, float]:
+    """{metric: gap closed} from results named "teacher", "student_before", "student_after"."""
+    t, b, a = results["teacher"], results["student_before"], results["student_after"]
+    return {m: gap_closed(b.metrics[m], a.metrics[m], t.metrics[m]) for m in t.metrics if m in b.metrics and m in a.metrics}
+
+
+def format_gap(gaps: dict[str, float]) -> str:
+    parts = []
+    for m, g in gaps.items():
+        parts.append(f"{m}: {'n/a (teacher not better than the student before)' if math.isnan(g) else f'{100 * g:.1f}%'}")
+    return "gap closed = (after - before) / (teacher - before): " + ", ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opd_verl.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[], metavar="DIR", help="HF model directory (repeatable)")
+    parser.add_argument("--teacher", metavar="DIR")
+    parser.add_argument("--student-before", metavar="DIR")
+    parser.add_argument("--student-after", metavar="DIR")
+    parser.add_argument("--data", required=True, metavar="PARQUET", help="verl RL parquet (prompt, reward_model)")
+    parser.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0: none)")
+    parser.add_argument("--greedy", action="store_true", help="also report greedy accuracy")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, as verl's rollout)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N rows only")
+    parser.add_argument("--batch-size", type=int, default=128, help="sequences per generate call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", help="write the metrics as JSON")
+    args = parser.parse_args(argv)
+
+    named: list[tuple[str, str]] = []
+    for role in ("teacher", "student_before", "student_after"):
+        path = getattr(args, role)
+        if path:
+            named.append((role, path))
+    roles = {n for n, _ in named}
+    if roles and roles != {"teacher", "student_before", "student_after"}:
+        parser.error("the gap closed needs all three of --teacher, --student-before, --student-after")
+    for path in args.model:
+        named.append((os.path.basename(os.path.normpath(path)) or path, path))
+    if not named:
+        parser.error("give at least one --model DIR (or --teacher/--student-before/--student-after)")
+    for _, path in named:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            parser.error(f"{path}: not an HF model directory (no config.json)")
+    if args.k < 0 or (args.k == 0 and not args.greedy):
+        parser.error("nothing to compute: give --k N (N >= 1) and/or --greedy")
+
+    try:
+        rows = load_rows(args.data, args.max_samples)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"evaluating {len(named)} model(s) on {len(rows)} prompts of {args.data}", file=sys.stderr, flush=True)
+    results = []
+    for name, path in named:
+        model, tokenizer = load_model(path)
+        res = evaluate_model(model, tokenizer, rows, k=args.k, greedy=args.greedy, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, name=name)
+        print(f"  {name}: {res.seconds:.1f}s " + " ".join(f"{m}={100 * v:.1f}%" for m, v in res.metrics.items()),
+              file=sys.stderr, flush=True)
+        results.append(res)
+    print(format_table(results))
+    out = {"data": args.data, "n_prompts": len(rows), "models": {r.name: r.metrics for r in results}}
+    if roles:
+        gaps = gap_report({r.name: r for r in results})
+        print(format_gap(gaps))
+        out["gap_closed"] = gaps
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(out, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
