@@ -12,11 +12,10 @@ from typing import Any
 
 import yaml
 
+from opd_verl.divergences import DIVERGENCES, KL_ESTIMATORS, SUPPORTS
+
 OPD_ESTIMATORS = ("opd", "opd_hybrid")
 DISTILL_LOSS_MODE = "opd_distill"
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-SUPPORTS = ("sampled", "topk", "full")
-KL_ESTIMATORS = ("k1", "k3")
 MULTI_TEACHER_MODES = ("mean_prob", "mean_logit", "route")
 TEACHER_ENTRY_KEYS = ("path", "weight", "data_source", "tokenizer_path")
 
