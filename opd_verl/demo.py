@@ -19,7 +19,6 @@ results.json, opd_demo.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
