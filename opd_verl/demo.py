@@ -170,8 +170,6 @@ def build(settings: BuildSettings = DEFAULT_SETTINGS, cache_dir: str | os.PathLi
 
     threads = pick_threads()
     torch.set_num_threads(threads)
-    if root.exists():
-        shutil.rmtree(root)
     tmp = cache / f".{settings.key()}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -215,6 +213,8 @@ def build(settings: BuildSettings = DEFAULT_SETTINGS, cache_dir: str | os.PathLi
         "threads": threads,
     }
     (tmp / "build.json").write_text(json.dumps(info, indent=2))
+    if root.exists():  # --rebuild (or a concurrent build finished first): the new build replaces it
+        shutil.rmtree(root)
     os.replace(tmp, root)
     log(f"build: done in {seconds:.0f}s (teacher {100 * teacher['val_accuracy']:.1f}%, "
         f"student {100 * student['val_accuracy']:.1f}% greedy on val)")
