@@ -288,7 +288,7 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log) -> dict:
     env["VERL_FILE_LOGGER_PATH"] = str(metrics_path)
     # the source tree first: every process (Ray workers, vLLM) imports this copy of opd_verl
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    log(f"OPD: {' '.join(cmd[:2])} -m opd_verl.main_opd ... (log: {log_path})")
+    log(f"OPD: {' '.join(cmd[:6])} ... (full command and output: {log_path})")
     start = time.monotonic()
     first_step = None
     timed_out = False
@@ -406,6 +406,17 @@ def find_final_actor(out: Path, student_dir: str) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _nice_ceil(value: float) -> float:
+    """The smallest of 1, 1.2, 1.6, 2, 2.4, 3, 4, 5, 6, 8 (x 10^k) that is >= value: axis tops with round quarters."""
+    import math
+
+    scale = 10 ** math.floor(math.log10(value))
+    for mantissa in (1.0, 1.2, 1.6, 2.0, 2.4, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0):
+        if mantissa * scale >= value - 1e-12:
+            return mantissa * scale
+    return 10 * scale
+
+
 def plot_metrics(metrics: dict[int, dict[str, float]], path: str | os.PathLike, title: str = "OPD demo",
                  references: dict[str, float] | None = None) -> str:
     """PNG with two panels: per-token KL (distill/kl_per_token) and accuracy (training samples, val greedy), with
@@ -441,9 +452,7 @@ def plot_metrics(metrics: dict[int, dict[str, float]], path: str | os.PathLike, 
         if yrange is None:
             lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
             lo = min(lo, 0.0)
-            if hi - lo < 1e-9:
-                hi = lo + 1.0
-            hi += 0.05 * (hi - lo)
+            hi = _nice_ceil(max(hi, lo + 1e-6) * 1.02)
         else:
             lo, hi = yrange
         draw.rectangle([left, top, right, bottom], outline="black")
@@ -520,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m opd_verl.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="OPD training steps (default %(default)s)")
-    parser.add_argument("--test-freq", type=int, default=10, help="validate every N steps (default %(default)s)")
+    parser.add_argument("--test-freq", type=int, default=25, help="validate every N steps (default %(default)s)")
     parser.add_argument("--cache-dir", default=None,
                         help="build cache (default $OPD_VERL_CACHE or ~/.cache/opd_verl/demo)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild task, teacher and student")

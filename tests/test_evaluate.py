@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_cli_side_by_side_with_gap(tiny_setup, tmp_path):
         [sys.executable, "-m", "opd_verl.evaluate", "--teacher", model_dir, "--student-before", model_dir,
          "--student-after", model_dir, "--model", model_dir, "--data", data, "--k", "2", "--greedy",
          "--max-new-tokens", "4", "--max-samples", "3", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=str(REPO), env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300, cwd=str(REPO), env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
     header = result.stdout.splitlines()[0].split()
