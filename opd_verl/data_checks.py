@@ -1,6 +1,7 @@
-"""Checks of the train/val parquet files before Ray starts: readable, the columns verl needs, non-empty prompts.
+"""Checks of the train/val parquet files before Ray starts: readable, the columns verl needs, non-empty prompts,
+and (opd.multi_teacher_mode=route) a teacher for every data_source.
 
-Reads only the parquet schema, the row count and the prompt column.
+Reads only the parquet schema, the row count, the prompt column and (route) the data_source column.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from opd_verl.options import OPDConfigError
+from opd_verl.options import OPDConfigError, route_table, route_teacher_indices, teacher_entries
 
 REQUIRED_COLUMNS = ("prompt",)
 REWARD_COLUMNS = ("data_source", "reward_model")
@@ -57,11 +58,27 @@ def check_parquet(path: str, key: str, prompt_key: str = "prompt", need_reward_c
     return rows
 
 
+def check_routes(path: str, key: str, table: Mapping[str, int]) -> None:
+    """Every data_source of the file has a teacher under multi_teacher_mode=route."""
+    import pyarrow.parquet as pq
+
+    sources = pq.read_table(os.path.expanduser(path), columns=["data_source"]).column("data_source").unique()
+    try:
+        route_teacher_indices(sorted(str(s) for s in sources.to_pylist()), table)
+    except OPDConfigError as err:
+        raise OPDConfigError(f"{key}: {path}: {err}") from None
+
+
 def check_data(config: Mapping) -> None:
-    """All local train/val files of a composed config (plain dict)."""
+    """All local train/val files of a composed config (plain dict; `opd` is optional)."""
     data = config["data"]
     prompt_key = data.get("prompt_key", "prompt")
+    opd = config.get("opd") or {}
+    entries = teacher_entries(opd) if opd else []
+    table = route_table(entries) if opd.get("multi_teacher_mode") == "route" and len(entries) > 1 else None
     for key in ("train_files", "val_files"):
         for path in _files(data.get(key)):
             if _is_local(path):
                 check_parquet(path, f"data.{key}", prompt_key)
+                if table is not None:
+                    check_routes(path, f"data.{key}", table)

@@ -57,7 +57,7 @@ def main(config: DictConfig) -> None:
     try:
         prepare(config)
         if not _PRINT_ONLY["flag"]:
-            check_data({"data": OmegaConf.to_container(config.data, resolve=True)})
+            check_data(OmegaConf.to_container(OmegaConf.masked_copy(config, ["data", "opd"]), resolve=True))
     except OPDConfigError as err:
         _fail(str(err))
     if _PRINT_ONLY["flag"]:

@@ -113,6 +113,47 @@ def teacher_entries(opd: Mapping) -> list[dict[str, Any]]:
     return []
 
 
+ROUTE_DEFAULT = "*"
+
+
+def route_table(entries: list[Mapping]) -> dict[str, int]:
+    """{data_source: teacher index} for multi_teacher_mode=route; a teacher's data_source is a name, a list of
+    names, or "*" (every data_source no other teacher claims)."""
+    table: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        sources = entry.get("data_source")
+        if isinstance(sources, str):
+            sources = [sources]
+        if not sources or not all(isinstance(s, str) and s for s in sources):
+            raise OPDConfigError(
+                f"opd.teachers[{i}] has no data_source; with opd.multi_teacher_mode=route write each teacher as "
+                f"{{path: ..., data_source: <name, list of names, or \"{ROUTE_DEFAULT}\">}}"
+            )
+        for source in sources:
+            if source in table:
+                raise OPDConfigError(
+                    f"opd.teachers[{i}] routes data_source {source!r}, already routed to opd.teachers[{table[source]}]; "
+                    "give each data_source one teacher"
+                )
+            table[source] = i
+    return table
+
+
+def route_teacher_indices(sources: list[str], table: Mapping[str, int]) -> list[int]:
+    """The teacher index of each sample's data_source; raises on a data_source no teacher is routed to."""
+    indices = []
+    for source in sources:
+        index = table.get(str(source), table.get(ROUTE_DEFAULT))
+        if index is None:
+            routed = ", ".join(sorted(table))
+            raise OPDConfigError(
+                f"data_source {source!r} has no teacher (opd.multi_teacher_mode=route routes {routed}); add it to a "
+                f"teacher's data_source, or give one teacher data_source: \"{ROUTE_DEFAULT}\""
+            )
+        indices.append(index)
+    return indices
+
+
 def uses_opd(config: Mapping) -> bool:
     """True when the run needs a teacher: an OPD advantage estimator or the distillation policy loss."""
     estimator = config["algorithm"]["adv_estimator"]
@@ -157,14 +198,7 @@ def validate_opd_section(opd: Mapping) -> None:
         )
     entries = teacher_entries(opd)
     if opd["multi_teacher_mode"] == "route" and len(entries) > 1:
-        missing = [e["path"] for e in entries if not e.get("data_source")]
-        if missing:
-            raise OPDConfigError(
-                f"opd.multi_teacher_mode=route needs a data_source on every teacher; missing on {missing}"
-            )
-        raise OPDConfigError(
-            "opd.multi_teacher_mode=route is not implemented yet; use mean_prob or mean_logit, or one run per data_source"
-        )
+        route_table(entries)
     if opd["multi_teacher_mode"] == "mean_logit" and len(entries) > 1 and opd["support"] == "sampled":
         raise OPDConfigError(
             "opd.multi_teacher_mode=mean_logit needs the teachers' logits; set opd.support=topk|full "

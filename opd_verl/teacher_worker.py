@@ -20,6 +20,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig, TrainingWorkerConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
+from opd_verl.options import route_table, route_teacher_indices
 from opd_verl.plugin import require_plugin_loaded
 
 
@@ -47,6 +48,21 @@ def combine_teacher_log_probs(per_teacher: list[torch.Tensor], weights: list[flo
     log_w = torch.log(w / w.sum())
     stacked = torch.stack([lp.to(torch.float64) for lp in per_teacher])
     return torch.logsumexp(stacked + log_w.view(-1, *([1] * per_teacher[0].dim())), dim=0).to(per_teacher[0].dtype)
+
+
+def route_rows(per_teacher: list[torch.Tensor], sample_teacher: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Packed rows [nnz, ...] taken from each sample's own teacher: sample i (lengths[i] rows) from
+    per_teacher[sample_teacher[i]]. Rows past sum(lengths) (sequence-parallel padding) follow the last sample."""
+    token_teacher = torch.repeat_interleave(sample_teacher.to(torch.long), lengths.to(torch.long))
+    extra = per_teacher[0].shape[0] - token_teacher.numel()
+    if extra > 0:
+        token_teacher = torch.cat([token_teacher, token_teacher[-1:].expand(extra)])
+    token_teacher = token_teacher.to(per_teacher[0].device)
+    out = per_teacher[0].clone()
+    for k in range(1, len(per_teacher)):
+        rows = token_teacher == k
+        out[rows] = per_teacher[k][rows].to(out.dtype)
+    return out
 
 
 class OPDWorker(ActorRolloutRefWorker):
@@ -117,19 +133,34 @@ class OPDWorker(ActorRolloutRefWorker):
         loss_mode = self.config.actor.policy_loss.get("loss_mode")
         return loss_mode == "opd_distill"
 
+    def _sample_teachers(self, data) -> torch.Tensor | None:
+        """Each sample's teacher index under multi_teacher_mode=route (None when teachers are averaged)."""
+        if self.opd_options.get("multi_teacher_mode") != "route" or len(self.teachers) < 2:
+            return None
+        sources = tu.get(data, "data_source")
+        if sources is None:
+            raise RuntimeError("opd_verl: multi_teacher_mode=route needs each sample's data_source in the batch; "
+                               "the dataset has no data_source column")
+        return torch.tensor(route_teacher_indices(sources, route_table(self.teacher_entries)))
+
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="ref"))
     def compute_ref_log_prob(self, data):
-        """The teachers' log-probs of the sampled tokens (weighted mean of probabilities for several)."""
+        """The teachers' log-probs of the sampled tokens: one teacher, the weighted mean of the teachers'
+        probabilities, or (route) each sample's own teacher. With several teachers every teacher scores the whole
+        batch, so the FSDP collectives stay in step across data-parallel ranks."""
         if len(self.teachers) == 1:
             output = self.ref.infer_batch(data=data)
             return output.cpu() if output is not None else None
+        sample_teacher = self._sample_teachers(data)
         outputs = [teacher.infer_batch(data=data) for teacher in self.teachers]
         if outputs[0] is None:
             return None
         first = outputs[0]["log_probs"]
-        combined = combine_teacher_log_probs(
-            [out["log_probs"].values() for out in outputs], [t["weight"] for t in self.teacher_entries]
-        )
+        per_teacher = [out["log_probs"].values() for out in outputs]
+        if sample_teacher is not None:
+            combined = route_rows(per_teacher, sample_teacher, first.offsets().diff())
+        else:
+            combined = combine_teacher_log_probs(per_teacher, [t["weight"] for t in self.teacher_entries])
         outputs[0]["log_probs"] = torch.nested.nested_tensor_from_jagged(combined, first.offsets())
         return outputs[0].cpu()
 
@@ -152,7 +183,11 @@ class OPDWorker(ActorRolloutRefWorker):
             with torch.no_grad():
                 output = engine.module(**model_inputs, use_cache=False)
             logits.append(packed_logits(output.logits, micro_batch, output_args))
-        combined = combine_teacher_logits(logits, [t["weight"] for t in self.teacher_entries], self.opd_options)
+        sample_teacher = self._sample_teachers(micro_batch)
+        if sample_teacher is not None:
+            combined = route_rows(logits, sample_teacher, micro_batch["input_ids"].offsets().diff())
+        else:
+            combined = combine_teacher_logits(logits, [t["weight"] for t in self.teacher_entries], self.opd_options)
         if not getattr(self, "_alignment_checked", False) and self.opd_options["multi_teacher_mode"] != "mean_logit":
             from opd_verl.actor_loss import check_alignment
 

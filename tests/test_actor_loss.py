@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opd_verl.actor_loss import distill_token_values, packed_logits, shared_vocab, sampled_distill_loss_matrix
-from opd_verl.teacher_worker import combine_teacher_log_probs, combine_teacher_logits
+from opd_verl.teacher_worker import combine_teacher_log_probs, combine_teacher_logits, route_rows
 
 OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
 
@@ -118,3 +118,20 @@ def test_alignment_check_passes_aligned_and_catches_a_shift():
     assert check_alignment(logits, labels, batch) < 1e-5
     with pytest.raises(RuntimeError, match="disagree with the reference pass"):
         check_alignment(torch.roll(logits, 1, dims=0), labels, batch)
+
+
+def test_route_rows_takes_each_samples_rows_from_its_own_teacher():
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 1, 4])
+    teachers = [torch.randn(9, 5) for _ in range(3)]  # 8 packed rows + 1 row of sequence-parallel padding
+    out = route_rows(teachers, torch.tensor([2, 0, 1]), lengths)
+    # brute force: sample by sample
+    expected, start = [], 0
+    for sample, (n, k) in enumerate(zip(lengths.tolist(), [2, 0, 1])):
+        expected.append(teachers[k][start:start + n])
+        start += n
+    expected.append(teachers[1][8:])  # padding follows the last sample
+    assert torch.equal(out, torch.cat(expected))
+    # 1-D rows (log-probs of the sampled tokens) work the same way
+    flat = [t[:, 0].contiguous() for t in teachers]
+    assert torch.equal(route_rows(flat, torch.tensor([2, 0, 1]), lengths), torch.cat(expected)[:, 0])

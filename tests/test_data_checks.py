@@ -59,3 +59,17 @@ def test_main_opd_stops_on_bad_data_before_ray(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("opd_verl: error:")]
     assert len(errors) == 1 and "has no column(s) ['prompt']" in errors[0], result.stderr
     assert "ray init" not in result.stdout
+
+
+def test_route_needs_a_teacher_for_every_data_source(tmp_path):
+    train = _write(tmp_path / "train.parquet", [ROW, {**ROW, "data_source": "math500"}])
+    opd = {"multi_teacher_mode": "route", "teachers": [{"path": "/a", "data_source": "openai/gsm8k"},
+                                                       {"path": "/b", "data_source": "aime"}]}
+    config = {"data": {"train_files": train, "val_files": None}, "opd": opd}
+    with pytest.raises(OPDConfigError, match=r"data.train_files: .*train.parquet: data_source 'math500' has no teacher"):
+        check_data(config)
+    opd["teachers"][1]["data_source"] = ["aime", "math500"]
+    check_data(config)
+    # the same data under mean_prob needs no routes
+    opd["teachers"][1]["data_source"] = "aime"
+    check_data({**config, "opd": {**opd, "multi_teacher_mode": "mean_prob"}})

@@ -6,6 +6,8 @@ from opd_verl.options import (
     OPDConfigError,
     check_override_keys,
     opd_defaults,
+    route_table,
+    route_teacher_indices,
     teacher_entries,
     validate_config,
 )
@@ -103,11 +105,13 @@ def test_sampled_support_only_estimates_reverse_kl(composed_config):
 def test_multi_teacher_entries_and_routing(composed_config):
     cfg = _opd_config(composed_config, multi_teacher_mode="route")
     cfg["opd"]["teachers"] = [{"path": "/a", "data_source": "gsm8k"}, {"path": "/b"}]
-    with pytest.raises(OPDConfigError, match="needs a data_source on every teacher"):
+    with pytest.raises(OPDConfigError, match=r"opd.teachers\[1\] has no data_source"):
         validate_config(cfg)
-    cfg["opd"]["teachers"][1]["data_source"] = "math"
-    with pytest.raises(OPDConfigError, match="route is not implemented yet"):
+    cfg["opd"]["teachers"][1]["data_source"] = ["gsm8k", "math"]
+    with pytest.raises(OPDConfigError, match=r"routes data_source 'gsm8k', already routed to opd.teachers\[0\]"):
         validate_config(cfg)
+    cfg["opd"]["teachers"][1]["data_source"] = ["math", "aime"]
+    validate_config(cfg)
     cfg["opd"]["multi_teacher_mode"] = "mean_prob"
     validate_config(cfg)
     assert [t["path"] for t in teacher_entries(cfg["opd"])] == ["/a", "/b"]
@@ -134,3 +138,17 @@ def test_lora_student_with_its_own_base_as_teacher(composed_config):
         validate_config(cfg)
     cfg["opd"]["teacher"]["path"] = "/models/bigger"
     validate_config(cfg)
+
+
+def test_route_table_and_indices():
+    entries = [{"path": "/a", "data_source": "gsm8k"}, {"path": "/b", "data_source": ["math", "aime"]}]
+    table = route_table(entries)
+    assert table == {"gsm8k": 0, "math": 1, "aime": 1}
+    assert route_teacher_indices(["math", "gsm8k", "aime", "gsm8k"], table) == [1, 0, 1, 0]
+    with pytest.raises(OPDConfigError, match=r"data_source 'code' has no teacher .*routes aime, gsm8k, math"):
+        route_teacher_indices(["gsm8k", "code"], table)
+    # "*" takes every data_source no other teacher claims
+    table = route_table(entries + [{"path": "/c", "data_source": "*"}])
+    assert route_teacher_indices(["code", "math", "gsm8k"], table) == [2, 1, 0]
+    with pytest.raises(OPDConfigError, match=r"opd.teachers\[0\] has no data_source"):
+        route_table([{"path": "/a", "data_source": ""}, {"path": "/b", "data_source": "x"}])
