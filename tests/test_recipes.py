@@ -290,7 +290,7 @@ def test_recipe_holds_its_seed(name, composed):
     assert not wrong, f"{name}: (got, want) {wrong}"
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", RECIPES + sorted(OWNED_ELSEWHERE))
 def test_recipe_has_no_missing_values(name):
     """`???` does nothing in a recipe: merged over the base config, OmegaConf keeps the base value (verl's default
     model path, say). Values a user must set are placeholders that fail validation instead."""
