@@ -236,8 +236,10 @@ def recipe_dir() -> Path:
     return REPO_DIR
 
 
-def opd_command(built: Built, out: Path, steps: int, test_freq: int, extra: list[str] = ()) -> list[str]:
-    """`python -m opd_verl.main_opd` with recipes/demo_cpu.yaml and the demo's paths."""
+def opd_command(built: Built, out: Path, steps: int, test_freq: int, extra: list[str] = (),
+                save_freq: int | None = None) -> list[str]:
+    """`python -m opd_verl.main_opd` with recipes/demo_cpu.yaml and the demo's paths; the actor is saved at the
+    last step unless `save_freq` says otherwise (-1: never)."""
     overrides = [
         f"actor_rollout_ref.model.path={built.student}",
         f"opd.teacher.path={built.teacher}",
@@ -245,7 +247,7 @@ def opd_command(built: Built, out: Path, steps: int, test_freq: int, extra: list
         f"data.val_files={built.data['val']}",
         f"trainer.total_training_steps={steps}",
         f"trainer.test_freq={test_freq}",
-        f"trainer.save_freq={steps}",
+        f"trainer.save_freq={steps if save_freq is None else save_freq}",
         "trainer.logger=['console','file']",
         f"trainer.default_local_dir={out / 'checkpoints'}",
         "actor_rollout_ref.actor.checkpoint.save_contents=['model','hf_model']",
@@ -274,9 +276,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
             time.sleep(0.3)
 
 
-def run_opd(cmd: list[str], out: Path, timeout: float, log=_log) -> dict:
+def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "OPD") -> dict:
     """Run the trainer in its own process group (so every process it starts can be ended with it); its output goes
-    to OUT/opd.log, the per-step lines are echoed. Returns timing and the exit status."""
+    to OUT/opd.log, the per-step lines are echoed (prefixed by `label`). Returns timing and the exit status."""
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "opd.log"
     metrics_path = out / "metrics.jsonl"
@@ -288,7 +290,7 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log) -> dict:
     env["VERL_FILE_LOGGER_PATH"] = str(metrics_path)
     # the source tree first: every process (Ray workers, vLLM) imports this copy of opd_verl
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    log(f"OPD: {' '.join(cmd[:6])} ... (full command and output: {log_path})")
+    log(f"{label}: {' '.join(cmd[:6])} ... (full command and output: {log_path})")
     start = time.monotonic()
     first_step = None
     timed_out = False
@@ -306,9 +308,9 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log) -> dict:
                 if match:
                     if first_step is None:
                         first_step = time.monotonic() - start
-                    log(f"OPD {_summarize_step(line)} ({time.monotonic() - start:.0f}s)")
+                    log(f"{label} {_summarize_step(line)} ({time.monotonic() - start:.0f}s)")
                 elif "opd_verl: error" in line or "Error" in line.split(":", 1)[0]:
-                    log("OPD: " + line.rstrip()[:300])
+                    log(f"{label}: " + line.rstrip()[:300])
                 if time.monotonic() > deadline:
                     timed_out = True
                     break
@@ -318,7 +320,7 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log) -> dict:
             timed_out = True
         finally:
             if timed_out:
-                log(f"OPD: timed out after {timeout:.0f}s; stopping the run")
+                log(f"{label}: timed out after {timeout:.0f}s; stopping the run")
             _kill_group(proc)
             proc.wait()
     seconds = time.monotonic() - start
@@ -421,18 +423,25 @@ def plot_metrics(metrics: dict[int, dict[str, float]], path: str | os.PathLike, 
                  references: dict[str, float] | None = None) -> str:
     """PNG with two panels: per-token KL (distill/kl_per_token) and accuracy (training samples, val greedy), with
     `references` ({label: accuracy}, e.g. the teacher's) as dashed horizontal lines in the accuracy panel."""
-    from PIL import Image, ImageDraw, ImageFont
-
     kl = sorted((s, m["distill/kl_per_token"]) for s, m in metrics.items() if "distill/kl_per_token" in m)
     train_acc = sorted((s, m["critic/score/mean"]) for s, m in metrics.items() if "critic/score/mean" in m)
     vkey = val_accuracy_key(metrics)
     val_acc = sorted((s, m[vkey]) for s, m in metrics.items() if vkey and vkey in m)
     panels = [
-        ("reverse KL per token (distill/kl_per_token)", [("kl/token", kl, (200, 60, 40))], None),
+        ("reverse KL per token (distill/kl_per_token)", [("kl/token", kl, (200, 60, 40))], None, None),
         ("accuracy", [("sampled (train, T=1)", train_acc, (40, 110, 200)),
-                      ("greedy (val)", val_acc, (30, 150, 60))], (0.0, 1.0)),
+                      ("greedy (val)", val_acc, (30, 150, 60))], (0.0, 1.0), references),
     ]
-    width, height, margin = 900, 720, 70
+    return plot_panels(panels, path, title)
+
+
+def plot_panels(panels, path: str | os.PathLike, title: str) -> str:
+    """PNG of stacked line-chart panels sharing the step axis. Each panel is (name, series, yrange, references):
+    series = [(label, [(step, value), ...], (r, g, b))]; yrange = (lo, hi) or None (from 0 to a round top);
+    references = {label: value} drawn as dashed horizontal lines, or None."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height, margin = 900, 360 * len(panels), 70
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     try:
@@ -441,10 +450,10 @@ def plot_metrics(metrics: dict[int, dict[str, float]], path: str | os.PathLike, 
     except TypeError:  # Pillow < 10.1
         font = big = ImageFont.load_default()
     draw.text((margin, 12), title, fill="black", font=big)
-    all_steps = [s for _, series, _ in panels for _, pts, _ in series for s, _ in pts] or [0, 1]
+    all_steps = [s for _, series, _, _ in panels for _, pts, _ in series for s, _ in pts] or [0, 1]
     x0, x1 = min(all_steps), max(max(all_steps), min(all_steps) + 1)
-    panel_h = (height - 60) // 2
-    for index, (name, series, yrange) in enumerate(panels):
+    panel_h = (height - 60) // len(panels)
+    for index, (name, series, yrange, refs) in enumerate(panels):
         top = 50 + index * panel_h + 20
         bottom = top + panel_h - 70
         left, right = margin, width - 30
@@ -471,8 +480,8 @@ def plot_metrics(metrics: dict[int, dict[str, float]], path: str | os.PathLike, 
             draw.text((x - 8, bottom + 6), f"{step:.0f}", fill="black", font=font)
         draw.text(((left + right) // 2 - 15, bottom + 24), "step", fill="black", font=font)
         legend_x = left + int(draw.textlength(name, font=font)) + 40  # legend on the panel's title line
-        if yrange is not None:
-            for label, value in (references or {}).items():
+        for label, value in (refs or {}).items():
+            if lo <= value <= hi:
                 y = bottom - (value - lo) / (hi - lo) * (bottom - top)
                 for xs in range(left, right, 12):
                     draw.line([xs, y, min(xs + 6, right), y], fill=(120, 120, 120), width=2)
