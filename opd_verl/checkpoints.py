@@ -4,12 +4,18 @@ verl writes `global_step_N/` (actor, data.pt, ...) and then `latest_checkpointed
 open(..., "w"): a kill inside that write leaves an empty tracker, and resume then crashes. After each save we mark
 the folder complete (an atomically written marker); before a resume the tracker is checked and, if it is not
 readable or points at a folder that is not there, rewritten atomically to the newest complete folder.
+
+Rotation (trainer.max_actor_ckpt_to_keep etc.) is done here too, not by verl: verl's checkpoint manager deletes the
+previous `global_step_M/actor` as soon as the new actor files are written, before data.pt and the tracker, so a
+kill in between left a tracker pointing at a folder without its actor. Here old folders go only after the new one
+is complete, marker first (a half-deleted folder is never taken for complete).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 
 TRACKER = "latest_checkpointed_iteration.txt"
 COMPLETE_MARKER = ".opd_verl_complete"
@@ -64,3 +70,28 @@ def repair_tracker(root: str) -> str | None:
         return f"checkpoint tracker in {root} was unreadable and no complete checkpoint exists: training from scratch"
     _atomic_write(os.path.join(root, TRACKER), str(complete[-1]))
     return f"checkpoint tracker in {root} was unreadable or stale: resuming from complete global_step_{complete[-1]}"
+
+
+def checkpoints_to_keep(trainer_config) -> int | None:
+    """How many checkpoint folders verl's settings keep (None: all). A folder is resumable only with all its parts,
+    so the smallest limit set wins."""
+    if trainer_config.get("remove_previous_ckpt_in_save", False):
+        return 1
+    limits = [trainer_config.get(key) for key in ("max_actor_ckpt_to_keep", "max_critic_ckpt_to_keep")]
+    limits = [int(n) for n in limits if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
+def prune_complete(root: str, keep: int) -> list[int]:
+    """Delete the complete checkpoints older than the newest `keep` complete ones (never the tracker's); returns
+    their steps. Folders without the marker (not written by opd_verl, or half written) are left alone."""
+    tracked = read_tracker(root)
+    removed = []
+    for step in complete_steps(root)[:-keep]:
+        if step == tracked:
+            continue
+        folder = os.path.join(root, f"global_step_{step}")
+        os.remove(os.path.join(folder, COMPLETE_MARKER))
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(step)
+    return removed

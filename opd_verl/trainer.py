@@ -9,7 +9,7 @@ import numpy as np
 import ray
 import torch
 import transfer_queue as tq
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from tensordict import TensorDict
 from verl.protocol import DataProto
 from verl.trainer.ppo.ray_trainer import apply_kl_penalty
@@ -18,7 +18,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.workers.utils.padding import response_to_nested
 
-from opd_verl.checkpoints import mark_complete, repair_tracker
+from opd_verl.checkpoints import checkpoints_to_keep, mark_complete, prune_complete, repair_tracker
 from opd_verl.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
 from opd_verl.options import OPD_ESTIMATORS, teacher_entries, uses_opd
 from opd_verl.teacher_worker import make_worker_class
@@ -32,6 +32,12 @@ class OPDTrainer(PPOTrainerSync):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        # checkpoint rotation is ours (see opd_verl.checkpoints): verl's would delete the previous actor too early
+        self.checkpoints_to_keep = checkpoints_to_keep(config.trainer)
+        with open_dict(config.trainer):
+            config.trainer.max_actor_ckpt_to_keep = None
+            config.trainer.max_critic_ckpt_to_keep = None
+            config.trainer.remove_previous_ckpt_in_save = False
         self.opd = OmegaConf.to_container(config.opd, resolve=True)
         self.opd_active = uses_opd(config)
         if self.opd_active:
@@ -70,7 +76,13 @@ class OPDTrainer(PPOTrainerSync):
 
     def _save_checkpoint(self):
         super()._save_checkpoint()
-        mark_complete(os.path.join(self._checkpoint_root(), f"global_step_{self.global_steps}"))
+        if self.config.actor_rollout_ref.actor.get("checkpoint", {}).get("async_save", False):
+            return  # verl's save is still in flight (and it writes no tracker): nothing is complete yet
+        root = self._checkpoint_root()
+        mark_complete(os.path.join(root, f"global_step_{self.global_steps}"))
+        if self.checkpoints_to_keep:
+            for step in prune_complete(root, self.checkpoints_to_keep):
+                print(f"opd_verl: removed checkpoint global_step_{step} (keeping {self.checkpoints_to_keep})")
 
     def _load_checkpoint(self):
         if self.config.trainer.resume_mode == "auto":

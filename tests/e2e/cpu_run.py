@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
+RUN_TAG_ENV = "OPD_VERL_E2E_RUN"  # set by start_main in each run's environment, inherited by all its processes
 
 # A reward that varies for a random model (GSM8K's exact-match scores 0 and makes GRPO's loss 0): the fraction
 # of digits in the response.
@@ -129,24 +130,34 @@ class RunResult:
     timed_out: bool
 
 
-def run_main(overrides: list[str], log_path: str | os.PathLike, timeout: float, env: dict | None = None) -> RunResult:
-    """`python -m opd_verl.main_opd OVERRIDES` in its own process group; killed (group) after `timeout` s."""
+def start_main(overrides: list[str], log_path: str | os.PathLike, env: dict | None = None) -> subprocess.Popen:
+    """Start `python -m opd_verl.main_opd OVERRIDES` in a new session, output to `log_path`. The driver, Ray's GCS and
+    raylet share its process group; Ray's workers (and vLLM in them) make their own groups and end when the raylet
+    does. All carry the run's tag (run_processes). The caller waits and kills (see run_main, sigkill_run)."""
     cmd = [PYTHON, "-m", "opd_verl.main_opd", *overrides]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_TAG_ENV: tag, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
-    start = time.monotonic()
-    timed_out = False
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-        finally:
-            _kill_group(proc, only_leftovers=True)
+    proc.run_tag = tag
+    return proc
+
+
+def run_main(overrides: list[str], log_path: str | os.PathLike, timeout: float, env: dict | None = None) -> RunResult:
+    """`python -m opd_verl.main_opd OVERRIDES` in its own process group; killed (group) after `timeout` s."""
+    start = time.monotonic()
+    timed_out = False
+    proc = start_main(overrides, log_path, env)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+    finally:
+        _kill_group(proc, only_leftovers=True)
     return RunResult(proc.returncode, time.monotonic() - start, Path(log_path).read_text(errors="replace"), timed_out)
 
 
@@ -172,6 +183,59 @@ def _kill_group(proc: subprocess.Popen, only_leftovers: bool = False) -> None:
                 return
             time.sleep(0.2)
     proc.poll()
+
+
+def run_processes(proc: subprocess.Popen) -> set[int]:
+    """The live processes of a run started by start_main, found by the tag in their environment: Ray's workers
+    start their own process groups and outlive their parents' links, so neither identifies them all."""
+    needle = f"{RUN_TAG_ENV}={proc.run_tag}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and is_alive(int(entry)):
+            try:
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.add(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def describe(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return f"{pid}: (gone)"
+
+
+def sigkill_run(proc: subprocess.Popen, wait: float = 30) -> list[str]:
+    """SIGKILL a run started by start_main as a crash would: its process group (the driver, Ray's GCS and raylet,
+    which take Ray's workers and vLLM down with them). Returns the processes of the run still alive after `wait`
+    s; those are then killed one by one."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=wait)
+    deadline = time.monotonic() + wait
+    while run_processes(proc) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = run_processes(proc)
+    survivors = [describe(pid) for pid in sorted(left)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return survivors
 
 
 _NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|-?inf"
