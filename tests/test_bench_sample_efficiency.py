@@ -70,7 +70,7 @@ def test_thresholds_of_teacher_and_of_gap():
 
 
 def _run(val, sampled):
-    return {"curves": {"val_greedy": val, "train_sampled": sampled}}
+    return {"curves": {"val_greedy": val, "val_greedy_smoothed": se.trailing_mean(val, 2), "train_sampled": sampled}}
 
 
 def test_summarize_and_table_from_curves():
@@ -91,15 +91,22 @@ def test_summarize_and_table_from_curves():
     ninety = next(r for r in val["rows"] if r["name"] == "90% of teacher")
     assert ninety["opd"]["per_seed"] == [20, 10] and ninety["grpo"]["text"] == "> 40"
     assert summary["train_sampled"]["teacher"] == 0.9
-    table = se.format_table(summary)
+    # 70%: raw OPD seed 0 is there at step 10; smoothed over 2 validations it is (0.3+0.7)/2 at 10, 0.8 at 20,
+    # and seed 1's single validation at 0.9 gives only (0.3+0.9)/2 = 0.6
+    raw70 = next(r for r in val["rows"] if r["name"] == "70% of teacher")
+    smoothed70 = next(r for r in summary["val_greedy_smoothed"]["rows"] if r["name"] == "70% of teacher")
+    assert raw70["opd"]["per_seed"] == [10, 10] and smoothed70["opd"]["per_seed"] == [20, None]
+    assert se.METRICS[0][0] == "val_greedy_smoothed"  # the one that defines "reached"
+    table = se.format_table(summary, "val_greedy")
     assert "| 90% of teacher | 90.0% | 15.0 (20, 10) | > 40 (—, —) | > 2.7x |" in table
 
 
 def test_curves_of_reads_val_and_smoothed_training_accuracy():
     metrics = {0: {"val-core/x/acc/mean@1": 0.3}, 1: {se.SCORE_KEY: 0.2}, 2: {se.SCORE_KEY: 0.4},
                3: {se.SCORE_KEY: 0.6, "val-core/x/acc/mean@1": 0.5}}
-    curves = se.curves_of(metrics, "val-core/x/acc/mean@1", smooth=2)
+    curves = se.curves_of(metrics, "val-core/x/acc/mean@1", smooth=2, val_smooth=2)
     assert curves["val_greedy"] == [(0, 0.3), (3, 0.5)]
+    assert [v for _, v in curves["val_greedy_smoothed"]] == pytest.approx([0.3, 0.4])
     assert curves["train_sampled_raw"] == [(1, 0.2), (2, 0.4), (3, 0.6)]
     assert [s for s, _ in curves["train_sampled"]] == [1, 2, 3]
     assert [v for _, v in curves["train_sampled"]] == pytest.approx([0.2, 0.3, 0.5])
@@ -121,6 +128,7 @@ def test_parse_args_presets_and_options(tmp_path):
     assert cfg["out"] == str(tmp_path / "x.json")
     assert se.FULL["lr"]["opd"] != 1e-3 or se.FULL["lr"]["grpo"] != 5e-4  # the preset itself is not modified
     assert se.parse_args(["--seed-list", "2,0"])[1]["seeds"] == [2, 0]
+    assert se.parse_args(["--val-smooth", "1"])[1]["val_smooth"] == 1
     with pytest.raises(SystemExit):
         se.parse_args(["--methods", "ppo"])
 
