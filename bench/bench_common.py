@@ -30,6 +30,13 @@ RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:  # the source tree's opd_verl (as the trainer's processes import it)
     sys.path.insert(0, str(REPO))
 
+#: Seconds without a new step after which a run counts as hung and is restarted. verl 0.9.1 names the IPC socket
+#: of the actor -> vLLM weight sync /tmp/rl-colocate-zmq-<Ray job id>-replica-0-rank-0.sock, and the job id is
+#: 01000000 in every freshly started Ray cluster: two verl runs on one host (separate Ray clusters) that sync
+#: weights at the same moment connect to each other's socket and hang (vLLM worker: KeyError 'name' in
+#: bucketed_weight_transfer._init_buffer). Hence the benches run one trainer at a time by default; runs of other
+#: users of the machine can still collide with ours.
+STALL_TIMEOUT = 600.0
 METHODS = ("opd", "grpo")
 GRPO_OVERRIDES = (
     "algorithm.adv_estimator=grpo",
@@ -103,12 +110,19 @@ class LoadSampler:
         }
 
 
-def run_trainer(built, out: Path, steps: int, test_freq: int, overrides: list[str], timeout: float, log) -> dict:
-    """One trainer run (no checkpoints) in OUT; returns run_opd's record plus the per-step metrics."""
+def run_trainer(built, out: Path, steps: int, test_freq: int, overrides: list[str], timeout: float, log,
+                stall_timeout: float = STALL_TIMEOUT, retries: int = 1) -> dict:
+    """One trainer run (no checkpoints) in OUT; returns run_opd's record plus the per-step metrics. A run that
+    stalls (no step for `stall_timeout` s) is stopped and started again from scratch, up to `retries` times."""
     from opd_verl.demo import opd_command, read_metrics, run_opd
 
     cmd = opd_command(built, out, steps, test_freq, overrides, save_freq=-1)
-    run = run_opd(cmd, out, timeout, log=log, label=out.name)
+    for attempt in range(1, retries + 2):
+        run = run_opd(cmd, out, timeout, log=log, label=out.name, stall_timeout=stall_timeout)
+        if not run["stalled"]:
+            break
+        log(f"{out.name}: stalled (attempt {attempt}); see STALL_TIMEOUT in bench/bench_common.py")
+    run["attempts"] = attempt
     run["command"] = cmd
     run["metrics_by_step"] = read_metrics(run["metrics"])
     return run

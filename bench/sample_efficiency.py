@@ -49,7 +49,7 @@ FULL = {
     "steps": 60,
     "test_freq": 5,
     "lr": {"opd": 3e-4, "grpo": 3e-4},
-    "parallel": 2,
+    "parallel": 1,
     "smooth": 5,
     "val_smooth": 3,
     "teacher_fractions": [0.5, 0.7, 0.9],
@@ -57,7 +57,7 @@ FULL = {
     "eval_k": 8,
     "timeout": 3600.0,
 }
-QUICK = {**FULL, "seeds": [0], "steps": 4, "test_freq": 2, "parallel": 2, "smooth": 2, "val_smooth": 2, "eval_k": 2, "timeout": 900.0}
+QUICK = {**FULL, "seeds": [0], "steps": 4, "test_freq": 2, "parallel": 1, "smooth": 2, "val_smooth": 2, "eval_k": 2, "timeout": 900.0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,7 +206,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     p.add_argument("--val-smooth", type=int, default=None, help="smoothed val accuracy: trailing mean of N validations (3)")
     p.add_argument("--methods", default=",".join(common.METHODS), help="comma-separated subset of opd,grpo")
     p.add_argument("--parallel", type=int, default=None,
-                   help="runs at the same time (default 2: a step is mostly verl's 2 s poll sleep, so runs overlap)")
+                   help="runs at the same time (default 1: concurrent verl runs on one host can hang, see "
+                        "bench/bench_common.py STALL_TIMEOUT, and 2 cores gain little from overlap)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before a run is stopped (default 3600)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="run directories (default ~/.cache/opd_verl/bench/sample_efficiency[_quick])")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --work-dir with the same settings")
@@ -217,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
         cfg["seeds"] = list(range(args.seeds))
     if args.seed_list:
         cfg["seeds"] = [int(x) for x in args.seed_list.split(",") if x.strip()]
-    for key in ("steps", "test_freq", "parallel", "smooth", "val_smooth"):
+    for key in ("steps", "test_freq", "parallel", "smooth", "val_smooth", "timeout"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     for method in common.METHODS:

@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -276,9 +277,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
             time.sleep(0.3)
 
 
-def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "OPD") -> dict:
+def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "OPD",
+            stall_timeout: float | None = None) -> dict:
     """Run the trainer in its own process group (so every process it starts can be ended with it); its output goes
-    to OUT/opd.log, the per-step lines are echoed (prefixed by `label`). Returns timing and the exit status."""
+    to OUT/opd.log, the per-step lines are echoed (prefixed by `label`). With `stall_timeout`, the run is stopped
+    when no step line has come for that many seconds (a hung run: verl waits forever on a failed rollout server or
+    weight sync). Returns timing and the exit status."""
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "opd.log"
     metrics_path = out / "metrics.jsonl"
@@ -294,18 +298,33 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "O
     start = time.monotonic()
     first_step = None
     timed_out = False
+    last_step = [start]
+    stalled = threading.Event()
     with open(log_path, "w") as handle:
         handle.write("$ " + " ".join(cmd) + "\n")
         handle.flush()
         proc = subprocess.Popen(cmd, cwd=str(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 text=True, errors="replace", bufsize=1, start_new_session=True)
         deadline = start + timeout
+
+        def watchdog():
+            while proc.poll() is None:
+                if time.monotonic() - last_step[0] > stall_timeout:
+                    stalled.set()
+                    log(f"{label}: no step for {stall_timeout:.0f}s; stopping the run")
+                    _kill_group(proc)
+                    return
+                time.sleep(2)
+
+        if stall_timeout:
+            threading.Thread(target=watchdog, daemon=True).start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 handle.write(line)
                 match = _STEP_LINE.search(line)
                 if match:
+                    last_step[0] = time.monotonic()
                     if first_step is None:
                         first_step = time.monotonic() - start
                     log(f"{label} {_summarize_step(line)} ({time.monotonic() - start:.0f}s)")
@@ -324,7 +343,7 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "O
             _kill_group(proc)
             proc.wait()
     seconds = time.monotonic() - start
-    return {"returncode": proc.returncode, "timed_out": timed_out, "seconds": seconds,
+    return {"returncode": proc.returncode, "timed_out": timed_out, "stalled": stalled.is_set(), "seconds": seconds,
             "seconds_to_first_step": first_step, "log": str(log_path), "metrics": str(metrics_path)}
 
 
