@@ -1,19 +1,19 @@
-"""Crash-safe resume, end to end: real OPD runs on CPU (verl's Ray trainer, vLLM, parquet, a tiny model), killed
-with SIGKILL (the whole process group at once: driver, Ray, vLLM) and resumed with `trainer.resume_mode=auto`.
+"""Crash-safe resume, end to end: a real OPD run on CPU (verl's Ray trainer, vLLM, parquet, a tiny model) killed
+with SIGKILL (its whole process group at once) while it writes a checkpoint, then resumed with
+`trainer.resume_mode=auto`. Two runs (4 steps, a checkpoint every 2 steps, keep 1 checkpoint):
 
-One chain of three runs (4 steps, a checkpoint every 2 steps, keep 1 checkpoint):
+1. run 1 is killed after global_step_2 is complete, inside the last write of global_step_4: verl's tracker
+   `latest_checkpointed_iteration.txt` (open(..., "w") truncates it, then the step is written). Left behind:
+   global_step_2 complete; global_step_4 with all its files but not marked complete; an empty tracker (verl
+   alone would crash on it: int("")).
+2. run 2 resumes: the tracker is repaired to global_step_2 (opd_verl.checkpoints), never global_step_4; steps 3
+   and 4 train on the prompts run 1 trained on at steps 3 and 4; the run finishes with global_step_4 complete
+   and global_step_2 rotated away.
 
-1. run 1 is killed while it writes global_step_4: after the actor's files, inside the write of data.pt (before
-   verl's tracker). Left behind: global_step_2 complete, global_step_4 half written.
-2. run 2 resumes: from global_step_2 at step 3, with the prompts run 1 trained on at steps 3 and 4. It is killed
-   inside verl's write of the tracker `latest_checkpointed_iteration.txt` (open(..., "w"), then write).
-   Left behind: an empty tracker, global_step_4 fully written but not marked complete.
-3. run 3 resumes: the tracker is repaired to global_step_2 (opd_verl.checkpoints), steps 3 and 4 again with the
-   same prompts, and the run finishes with global_step_4 complete and global_step_2 rotated away.
-
-Where each kill lands is made deterministic without a hook in the code under test: the file verl is about to write
-is a named pipe (mkfifo), so verl's open() blocks until the process group is killed. Then the pipe is replaced by
-what a kill inside that write leaves in a regular file: the first half of data.pt; an empty (truncated) tracker.
+Where the kill lands is made deterministic without a hook in the code under test: the tracker is swapped for a
+named pipe (mkfifo) once global_step_2 is complete, so verl's open() of it blocks until the process group is
+killed; then the pipe is replaced by what a kill inside that write leaves in a regular file: an empty file. (A kill
+earlier in the save, e.g. inside data.pt, leaves the tracker on global_step_2: verl writes it last, synchronously.)
 
 The prompts of each step come from OPD's per-step dump (OPD_VERL_DUMP_TOKENS), written before the checkpoint.
 The teacher is the student's own model: as cheap as GRPO.
@@ -135,110 +135,76 @@ def chain(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run1(chain):
-    """Killed while writing global_step_4's data.pt, after global_step_2 is complete."""
-    step2, step4 = chain.ckpt / "global_step_2", chain.ckpt / "global_step_4"
+def killed(chain):
+    """Run 1, killed inside verl's write of the tracker of global_step_4; returns its log."""
+    tracker, step2, step4 = chain.ckpt / TRACKER, chain.ckpt / "global_step_2", chain.ckpt / "global_step_4"
     proc = start_main(chain.overrides("resume"), chain.log(1), env={"OPD_VERL_DUMP_TOKENS": str(chain.dump(1))})
     try:
         _wait(proc, chain.log(1), "global_step_2 complete", lambda: _complete(step2) and _tracker(chain.ckpt) == "2")
-        # step 4's save is at least a step and a half away: put the pipe where verl will write data.pt
+        # step 4's save is at least a step and a half away; nothing reads the tracker before it
         assert not step4.exists(), "global_step_4 exists before step 3 ran"
-        step4.mkdir()
-        os.mkfifo(step4 / "data.pt")
-        _wait(
-            proc,
-            chain.log(1),
-            "verl blocked in the write of global_step_4/data.pt",
-            lambda: (step4 / "actor" / "fsdp_config.json").exists() and _blocked_on_a_pipe(proc),
-        )
-        time.sleep(1)  # nothing can get past the pipe; the kill lands inside the write either way
-    except BaseException:
-        sigkill_run(proc)
-        raise
-    _kill(proc, chain.log(1))
-    # what a kill inside torch.save(data.pt) leaves in a regular file: a prefix of it
-    os.remove(step4 / "data.pt")
-    full = (step2 / "data.pt").read_bytes()
-    (step4 / "data.pt").write_bytes(full[: len(full) // 2])
-    return chain.log(1).read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def run2(chain, run1):
-    """Resumes after run 1; killed inside verl's write of the tracker of global_step_4."""
-    tracker, data4 = chain.ckpt / TRACKER, chain.ckpt / "global_step_4" / "data.pt"
-    started = time.time()
-    proc = start_main(chain.overrides("resume"), chain.log(2), env={"OPD_VERL_DUMP_TOKENS": str(chain.dump(2))})
-    try:
-        # the tracker was read at start-up; step 3 is running: step 4's save is at least a step away
-        _wait(proc, chain.log(2), "the resumed run's step 3", lambda: (chain.dump(2) / "step_3.pt").exists())
-        assert _tracker(chain.ckpt) == "2"
         os.mkfifo(chain.ckpt / "tracker.fifo")
         os.replace(chain.ckpt / "tracker.fifo", tracker)
         _wait(
             proc,
-            chain.log(2),
+            chain.log(1),
             "verl blocked in the write of the tracker",
-            lambda: _blocked_on_a_pipe(proc) and data4.stat().st_mtime > started,  # data.pt comes just before
+            lambda: _blocked_on_a_pipe(proc) and (step4 / "data.pt").exists(),  # data.pt comes just before
         )
-        time.sleep(1)
+        time.sleep(1)  # nothing can get past the pipe: the kill lands inside the write either way
+        state = {
+            "global_step_2 files": sorted(str(p.relative_to(step2)) for p in step2.rglob("*")),
+            "global_step_4 files": sorted(str(p.relative_to(step4)) for p in step4.rglob("*")),
+        }
     except BaseException:
         sigkill_run(proc)
         raise
-    _kill(proc, chain.log(2))
+    _kill(proc, chain.log(1))
     # a kill between open(tracker, "w") (which truncates) and the write leaves an empty tracker
     os.remove(tracker)
     tracker.write_text("")
-    return chain.log(2).read_text(errors="replace")
+    return chain.log(1).read_text(errors="replace"), state
 
 
 @pytest.fixture(scope="module")
-def run3(chain, run2):
-    result = run_main(chain.overrides("resume"), chain.log(3), timeout=WAIT_S, env={"OPD_VERL_DUMP_TOKENS": str(chain.dump(3))})
-    assert not result.timed_out, f"run 3 hung (killed after {result.seconds:.0f} s); log tail:\n{result.log[-6000:]}"
-    assert result.returncode == 0, f"run 3 exited {result.returncode}; log tail:\n{result.log[-6000:]}"
+def resumed(chain, killed):
+    result = run_main(chain.overrides("resume"), chain.log(2), timeout=WAIT_S, env={"OPD_VERL_DUMP_TOKENS": str(chain.dump(2))})
+    assert not result.timed_out, f"run 2 hung (killed after {result.seconds:.0f} s); log tail:\n{result.log[-6000:]}"
+    assert result.returncode == 0, f"run 2 exited {result.returncode}; log tail:\n{result.log[-6000:]}"
     return result.log
 
 
-def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint_intact(chain, run1):
-    steps = console_metrics(run1)
+def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint_complete(chain, killed):
+    log, state = killed
+    steps = console_metrics(log)
     assert sorted(s for s in steps if s > 0) == [1, 2, 3], f"run 1 logged steps {sorted(steps)}"
-    assert _tracker(chain.ckpt) == "2"
     step2, step4 = chain.ckpt / "global_step_2", chain.ckpt / "global_step_4"
     assert _complete(step2) and not _complete(step4)
-    # with max_actor_ckpt_to_keep=1 verl itself deletes global_step_2/actor as soon as global_step_4/actor is
-    # written, before the tracker moves on; opd_verl rotates only after the new checkpoint is complete
-    assert any((step2 / "actor").glob("model_world_size_*.pt")), sorted(p.name for p in step2.rglob("*"))
+    # all of global_step_4 but the tracker had been written: the kill landed at the end of the save
+    assert "data.pt" in state["global_step_4 files"], state
+    assert any(f.startswith("actor/model_world_size_") for f in state["global_step_4 files"]), state
+    # with max_actor_ckpt_to_keep=1 verl itself deletes global_step_2/actor once global_step_4/actor is written,
+    # before data.pt and the tracker; opd_verl rotates only after the new checkpoint is complete
+    assert any(f.startswith("actor/model_world_size_") for f in state["global_step_2 files"]), state
+    assert _tracker(chain.ckpt) == ""
     for step in (1, 2, 3, 4):
         assert (chain.dump(1) / f"step_{step}.pt").exists(), f"run 1 dumped no step {step}"
 
 
-def test_sigkilled_run_resumes_at_the_next_step_with_the_same_data(chain, run1, run2):
-    assert _found_checkpoints(run2) == ["global_step_2"], _found_checkpoints(run2)
-    steps = console_metrics(run2)
-    assert sorted(s for s in steps if s > 0) == [3], f"run 2 logged steps {sorted(steps)} (expected 3; 4 was killed in its save)"
-    assert steps[3]["training/global_step"] == 3
+def test_resume_after_the_kill_continues_at_step_3_from_the_complete_checkpoint(chain, killed, resumed):
+    assert "opd_verl: checkpoint tracker" in resumed and "resuming from complete global_step_2" in resumed, (
+        "the empty tracker was not repaired"
+    )
+    assert _found_checkpoints(resumed) == ["global_step_2"], _found_checkpoints(resumed)
+    steps = console_metrics(resumed)
+    assert sorted(s for s in steps if s > 0) == [3, 4], f"run 2 logged steps {sorted(steps)}"
+    assert [steps[s]["training/global_step"] for s in (3, 4)] == [3, 4]
     assert not (chain.dump(2) / "step_1.pt").exists() and not (chain.dump(2) / "step_2.pt").exists()
     # the data order continues: a dataloader restarted from scratch would train step 3 on step 1's prompts
     assert chain.prompts(1, 3) != chain.prompts(1, 1) and chain.prompts(1, 3) != chain.prompts(1, 4)
     assert chain.prompts(2, 3) == chain.prompts(1, 3), "the resumed step 3 trained on other prompts"
     assert chain.prompts(2, 4) == chain.prompts(1, 4), "the resumed step 4 trained on other prompts"
-
-
-def test_kill_in_the_tracker_write_resumes_from_the_last_complete_checkpoint(chain, run1, run2, run3):
-    assert "opd_verl: checkpoint tracker" in run3 and "resuming from complete global_step_2" in run3, (
-        "the empty tracker was not repaired"
-    )
-    assert _found_checkpoints(run3) == ["global_step_2"], _found_checkpoints(run3)
-    steps = console_metrics(run3)
-    assert sorted(s for s in steps if s > 0) == [3, 4], f"run 3 logged steps {sorted(steps)}"
-    assert [steps[s]["training/global_step"] for s in (3, 4)] == [3, 4]
-    assert chain.prompts(3, 3) == chain.prompts(1, 3) and chain.prompts(3, 4) == chain.prompts(1, 4)
     # finished: global_step_4 rewritten and complete, the tracker on it, the older checkpoint rotated away
     assert _tracker(chain.ckpt) == "4"
-    step4 = chain.ckpt / "global_step_4"
-    assert _complete(step4)
-    import torch
-
-    torch.load(step4 / "data.pt", weights_only=False)  # the half-written data.pt was replaced
+    assert _complete(chain.ckpt / "global_step_4")
     assert sorted(p.name for p in chain.ckpt.glob("global_step_*")) == ["global_step_4"]
