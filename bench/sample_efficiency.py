@@ -12,6 +12,9 @@ max 32 response tokens, sampling temperature 1. The methods differ only in the o
 (OPD: the recipe; GRPO: adv_estimator=grpo + verl's PPO clip loss, no teacher) and in the learning rate if
 --lr-opd / --lr-grpo differ. A seed sets the prompt order (data.seed) and vLLM's sampling seed; OPD and GRPO with
 the same seed see the same prompts at every step.
+Runs go one at a time by default (concurrent verl runs on one host can hang: bench/bench_common.py, STALL_TIMEOUT);
+--reuse takes a finished run from --work-dir when its overrides, steps and test frequency match, so an interrupted
+benchmark resumes where it stopped.
 
 Accuracy:
 * ``val_greedy``: verl's validation, greedy decoding on the task's 300 val prompts, logged before training
