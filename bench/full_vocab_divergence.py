@@ -260,7 +260,9 @@ def _measure(variant: str, x: dict, chunk: int, beta: float) -> dict:
         "variant": variant,
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_mb": (hwm_kb - base_kb) / 1024,
+        # VmRSS can read a page above the freshly reset VmHWM (per-thread RSS counters are synced lazily), so a
+        # run that allocates nothing can come out at -4 KB: clamp at 0.
+        "peak_mb": max(hwm_kb - base_kb, 0) / 1024,
         "minor_page_faults": faults,
         "baseline_rss_mb": base_kb / 1024,
         "loadavg_1m": os.getloadavg()[0],
