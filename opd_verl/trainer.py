@@ -16,6 +16,7 @@ from verl.trainer.ppo.ray_trainer import apply_kl_penalty
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import response_to_nested
 
 from opd_verl.checkpoints import checkpoints_to_keep, mark_complete, prune_complete, repair_tracker
@@ -148,13 +149,16 @@ class OPDTrainer(PPOTrainerSync):
 
     def _dump_token_terms(self, batch, padded) -> None:
         """Debug dump ($OPD_VERL_DUMP_TOKENS=dir): ids and per-token terms of each step, to recompute offline."""
-        ids = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts", "responses"])
+        ids = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts", "responses", "data_source"]
+        )
         directory = os.environ[TOKEN_DUMP_ENV]
         os.makedirs(directory, exist_ok=True)
         torch.save(
             {
                 "prompts": [t.clone() for t in ids["prompts"].unbind()],
                 "responses": [t.clone() for t in ids["responses"].unbind()],
+                "data_source": [str(x) for x in tu.get(ids, "data_source")],
                 **{k: padded[k].clone() for k in ("response_mask", "ref_log_prob", "old_log_probs", "advantages")},
             },
             os.path.join(directory, f"step_{self.global_steps}.pt"),

@@ -30,8 +30,10 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 '''
 
 
-def write_dataset(directory: str | os.PathLike, n_train: int = 32, n_val: int = 8, seed: int = 0) -> tuple[str, str]:
-    """Arithmetic prompts in verl's RL parquet format; returns (train_path, val_path)."""
+def write_dataset(directory: str | os.PathLike, n_train: int = 32, n_val: int = 8, seed: int = 0,
+                  data_sources: tuple[str, ...] = ("opd_cpu_arith",)) -> tuple[str, str]:
+    """Arithmetic prompts in verl's RL parquet format (rows take the data_sources in turn); returns
+    (train_path, val_path)."""
     import pandas as pd
 
     rng = random.Random(seed)
@@ -46,7 +48,7 @@ def write_dataset(directory: str | os.PathLike, n_train: int = 32, n_val: int = 
             answer = {"+": a + b, "-": a - b, "*": a * b}[op]
             rows.append(
                 {
-                    "data_source": "opd_cpu_arith",
+                    "data_source": data_sources[index % len(data_sources)],
                     "prompt": [{"role": "user", "content": f"What is {a} {op} {b}? Answer after ####."}],
                     "ability": "math",
                     "reward_model": {"style": "rule", "ground_truth": str(answer)},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpu_run import console_metrics, grpo_overrides, prepare_workdir, run_main, write_model
+from cpu_run import console_metrics, grpo_overrides, prepare_workdir, run_main, write_dataset, write_model
 
 pytestmark = pytest.mark.e2e
 
@@ -19,6 +19,10 @@ TIMEOUT = 420
 def workdir(tmp_path_factory):
     w = prepare_workdir(tmp_path_factory.mktemp("opd"))
     w.teacher = write_model(w.root / "teacher", hidden_size=256, num_layers=2, seed=1)
+    # multi_teacher_mode=route: two data_sources, a teacher each
+    w.teacher_b = write_model(w.root / "teacher_b", hidden_size=128, num_layers=2, seed=3)
+    w.routed_train, w.routed_val = write_dataset(w.root / "routed_data", data_sources=("arith_a", "arith_b"))
+    w.routes = f"[{{path:{w.teacher},data_source:arith_a}},{{path:{w.teacher_b},data_source:[arith_b]}}]"
     return w
 
 
@@ -83,9 +87,11 @@ def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
     assert "actor/pg_loss" in m  # the PPO part ran too (lambda_rl > 0)
 
 
-def test_topk_forward_kl_with_a_lora_student(workdir):
-    """Top-k support; and a LoRA student keeps the real teacher (verl would make the adapter-off actor the
-    reference: KL 0 at step 1, since LoRA's B matrices start at 0)."""
+def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
+    """Top-k support; a LoRA student keeps the real teacher (verl would make the adapter-off actor the
+    reference: KL 0 at step 1, since LoRA's B matrices start at 0); teachers routed by data_source, in the
+    in-loss teacher forward too (its once-per-worker alignment check fails the run if the two passes route
+    differently)."""
     metrics = _run(
         workdir,
         "lora_topk",
@@ -101,6 +107,10 @@ def test_topk_forward_kl_with_a_lora_student(workdir):
                 "opd.divergence": "forward_kl",
                 "opd.topk": 8,
                 "opd.lambda_rl": 0.0,
+                "opd.teachers": workdir.routes,
+                "opd.multi_teacher_mode": "route",
+                "data.train_files": workdir.routed_train,
+                "data.val_files": workdir.routed_val,
             },
         ),
     )
@@ -128,12 +138,15 @@ _float64_log_probs.cache = {}
 
 
 def test_pure_opd_terms_match_a_float64_recomputation_with_mixed_lengths(workdir, tmp_path):
-    """Pure OPD with a different teacher. Alignment (teacher token t vs student token t, ragged lengths) and
-    precision (fp32, far below bf16's 1/32 nat) against HF in float64, sequence by sequence."""
+    """Pure OPD with teachers routed by data_source. Alignment (teacher token t vs student token t, ragged
+    lengths), routing (each sample scored by its data_source's teacher) and precision (fp32, far below bf16's
+    1/32 nat) against HF in float64, sequence by sequence."""
     import torch
 
     dump = tmp_path / "dump"
-    overrides = _opd(workdir, "precision", steps=1, **{"data.max_response_length": 48})
+    routed = {"opd.teachers": workdir.routes, "opd.multi_teacher_mode": "route", "data.train_files": workdir.routed_train,
+              "data.val_files": workdir.routed_val}
+    overrides = _opd(workdir, "precision", steps=1, **{"data.max_response_length": 48, **routed})
     result = run_main(overrides, workdir.root / "precision.log", timeout=TIMEOUT, env={"OPD_VERL_DUMP_TOKENS": str(dump)})
     assert result.returncode == 0, result.log[-4000:]
     m = console_metrics(result.log)[1]
@@ -143,12 +156,17 @@ def test_pure_opd_terms_match_a_float64_recomputation_with_mixed_lengths(workdir
     saved = torch.load(dump / "step_1.pt")
     lengths = [len(r) for r in saved["responses"]]
     assert len(set(lengths)) > 1, f"need responses of different lengths, got {lengths}"
+    assert sorted(set(saved["data_source"])) == ["arith_a", "arith_b"], saved["data_source"]
+    routes = {"arith_a": workdir.teacher, "arith_b": workdir.teacher_b}
     worst_student = worst_teacher = 0.0
     for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
         n = int(saved["response_mask"][i].sum())
         assert n == len(response)
         s64 = _float64_log_probs(workdir.model, prompt, response)
-        q64 = _float64_log_probs(workdir.teacher, prompt, response)
+        q64 = _float64_log_probs(routes[saved["data_source"][i]], prompt, response)
+        other = _float64_log_probs(routes[{"arith_a": "arith_b", "arith_b": "arith_a"}[saved["data_source"][i]]],
+                                   prompt, response)
+        assert (other - q64).abs().max() > 1e-2, "the two teachers must differ for the routing check to mean anything"
         worst_student = max(worst_student, float((saved["old_log_probs"][i, :n].double() - s64).abs().max()))
         worst_teacher = max(worst_teacher, float((saved["ref_log_prob"][i, :n].double() - q64).abs().max()))
         expected_adv = (q64 - s64).clamp(-10, 10)
