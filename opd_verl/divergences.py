@@ -215,24 +215,42 @@ def _value_and_grad(
 
 
 class _ChunkedLogitsDivergence(torch.autograd.Function):
-    """Divergence of ``[T, V]`` logits, forward and backward chunk by chunk (analytic per-chunk gradient)."""
+    """Divergence of ``[T, V]`` logits, chunk by chunk with the analytic per-chunk gradient.
+
+    When a gradient is needed, the forward computes each chunk's values and gradient from one set of
+    softmaxes and keeps the ``[T, V]`` gradient (the size of the ``grad_zs`` that backward must return anyway);
+    the first backward scales it in place by ``grad_out`` and hands it over. A further backward through the
+    same graph (``retain_graph=True``, gradcheck) recomputes the gradient chunk by chunk from the saved logits.
+    """
 
     @staticmethod
-    def forward(ctx, zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int) -> Tensor:
+    def forward(
+        ctx, zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool
+    ) -> Tensor:
         dtype = _compute_dtype(zs.dtype)
         out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
+        grad = torch.empty_like(zs) if need_grad else None
         for a in range(0, zs.shape[0], chunk):
             b = min(a + chunk, zs.shape[0])
-            out[a:b], _ = _value_and_grad(
-                _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature, False
+            out[a:b], g = _value_and_grad(
+                _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature,
+                need_grad,
             )
+            if need_grad:
+                grad[a:b] = g
+            del g  # free this chunk's buffers before the next chunk allocates its own
         ctx.save_for_backward(zs, zt)
+        ctx.unscaled_grad = grad
         ctx.cfg = (kind, beta, temperature, chunk)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
+        grad_rows = grad_out.unsqueeze(-1)
+        if ctx.unscaled_grad is not None:  # first backward: the gradient computed in forward
+            grad_zs, ctx.unscaled_grad = ctx.unscaled_grad, None
+            return grad_zs.mul_(grad_rows.to(grad_zs.dtype)), None, None, None, None, None, None
         zs, zt = ctx.saved_tensors
         kind, beta, temperature, chunk = ctx.cfg
         dtype = _compute_dtype(zs.dtype)
@@ -242,9 +260,9 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
             _, g = _value_and_grad(
                 _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature, True
             )
-            grad_zs[a:b] = g.mul_(grad_out[a:b].to(dtype).unsqueeze(-1))
+            grad_zs[a:b] = g.mul_(grad_rows[a:b].to(dtype))
             del g
-        return grad_zs, None, None, None, None, None
+        return grad_zs, None, None, None, None, None, None
 
 
 def chunked_full_divergence(
@@ -257,10 +275,11 @@ def chunked_full_divergence(
 ) -> Tensor:
     """Same values as `full_divergence` for logits ``[T, V]`` (or ``[..., V]``), ``chunk_size`` rows at a time.
 
-    A custom autograd Function: forward saves only the two input tensors; backward recomputes each chunk's
-    softmaxes and writes the analytic gradient, so temporaries are O(chunk_size·V) in both passes (about
-    3–4 live ``[chunk_size, V]`` buffers of the compute dtype, 4–5 for jsd). Gradient flows to ``student_logits``
-    only; the input logits are never modified.
+    A custom autograd Function: each chunk's softmaxes are computed once, giving the values and (when a
+    gradient is needed) the analytic gradient, which is kept until backward: memory beyond the inputs is the
+    ``[T, V]`` gradient (which backward returns anyway) plus O(chunk_size·V) temporaries (about 3–4 live
+    ``[chunk_size, V]`` buffers of the compute dtype, 4–5 for jsd). Gradient flows to ``student_logits`` only;
+    the input logits are never modified.
     """
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
@@ -277,6 +296,7 @@ def chunked_full_divergence(
         float(beta),
         float(temperature),
         int(chunk_size),
+        torch.is_grad_enabled() and student_logits.requires_grad,
     )
     return out.reshape(lead)
 

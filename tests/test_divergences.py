@@ -469,6 +469,7 @@ class _MaxNumel(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.max_numel = 0
+        self.sizes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -477,6 +478,7 @@ class _MaxNumel(TorchDispatchMode):
         for o in torch.utils._pytree.tree_leaves(out):
             if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in storages:
                 self.max_numel = max(self.max_numel, o.numel())
+                self.sizes.append(o.numel())
         return out
 
 
@@ -497,21 +499,33 @@ def test_hidden_memory_is_flat_in_T():
     assert bwd.max_numel <= bound, bwd.max_numel
 
 
-def test_chunked_logits_saves_only_inputs_and_temporaries_are_chunk_sized():
+def test_chunked_logits_memory_and_backward_paths():
+    """Saved: the two inputs; forward allocates the [T, V] gradient once (what backward returns) and otherwise
+    only chunk-sized temporaries; the first backward scales that gradient in place (no new [T, V]); a second
+    backward through the same graph recomputes it and agrees; without grad nothing of size T·V is allocated."""
     T, V, chunk = 256, 64, 8
     zs, zt = _logits(T, V, seed=23)
     zs = zs.float().requires_grad_(True)
     zt = zt.float()
+    w = torch.randn(T, generator=torch.Generator().manual_seed(27))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         with _MaxNumel() as fwd:
-            out = chunked_full_divergence(zs, zt, "reverse_kl", chunk_size=chunk)
+            out = chunked_full_divergence(zs, zt, "jsd", 0.3, 1.0, chunk_size=chunk)
     assert sorted(x.data_ptr() for x in saved) == sorted([zs.data_ptr(), zt.data_ptr()])
-    assert fwd.max_numel <= chunk * V
+    assert sorted(fwd.sizes)[-1] == T * V and sorted(fwd.sizes)[-2] <= chunk * V
     with _MaxNumel() as bwd:
-        (gz,) = torch.autograd.grad(out.sum(), zs)
-    assert bwd.max_numel == T * V  # the returned gradient itself; every temporary is ≤ chunk·V
-    assert gz.shape == (T, V)
+        (g_first,) = torch.autograd.grad((out * w).sum(), zs, retain_graph=True)
+    assert bwd.max_numel <= T  # scaled in place
+    with _MaxNumel() as bwd2:
+        (g_again,) = torch.autograd.grad((out * w).sum(), zs)
+    assert sorted(bwd2.sizes)[-1] == T * V and sorted(bwd2.sizes)[-2] <= chunk * V
+    torch.testing.assert_close(g_again, g_first, rtol=1e-6, atol=1e-7)
+    g_ref = _grad(lambda x: ref_full(x, zt.double(), "jsd", 0.3, 1.0), zs.detach().double(), w.double())
+    assert _maxerr(g_first.double(), g_ref) <= 1e-5
+    with torch.no_grad(), _MaxNumel() as nograd:
+        chunked_full_divergence(zs, zt, "jsd", 0.3, 1.0, chunk_size=chunk)
+    assert nograd.max_numel <= chunk * V
 
 
 # ----------------------------------------------------------------------------------------------------------
