@@ -87,6 +87,36 @@ def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
     assert "actor/pg_loss" in m  # the PPO part ran too (lambda_rl > 0)
 
 
+@pytest.mark.parametrize(
+    "support,divergence", [("topk", "reverse_kl"), ("topk", "jsd"), ("full", "reverse_kl"), ("full", "forward_kl")]
+)
+def test_the_other_support_and_divergence_pairs_run_a_step(workdir, support, divergence):
+    """With the runs above (sampled reverse KL, top-k forward KL, full JSD), every support x divergence pair runs
+    a step of the loss-level distillation (pure: lambda_rl = 0)."""
+    name = f"{support}_{divergence}"
+    metrics = _run(
+        workdir,
+        name,
+        _opd(
+            workdir,
+            name,
+            steps=1,
+            **{
+                "actor_rollout_ref.actor.policy_loss.loss_mode": "opd_distill",
+                "opd.support": support,
+                "opd.divergence": divergence,
+                "opd.topk": 8,
+                "opd.chunk_size": 64,
+                "opd.lambda_rl": 0.0,
+            },
+        ),
+    )
+    m = metrics[1]
+    assert m["actor/distill/divergence_per_token"] > 1e-3, m["actor/distill/divergence_per_token"]
+    mass = m["actor/distill/topk_mass"]
+    assert mass == pytest.approx(1.0) if support == "full" else 0.0 < mass < 1.0, mass
+
+
 def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
     """Top-k support; a LoRA student keeps the real teacher (verl would make the adapter-off actor the
     reference: KL 0 at step 1, since LoRA's B matrices start at 0); teachers routed by data_source, in the
