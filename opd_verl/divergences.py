@@ -164,6 +164,12 @@ def _logp(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False
     return torch.log_softmax(zc, dim=-1)
 
 
+def _has_no_neg_inf(*logps: Tensor) -> bool:
+    """True when no entry is -inf (or NaN): then p·(log p − x) is finite even where p underflows to 0, and the
+    p = 0 masks can be skipped. One reduction per tensor, no ``[n, V]`` temporary."""
+    return all(bool(x.amin() > -math.inf) for x in logps)
+
+
 def _value_and_grad(
     ls: Tensor, lt: Tensor, kind: str, beta: float, temperature: float, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -171,14 +177,19 @@ def _value_and_grad(
     student *logits* zs (ls = log_softmax(zs/τ), ps = exp(ls)):
 
       reverse_kl: dD/dzs = ps·(ls − lt − D)/τ;   forward_kl: (ps − pt)/τ;
-      jsd:        (1−β)·ps·(ls − lm − KL(πs‖m))/τ.
+      jsd:        (1−β)·ps·(ls − lm − KL(πs‖m))/τ,  lm = log(β·pt + (1−β)·ps).
 
     No autograd; CONSUMES ``ls`` and ``lt`` (overwritten in place) to keep ~3–4 live ``[n, V]`` buffers.
-    Entries with p = 0 contribute 0 to values and (reverse_kl, jsd) get gradient 0.
+    Entries with p = 0 contribute 0 to values and (reverse_kl, jsd) get gradient 0; the masks that enforce this
+    are applied only when a chunk has a −inf/NaN log-prob (or, for jsd, a mixture probability that underflows).
     """
+    masked = not _has_no_neg_inf(ls, lt)
     if kind == "forward_kl":
         pt = lt.exp()
-        d = lt.sub_(ls).masked_fill_(pt == 0, 0.0).mul_(pt)  # πt·(lt − ls), 0 where πt = 0
+        d = lt.sub_(ls)
+        if masked:
+            d = d.masked_fill_(pt == 0, 0.0)
+        d = d.mul_(pt)  # πt·(lt − ls), 0 where πt = 0
         value = d.sum(-1)
         del d, lt
         if not need_grad:
@@ -186,29 +197,42 @@ def _value_and_grad(
         grad = ls.exp_().sub_(pt)
     elif kind == "reverse_kl":
         ps = ls.exp()
-        zero = ps == 0
-        d = ls.sub_(lt).masked_fill_(zero, 0.0).mul_(ps)  # πs·(ls − lt), 0 where πs = 0
+        zero = (ps == 0) if masked else None
+        d = ls.sub_(lt)
+        if masked:
+            d = d.masked_fill_(zero, 0.0)
+        d = d.mul_(ps)  # πs·(ls − lt), 0 where πs = 0
         del lt
         value = d.sum(-1)
         if not need_grad:
             return value, None
-        grad = d.addcmul_(ps, value.unsqueeze(-1), value=-1.0).masked_fill_(zero, 0.0)
+        grad = d.addcmul_(ps, value.unsqueeze(-1), value=-1.0)
+        if masked:
+            grad = grad.masked_fill_(zero, 0.0)
     else:
-        lm = lt + math.log(beta)
-        lm = torch.logaddexp(lm, ls + math.log1p(-beta), out=lm)
-        pt = lt.exp()
-        dt = lt.sub_(lm).masked_fill_(pt == 0, 0.0).mul_(pt)  # πt·(lt − lm)
-        kt = dt.sum(-1)
+        pt, ps = lt.exp(), ls.exp()
+        lm = torch.lerp(ps, pt, beta)  # β·πt + (1−β)·πs
+        masked = masked or not bool(lm.amin() > 0)
+        lm = lm.log_()
+        dt = lt.sub_(lm)
+        if masked:
+            dt = dt.masked_fill_(pt == 0, 0.0)
+        kt = dt.mul_(pt).sum(-1)  # Σ πt·(lt − lm)
         del dt, lt, pt
-        ps = ls.exp()
-        zero = ps == 0
-        ds = ls.sub_(lm).masked_fill_(zero, 0.0).mul_(ps)  # πs·(ls − lm)
+        zero = (ps == 0) if masked else None
+        ds = ls.sub_(lm)
+        if masked:
+            ds = ds.masked_fill_(zero, 0.0)
+        ds = ds.mul_(ps)  # πs·(ls − lm)
         del lm
         ks = ds.sum(-1)
         value = beta * kt + (1.0 - beta) * ks
         if not need_grad:
             return value, None
-        grad = ds.addcmul_(ps, ks.unsqueeze(-1), value=-1.0).masked_fill_(zero, 0.0).mul_(1.0 - beta)
+        grad = ds.addcmul_(ps, ks.unsqueeze(-1), value=-1.0)
+        if masked:
+            grad = grad.masked_fill_(zero, 0.0)
+        grad = grad.mul_(1.0 - beta)
     if temperature != 1.0:
         grad = grad.div_(temperature)
     return value, grad

@@ -330,6 +330,25 @@ def test_shared_neg_inf_logits(tau):
             assert _maxerr(g, g_ref) <= TOL, (name, divergence, beta)
 
 
+@pytest.mark.parametrize("divergence,beta", CASES)
+def test_float32_probabilities_that_underflow_to_zero(divergence, beta):
+    """Finite logits whose probabilities are exactly 0 in float32 (log-prob ≈ −300, both models, and one side
+    only): values and gradient stay finite and match float64 (where those entries contribute ~e^−300)."""
+    zs, zt = _logits(6, 11, seed=28)
+    zs[:, 0] = zt[:, 0] = -300.0
+    zs[:3, 1] = -300.0
+    zt[3:, 2] = -300.0
+    w = torch.randn(6, generator=torch.Generator().manual_seed(29), dtype=F64)
+    ref = ref_full(zs, zt, divergence, beta, 1.0)
+    g_ref = _grad(lambda x: ref_full(x, zt, divergence, beta, 1.0), zs, w)
+    zs32, zt32 = zs.float(), zt.float()
+    out = chunked_full_divergence(zs32, zt32, divergence, beta, 1.0, chunk_size=4)
+    g = _grad(lambda x: chunked_full_divergence(x, zt32, divergence, beta, 1.0, chunk_size=4), zs32, w.float())
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    assert _maxerr(out.double(), ref) <= 1e-5 * max(1.0, ref.abs().max().item())  # float32: relative
+    assert _maxerr(g.double(), g_ref) <= 1e-5
+
+
 def test_one_sided_neg_inf_logits():
     """Student-only / teacher-only masks: the finite cases match the reference, the infinite KLs are +inf."""
     zs, zt = _masked_logits(13)
