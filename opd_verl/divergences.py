@@ -251,42 +251,39 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
     def forward(
         ctx, zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool
     ) -> Tensor:
-        dtype = _compute_dtype(zs.dtype)
-        out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
-        grad = torch.empty_like(zs) if need_grad else None
-        for a in range(0, zs.shape[0], chunk):
-            b = min(a + chunk, zs.shape[0])
-            out[a:b], g = _value_and_grad(
-                _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature,
-                need_grad,
-            )
-            if need_grad:
-                grad[a:b] = g
-            del g  # free this chunk's buffers before the next chunk allocates its own
-        ctx.save_for_backward(zs, zt)
-        ctx.unscaled_grad = grad
         ctx.cfg = (kind, beta, temperature, chunk)
+        out, ctx.unscaled_grad = _chunked_values_and_grad(zs, zt, *ctx.cfg, need_grad)
+        ctx.save_for_backward(zs, zt)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        grad_rows = grad_out.unsqueeze(-1)
         if ctx.unscaled_grad is not None:  # first backward: the gradient computed in forward
             grad_zs, ctx.unscaled_grad = ctx.unscaled_grad, None
-            return grad_zs.mul_(grad_rows.to(grad_zs.dtype)), None, None, None, None, None, None
-        zs, zt = ctx.saved_tensors
-        kind, beta, temperature, chunk = ctx.cfg
-        dtype = _compute_dtype(zs.dtype)
-        grad_zs = torch.empty_like(zs)
-        for a in range(0, zs.shape[0], chunk):
-            b = min(a + chunk, zs.shape[0])
-            _, g = _value_and_grad(
-                _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature, True
-            )
-            grad_zs[a:b] = g.mul_(grad_rows[a:b].to(dtype))
-            del g
-        return grad_zs, None, None, None, None, None, None
+        else:  # a further backward through the same graph: recompute
+            zs, zt = ctx.saved_tensors
+            _, grad_zs = _chunked_values_and_grad(zs, zt, *ctx.cfg, True)
+        return grad_zs.mul_(grad_out.unsqueeze(-1).to(grad_zs.dtype)), None, None, None, None, None, None
+
+
+def _chunked_values_and_grad(
+    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row values ``[T]`` and (if ``need_grad``) the unscaled gradient ``[T, V]`` (dtype of ``zs``), chunk by
+    chunk from one set of softmaxes each."""
+    dtype = _compute_dtype(zs.dtype)
+    out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
+    grad = torch.empty_like(zs) if need_grad else None
+    for a in range(0, zs.shape[0], chunk):
+        b = min(a + chunk, zs.shape[0])
+        out[a:b], g = _value_and_grad(
+            _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature, need_grad
+        )
+        if need_grad:
+            grad[a:b] = g
+        del g  # free this chunk's buffers before the next chunk allocates its own
+    return out, grad
 
 
 def chunked_full_divergence(
