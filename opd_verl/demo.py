@@ -414,12 +414,17 @@ def find_final_actor(out: Path, student_dir: str) -> str | None:
     path = Path(candidates[-1])
     if not (path / "model.safetensors").exists() and not glob.glob(str(path / "*.safetensors")):
         return None
-    for name in os.listdir(student_dir):
+    copy_tokenizer_files(student_dir, path)
+    return str(path)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the tokenizer files (and chat template) of model directory ``src`` into ``dst``, keeping any there."""
+    for name in os.listdir(src):
         if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt",
                                                     "added_tokens.json", "chat_template.jinja"):
-            if not (path / name).exists():
-                shutil.copy(os.path.join(student_dir, name), path / name)
-    return str(path)
+            if not (Path(dst) / name).exists():
+                shutil.copy(os.path.join(src, name), Path(dst) / name)
 
 
 # --------------------------------------------------------------------------------------------------------------

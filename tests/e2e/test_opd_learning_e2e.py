@@ -42,11 +42,10 @@ NOISE = 0.6  # noise std as a fraction of each weight matrix's own std
 
 def perturbed_copy(src, dst, noise: float, seed: int = 0):
     """Save a copy of the model at `src` with N(0, (noise * std(W))^2) added to every weight matrix W."""
-    import shutil
-    from pathlib import Path
-
     import torch
     from transformers import AutoModelForCausalLM
+
+    from opd_verl.demo import copy_tokenizer_files
 
     gen = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
@@ -55,9 +54,7 @@ def perturbed_copy(src, dst, noise: float, seed: int = 0):
             if param.dim() >= 2:
                 param.add_(torch.randn(param.shape, generator=gen) * param.std() * noise)
     model.save_pretrained(dst)
-    for f in Path(src).iterdir():  # tokenizer files and chat template
-        if f.is_file() and ("token" in f.name or f.suffix == ".jinja"):
-            shutil.copy(f, dst)
+    copy_tokenizer_files(src, dst)
     return dst
 
 
