@@ -114,7 +114,7 @@ def run_trainer(built, out: Path, steps: int, test_freq: int, overrides: list[st
                 stall_timeout: float = STALL_TIMEOUT, retries: int = 1) -> dict:
     """One trainer run (no checkpoints) in OUT; returns run_opd's record plus the per-step metrics. A run that
     stalls (no step for `stall_timeout` s) is stopped and started again from scratch, up to `retries` times."""
-    from opd_verl.demo import opd_command, read_metrics, run_opd
+    from opd_verl.demo.runs import opd_command, read_metrics, run_opd
 
     cmd = opd_command(built, out, steps, test_freq, overrides, save_freq=-1)
     for attempt in range(1, retries + 2):

@@ -199,7 +199,7 @@ def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | Non
     import torch
     import torch.nn.functional as F
 
-    from opd_verl.divergences import (
+    from opd_verl.algorithms.divergences import (
         chunked_divergence_from_hidden,
         chunked_full_divergence,
         full_divergence,
@@ -275,7 +275,7 @@ def _check(v: int, h: int, t: int, chunk: int, beta: float, seed: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from opd_verl.divergences import (
+    from opd_verl.algorithms.divergences import (
         chunked_divergence_from_hidden,
         chunked_full_divergence,
         full_divergence,

@@ -252,7 +252,7 @@ def measure_references(built, k: int) -> dict:
     """Teacher and student on the val prompts with opd_verl.evaluate: greedy accuracy and avg@k at T=1."""
     import torch
 
-    from opd_verl.demo import EVAL_BATCH, pick_threads
+    from opd_verl.demo.build import EVAL_BATCH, pick_threads
     from opd_verl.evaluate import evaluate_paths
 
     torch.set_num_threads(pick_threads())
@@ -265,7 +265,7 @@ def measure_references(built, k: int) -> dict:
 
 
 def _run_one(built, cfg: dict, method: str, seed: int) -> dict:
-    from opd_verl.demo import val_accuracy_key
+    from opd_verl.demo.runs import val_accuracy_key
 
     out = Path(cfg["work_dir"]) / f"{method}_seed{seed}"
     overrides = common.method_overrides(method, seed=seed, lr=cfg["lr"][method])
@@ -275,7 +275,7 @@ def _run_one(built, cfg: dict, method: str, seed: int) -> dict:
         if record.get("overrides") == overrides and record.get("steps") == cfg["steps"] and \
                 record.get("test_freq") == cfg["test_freq"] and record.get("returncode") == 0:
             _log(f"{method} seed {seed}: reusing {record_path}")
-            from opd_verl.demo import read_metrics
+            from opd_verl.demo.runs import read_metrics
 
             record["metrics_by_step"] = read_metrics(record["metrics"])
             return record
@@ -295,7 +295,7 @@ def _run_one(built, cfg: dict, method: str, seed: int) -> dict:
 
 
 def run_benchmark(cfg: dict) -> dict:
-    from opd_verl.demo import build
+    from opd_verl.demo.build import build
 
     t0 = time.monotonic()
     info = common.machine_info()
@@ -338,7 +338,7 @@ COLORS = {"opd": (200, 60, 40), "grpo": (40, 110, 200)}
 
 
 def plot(result: dict, path: Path) -> str:
-    from opd_verl.demo import plot_panels
+    from opd_verl.demo.plots import plot_panels
 
     refs = result["references"]
     n = len(result["settings"]["seeds"])

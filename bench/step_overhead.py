@@ -134,7 +134,7 @@ def overrides_for(method: str, built, seed: int) -> list[str]:
 
 
 def run_benchmark(cfg: dict) -> dict:
-    from opd_verl.demo import build
+    from opd_verl.demo.build import build
 
     t0 = time.monotonic()
     info = common.machine_info()

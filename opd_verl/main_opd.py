@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from opd_verl.options import OPDConfigError, check_override_keys, uses_opd, validate_config
+from opd_verl.checks.options import OPDConfigError, check_override_keys, uses_opd, validate_config
 
 _PRINT_ONLY = {"flag": False}
 
@@ -41,18 +41,18 @@ def prepare(config: DictConfig) -> None:
     plain = OmegaConf.to_container(config, resolve=True)
     validate_config(plain)
     if uses_opd(plain):
-        from opd_verl.preflight import run_preflight
+        from opd_verl.checks.preflight import run_preflight
 
         for line in run_preflight(plain):
             print(f"opd_verl: {line}", file=sys.stderr)
-    from opd_verl.cpu_defaults import apply_cpu_defaults
+    from opd_verl.cpu.defaults import apply_cpu_defaults
 
     apply_cpu_defaults(config)
 
 
 @hydra.main(config_path="config", config_name="opd_trainer", version_base=None)
 def main(config: DictConfig) -> None:
-    from opd_verl.data_checks import check_data
+    from opd_verl.checks.data import check_data
 
     try:
         prepare(config)
@@ -63,7 +63,7 @@ def main(config: DictConfig) -> None:
     if _PRINT_ONLY["flag"]:
         print(OmegaConf.to_yaml(config))
         return
-    from opd_verl.runner import run
+    from opd_verl.verl_ext.task_runner import run
 
     run(config)
 

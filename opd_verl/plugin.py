@@ -14,10 +14,11 @@ LOADED = False
 
 
 def _register_all() -> None:
-    from opd_verl import patches
+    from opd_verl.cpu import patches
 
     patches.apply_import_time_patches()
-    from opd_verl import estimators, losses, platform_cpu  # noqa: F401  (registration on import)
+    from opd_verl.cpu import platform  # noqa: F401  (registers the "cpu" platform; selected only on a CPU run)
+    from opd_verl.verl_ext import estimators, policy_losses  # noqa: F401  (registration on import)
 
 
 def require_plugin_loaded() -> None:

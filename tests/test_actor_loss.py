@@ -1,12 +1,12 @@
-"""Pieces of the loss-level distillation (opd_verl.actor_loss, opd_verl.teacher_worker) against brute force."""
+"""Pieces of the loss-level distillation (opd_verl.verl_ext.distill_actor_loss, opd_verl.verl_ext.teacher_worker) against brute force."""
 
 import math
 
 import pytest
 import torch
 
-from opd_verl.actor_loss import distill_token_values, packed_logits, shared_vocab, sampled_distill_loss_matrix
-from opd_verl.teacher_worker import combine_teacher_log_probs, combine_teacher_logits, route_rows
+from opd_verl.verl_ext.distill_actor_loss import distill_token_values, packed_logits, shared_vocab, sampled_distill_loss_matrix
+from opd_verl.verl_ext.teacher_worker import combine_teacher_log_probs, combine_teacher_logits, route_rows
 
 OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
 
@@ -107,7 +107,7 @@ def _micro_batch(prompt_lens, response_lens, teacher_logits, labels):
 
 
 def test_alignment_check_passes_aligned_and_catches_a_shift():
-    from opd_verl.actor_loss import check_alignment
+    from opd_verl.verl_ext.distill_actor_loss import check_alignment
 
     prompt_lens, response_lens = [2, 3], [3, 1]
     nnz = sum(prompt_lens) + sum(response_lens)

@@ -1,4 +1,4 @@
-"""opd_verl.advantages_math against plain-Python loop references."""
+"""opd_verl.algorithms.advantages against plain-Python loop references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opd_verl.advantages_math import (
+from opd_verl.algorithms.advantages import (
     OPDAdvantage,
     discounted_reward_to_go,
     distill_loss_mix,

@@ -1,11 +1,11 @@
-"""The stall watchdog the benches use (opd_verl.demo.run_opd(stall_timeout=...)): a run whose steps stop is ended."""
+"""The stall watchdog the benches use (opd_verl.demo.runs.run_opd(stall_timeout=...)): a run whose steps stop is ended."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from opd_verl.demo import run_opd
+from opd_verl.demo.runs import run_opd
 
 
 def test_a_run_without_new_steps_is_stopped_as_stalled(tmp_path):

@@ -65,7 +65,8 @@ def test_overrides_give_each_method_a_same_size_second_model():
 
 
 def test_bench_runs_save_nothing_and_their_overrides_come_last(tmp_path):
-    from opd_verl.demo import Built, opd_command
+    from opd_verl.demo.build import Built
+    from opd_verl.demo.runs import opd_command
 
     built = Built(root="/r", data={"train": "/r/train.parquet", "val": "/r/val.parquet"}, teacher="/t", student="/s")
     extra = so.overrides_for("opd", built, seed=0)

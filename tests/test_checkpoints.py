@@ -1,10 +1,10 @@
-"""Crash-safe resume: the tracker is repaired to the newest complete checkpoint (opd_verl.checkpoints)."""
+"""Crash-safe resume: the tracker is repaired to the newest complete checkpoint (opd_verl.verl_ext.checkpoints)."""
 
 import os
 
 from omegaconf import OmegaConf
 
-from opd_verl.checkpoints import (
+from opd_verl.verl_ext.checkpoints import (
     COMPLETE_MARKER,
     TRACKER,
     checkpoints_to_keep,

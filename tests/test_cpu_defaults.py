@@ -1,4 +1,4 @@
-"""opd_verl.cpu_defaults.apply_cpu_defaults on the composed opd_trainer config (Hydra's compose API), and the same
+"""opd_verl.cpu.defaults.apply_cpu_defaults on the composed opd_trainer config (Hydra's compose API), and the same
 through `python -m opd_verl.main_opd --cfg job`."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from opd_verl import cpu_defaults
-from opd_verl.cpu_defaults import apply_cpu_defaults, required_ray_cpus
-from opd_verl.options import OPDConfigError
+from opd_verl.cpu import defaults as cpu_defaults
+from opd_verl.cpu.defaults import apply_cpu_defaults, required_ray_cpus
+from opd_verl.checks.options import OPDConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "opd_verl" / "config")
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def test_main_opd_too_few_cpus_exits_before_ray():
 def test_lora_on_cpu_merges_the_adapter_for_vllm():
     from hydra import compose, initialize_config_dir
 
-    from opd_verl.cpu_defaults import apply_cpu_defaults
+    from opd_verl.cpu.defaults import apply_cpu_defaults
 
     config_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "opd_verl" / "config")
     with initialize_config_dir(config_dir=config_dir, version_base=None):

@@ -1,11 +1,11 @@
-"""Train/val parquet checks before Ray starts (opd_verl.data_checks)."""
+"""Train/val parquet checks before Ray starts (opd_verl.checks.data)."""
 
 import pandas as pd
 import pytest
 
 from conftest import run_main_opd
-from opd_verl.data_checks import check_data, check_parquet
-from opd_verl.options import OPDConfigError
+from opd_verl.checks.data import check_data, check_parquet
+from opd_verl.checks.options import OPDConfigError
 
 ROW = {
     "data_source": "openai/gsm8k",

@@ -1,4 +1,4 @@
-"""opd_verl.demo_task (the CPU demo's synthetic GSM8K-format task) and opd_verl.sft (its small SFT trainer).
+"""opd_verl.demo.task (the CPU demo's synthetic GSM8K-format task) and opd_verl.demo.sft (its small SFT trainer).
 
 The generator is deterministic for a seed, every worked answer is right and is scored 1.0 by opd_verl.rewards, the
 splits never share an arithmetic fact, and the verl parquet is exactly what data_preprocess/gsm8k.py writes for
@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from opd_verl import demo_task as dt
+from opd_verl.demo import task as dt
 from opd_verl.rewards import GSM8K, INSTRUCTIONS, compute_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +134,8 @@ def test_settings_hash_is_stable_and_sensitive():
 
 
 def test_tokenizer_words_round_trip_and_shorten_prompts():
-    from opd_verl.sft import chat_prompt_ids
-    from opd_verl.tiny_models import build_tokenizer
+    from opd_verl.demo.sft import chat_prompt_ids
+    from opd_verl.demo.tiny_models import build_tokenizer
 
     tok = build_tokenizer(words=dt.tokenizer_words())
     plain = build_tokenizer()
@@ -151,12 +151,12 @@ def test_tokenizer_words_round_trip_and_shorten_prompts():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# opd_verl.sft
+# opd_verl.demo.sft
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def test_collate_masks_prompt_and_padding():
-    from opd_verl.sft import collate
+    from opd_verl.demo.sft import collate
 
     batch = collate([([5, 6, 7, 8], 2), ([9, 10, 11], 1)], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
@@ -165,8 +165,8 @@ def test_collate_masks_prompt_and_padding():
 
 
 def test_encode_examples_appends_eos_after_the_chat_prompt():
-    from opd_verl.sft import chat_prompt_ids, encode_examples
-    from opd_verl.tiny_models import build_tokenizer
+    from opd_verl.demo.sft import chat_prompt_ids, encode_examples
+    from opd_verl.demo.tiny_models import build_tokenizer
 
     tok = build_tokenizer(words=dt.tokenizer_words())
     [(ids, n_prompt)] = encode_examples(tok, ["What is 1 + 1?"], ["#### 2"])
@@ -176,7 +176,7 @@ def test_encode_examples_appends_eos_after_the_chat_prompt():
 
 
 def test_lr_schedule_warms_up_and_decays():
-    from opd_verl.sft import SFTConfig, lr_at
+    from opd_verl.demo.sft import SFTConfig, lr_at
 
     cfg = SFTConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
@@ -188,8 +188,8 @@ def test_lr_schedule_warms_up_and_decays():
 def test_train_sft_lowers_the_answer_loss_of_a_tiny_model():
     import torch
 
-    from opd_verl.sft import SFTConfig, answer_loss, collate, encode_examples, train_sft
-    from opd_verl.tiny_models import build_qwen2, build_tokenizer
+    from opd_verl.demo.sft import SFTConfig, answer_loss, collate, encode_examples, train_sft
+    from opd_verl.demo.tiny_models import build_qwen2, build_tokenizer
 
     torch.set_num_threads(1)
     tok = build_tokenizer(words=dt.tokenizer_words())

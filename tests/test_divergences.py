@@ -1,4 +1,4 @@
-"""opd_verl.divergences against brute-force float64 references (explicit loops over a tiny vocabulary)."""
+"""opd_verl.algorithms.divergences against brute-force float64 references (explicit loops over a tiny vocabulary)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opd_verl.divergences import (
+from opd_verl.algorithms.divergences import (
     DIVERGENCES,
     KL_ESTIMATORS,
     SUPPORTS,

@@ -1,5 +1,5 @@
 """opd_verl.evaluate: pass@k / avg@k against brute force, the gap closed, and a real evaluation of a tiny model
-directory (built here, no downloads) on a parquet written by opd_verl.demo_task."""
+directory (built here, no downloads) on a parquet written by opd_verl.demo.task."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_verl import demo_task as dt
+from opd_verl.demo import task as dt
 from opd_verl import evaluate as ev
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_format_table_and_gap_report():
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from opd_verl.tiny_models import build_qwen2, build_tokenizer, save_model_dir
+    from opd_verl.demo.tiny_models import build_qwen2, build_tokenizer, save_model_dir
 
     root = tmp_path_factory.mktemp("eval")
     tok = build_tokenizer(words=dt.tokenizer_words())

@@ -1,8 +1,8 @@
-"""Validation of the `opd:` section (opd_verl.options), in-process on the composed default config."""
+"""Validation of the `opd:` section (opd_verl.checks.options), in-process on the composed default config."""
 
 import pytest
 
-from opd_verl.options import (
+from opd_verl.checks.options import (
     OPDConfigError,
     check_override_keys,
     opd_defaults,

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import verl  # noqa: F401  (loads the opd_verl plugin, which installs the patches)
-from opd_verl import patches
+from opd_verl.cpu import patches
 
 ALL_PINS = [(name, target, sha) for name, p in patches.PATCHES.items() for target, sha in p.pins.items()]
 
@@ -362,7 +362,7 @@ def test_weight_sync_socket_unchanged_off_cpu(monkeypatch):
 
 
 def test_disabled_patches_env():
-    code = "import verl; from opd_verl import patches; print(sorted(n for n, p in patches.PATCHES.items() if n in patches.disabled_patches()))"
+    code = "import verl; from opd_verl.cpu import patches; print(sorted(n for n, p in patches.PATCHES.items() if n in patches.disabled_patches()))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -383,7 +383,7 @@ def test_cpu_platform_registered_and_selected():
     from verl.plugin.platform import PlatformRegistry, get_platform
     from verl.utils.device import get_device_id, get_device_name, get_nccl_backend, get_torch_device
 
-    from opd_verl.platform_cpu import PlatformCPU
+    from opd_verl.cpu.platform import PlatformCPU
 
     assert PlatformRegistry.get("cpu") is PlatformCPU
     assert isinstance(get_platform(), PlatformCPU)
@@ -413,7 +413,7 @@ def test_cpu_platform_auto_detected_without_env():
 def test_cpu_platform_not_auto_detected_with_an_accelerator(monkeypatch):
     import torch
 
-    from opd_verl import platform_cpu
+    from opd_verl.cpu import platform as platform_cpu
 
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

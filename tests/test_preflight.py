@@ -1,10 +1,10 @@
-"""Teacher-vs-student checks before any model loads (opd_verl.preflight), on tiny tokenizers and model dirs."""
+"""Teacher-vs-student checks before any model loads (opd_verl.checks.preflight), on tiny tokenizers and model dirs."""
 
 import pytest
 
-from opd_verl.options import OPDConfigError
-from opd_verl.preflight import compare_chat_templates, compare_vocabularies, run_preflight
-from opd_verl.tiny_models import CHAT_TEMPLATE, build_qwen2, build_tokenizer, save_model_dir
+from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.preflight import compare_chat_templates, compare_vocabularies, run_preflight
+from opd_verl.demo.tiny_models import CHAT_TEMPLATE, build_qwen2, build_tokenizer, save_model_dir
 
 
 def _model_dir(path, tokenizer=None, vocab_multiple=64):

@@ -301,7 +301,7 @@ def test_recipe_has_no_missing_values(name):
 @pytest.mark.parametrize("name", sorted(PLACEHOLDERS))
 def test_placeholder_stops_the_run_naming_the_key(name, gpu_machine):
     from opd_verl.main_opd import prepare
-    from opd_verl.options import OPDConfigError
+    from opd_verl.checks.options import OPDConfigError
 
     cfg = compose(entry_of(name), name)
     for key, (placeholder, _) in PLACEHOLDERS[name].items():
@@ -312,8 +312,8 @@ def test_placeholder_stops_the_run_naming_the_key(name, gpu_machine):
 
 @pytest.fixture
 def gpu_machine(monkeypatch):
-    """Validate as on a GPU machine: opd_verl.cpu_defaults leaves the config alone."""
-    from opd_verl import cpu_defaults
+    """Validate as on a GPU machine: opd_verl.cpu.defaults leaves the config alone."""
+    from opd_verl.cpu import defaults as cpu_defaults
 
     monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: True)
 
@@ -324,14 +324,14 @@ def test_opd_recipe_passes_our_and_verls_validation(name, composed, gpu_machine,
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     from opd_verl.main_opd import prepare
-    from opd_verl.options import uses_opd
+    from opd_verl.checks.options import uses_opd
 
     cfg = copy.deepcopy(composed[name])
     prepare(cfg)  # our checks (opd section, teacher, preflight of local paths), then platform defaults: none on GPU
     assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(composed[name], resolve=True)
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert uses_opd(plain), "every OPD recipe runs with a teacher"
-    validate_config(cfg, use_reference_policy=True, use_critic=need_critic(cfg))  # what opd_verl.runner runs
+    validate_config(cfg, use_reference_policy=True, use_critic=need_critic(cfg))  # what opd_verl.verl_ext.task_runner runs
     assert "All configuration checks passed" in capsys.readouterr().out
     # sections verl turns into dataclasses at start-up (unknown or mistyped keys fail here)
     for key in ("actor_rollout_ref.rollout", "algorithm"):
@@ -386,7 +386,7 @@ def test_sft_chat_template_keeps_the_reasoning(tmp_path):
     import pandas as pd
     from verl.utils.dataset.multiturn_sft_dataset import MultiTurnSFTDataset
 
-    from opd_verl.tiny_models import build_tokenizer
+    from opd_verl.demo.tiny_models import build_tokenizer
 
     recipe = recipe_yaml("openthoughts3_qwen3_1.7b_sft")
     tokenizer = build_tokenizer(words=("####", "<think>", "</think>"))
@@ -538,7 +538,7 @@ def test_opd_launcher_cfg_job_composes_and_validates_through_main_opd(tmp_path):
     name = "gsm8k_qwen3_8b_base_from_qwen3_8b_4gpu"
     cfg = _cfg_job(f"{name}.sh", tmp_path)
     for key, value in SEEDS[name].items():
-        if key != "actor_rollout_ref.rollout.tensor_model_parallel_size":  # 1 on CPU (opd_verl.cpu_defaults)
+        if key != "actor_rollout_ref.rollout.tensor_model_parallel_size":  # 1 on CPU (opd_verl.cpu.defaults)
             assert _select(cfg, key) == value, key
     recipe = OmegaConf.create(recipe_yaml(name))
     for key in (N, LR, "opd.teacher.param_offload", "trainer.experiment_name"):

@@ -68,7 +68,7 @@ def write_reward(directory: str | os.PathLike) -> str:
 
 
 def write_model(directory: str | os.PathLike, hidden_size: int = 128, num_layers: int = 2, seed: int = 0) -> str:
-    from opd_verl.tiny_models import build_model_dir
+    from opd_verl.demo.tiny_models import build_model_dir
 
     return build_model_dir(directory, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
 

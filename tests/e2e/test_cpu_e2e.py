@@ -2,7 +2,7 @@
 
 Each test runs `python -m opd_verl.main_opd trainer.device=cpu ...` as a subprocess (its own process group, killed
 on timeout) on a tiny model and dataset built in tmp_path. Only `trainer.device=cpu` is CPU-specific in the
-overrides: everything else CPU needs comes from the plugin (opd_verl.cpu_defaults / patches / platform_cpu).
+overrides: everything else CPU needs comes from the plugin (opd_verl.cpu.defaults / patches / platform_cpu).
 
     pytest -q -m e2e tests/e2e
 """

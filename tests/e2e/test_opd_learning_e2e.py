@@ -23,8 +23,8 @@ TIMEOUT = 900
 
 
 def _settings():
-    from opd_verl.demo import BuildSettings, ModelSpec
-    from opd_verl.sft import SFTConfig
+    from opd_verl.demo.build import BuildSettings, ModelSpec
+    from opd_verl.demo.sft import SFTConfig
 
     return BuildSettings(
         teacher=ModelSpec(hidden_size=64, num_layers=2, seed=1),
@@ -45,7 +45,7 @@ def perturbed_copy(src, dst, noise: float, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from opd_verl.demo import copy_tokenizer_files
+    from opd_verl.demo.runs import copy_tokenizer_files
 
     gen = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
@@ -60,7 +60,7 @@ def perturbed_copy(src, dst, noise: float, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from opd_verl.demo import build
+    from opd_verl.demo.build import build
 
     b = build(_settings(), cache_dir=tmp_path_factory.mktemp("learning_build"))
     b.noisy_student = perturbed_copy(b.teacher, tmp_path_factory.mktemp("noisy_student"), NOISE)
@@ -72,7 +72,7 @@ def _mean(values):
 
 
 def test_opd_lowers_the_kl_and_raises_the_reward(built, tmp_path):
-    from opd_verl.demo import val_accuracy_key
+    from opd_verl.demo.runs import val_accuracy_key
 
     teacher_acc = built.info["teacher"]["val_accuracy"]
     assert teacher_acc >= 0.5, teacher_acc

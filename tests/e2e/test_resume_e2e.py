@@ -6,7 +6,7 @@ with SIGKILL (its whole process group at once) while it writes a checkpoint, the
    `latest_checkpointed_iteration.txt` (open(..., "w") truncates it, then the step is written). Left behind:
    global_step_2 complete; global_step_4 with all its files but not marked complete; an empty tracker (verl
    alone would crash on it: int("")).
-2. run 2 resumes: the tracker is repaired to global_step_2 (opd_verl.checkpoints), never global_step_4; steps 3
+2. run 2 resumes: the tracker is repaired to global_step_2 (opd_verl.verl_ext.checkpoints), never global_step_4; steps 3
    and 4 train on the prompts run 1 trained on at steps 3 and 4; the run finishes with global_step_4 complete
    and global_step_2 rotated away.
 

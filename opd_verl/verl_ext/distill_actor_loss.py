@@ -17,8 +17,8 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
-from opd_verl.advantages_math import distill_loss_mix, masked_mean
-from opd_verl.divergences import chunked_full_divergence, sampled_reverse_kl, topk_divergence
+from opd_verl.algorithms.advantages import distill_loss_mix, masked_mean
+from opd_verl.algorithms.divergences import chunked_full_divergence, sampled_reverse_kl, topk_divergence
 
 DISTILL_KEY = "opd_distill"
 TOPK_MASS_KEY = "opd_topk_mass"

@@ -45,7 +45,7 @@ INSTRUCTION = INSTRUCTIONS["gsm8k"]
 
 
 def tokenizer_words() -> tuple[str, ...]:
-    """Multi-character tokens for opd_verl.tiny_models.build_tokenizer(words=...): the story's words and phrases,
+    """Multi-character tokens for opd_verl.demo.tiny_models.build_tokenizer(words=...): the story's words and phrases,
     the instruction and the chat roles, each one token (as a BPE vocabulary would hold common words).
 
     Digits, operators and the answer stay one character per token, so the models still compute digit by digit;

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from opd_verl.divergences import DIVERGENCES, KL_ESTIMATORS, SUPPORTS
+from opd_verl.algorithms.divergences import DIVERGENCES, KL_ESTIMATORS, SUPPORTS
 
 OPD_ESTIMATORS = ("opd", "opd_hybrid")
 DISTILL_LOSS_MODE = "opd_distill"

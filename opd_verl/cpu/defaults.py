@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from opd_verl.options import OPDConfigError
+from opd_verl.checks.options import OPDConfigError
 
 PREFIX = "opd_verl[cpu]"
 _MISSING = object()
@@ -44,7 +44,7 @@ _HALF_DTYPES = ("bf16", "bfloat16", "fp16", "float16", "half")
 
 
 def torch_has_accelerator() -> bool:
-    from opd_verl.platform_cpu import torch_has_accelerator as _has
+    from opd_verl.cpu.platform import torch_has_accelerator as _has
 
     return _has()
 
@@ -155,7 +155,7 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     a = _Applier(config, _user_override_keys(overrides), out=out)
 
     # -- the platform: VERL_PLATFORM=cpu here and in every Ray worker / vLLM server process
-    from opd_verl.platform_cpu import PLATFORM_ENV, PLATFORM_NAME, use_cpu_platform
+    from opd_verl.cpu.platform import PLATFORM_ENV, PLATFORM_NAME, use_cpu_platform
 
     use_cpu_platform()
     a.force("trainer.device", "cpu", lambda v: v != "cpu")

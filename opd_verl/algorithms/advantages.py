@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from opd_verl.divergences import sanitize_teacher_logp
+from opd_verl.algorithms.divergences import sanitize_teacher_logp
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -173,12 +173,12 @@ def build_model_dir(path: str | os.PathLike, hidden_size: int = 128, num_layers:
     return save_model_dir(path, tokenizer, model)
 
 
-if __name__ == "__main__":  # python -m opd_verl.tiny_models OUT_DIR [hidden] [layers] [seed]
+if __name__ == "__main__":  # python -m opd_verl.demo.tiny_models OUT_DIR [hidden] [layers] [seed]
     import sys
 
     args = sys.argv[1:]
     if not args:
-        raise SystemExit("usage: python -m opd_verl.tiny_models OUT_DIR [hidden_size] [num_layers] [seed]")
+        raise SystemExit("usage: python -m opd_verl.demo.tiny_models OUT_DIR [hidden_size] [num_layers] [seed]")
     out = build_model_dir(
         args[0],
         hidden_size=int(args[1]) if len(args) > 1 else 128,

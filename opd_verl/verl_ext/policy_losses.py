@@ -3,7 +3,7 @@
 - `importance_sampling`: the unclipped importance-sampled policy gradient, loss = -ratio * A (the seeds' loss
   for pure OPD, where A is the per-token teacher-student advantage).
 - `opd_distill`: the policy-gradient part of the loss-level hybrid L = lambda_rl * L_pg + lambda_distill * L_distill.
-  Its L_pg is verl's PPO clip loss; the OPD actor loss (opd_verl.actor_loss) weights it and adds the
+  Its L_pg is verl's PPO clip loss; the OPD actor loss (opd_verl.verl_ext.distill_actor_loss) weights it and adds the
   distillation term over distributions, which needs the student's logits that a policy loss never sees.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, register_policy_loss
 
-from opd_verl.advantages_math import masked_mean
+from opd_verl.algorithms.advantages import masked_mean
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -56,7 +56,7 @@ def compute_policy_loss_opd_distill(
     config=None,
     rollout_is_weights: torch.Tensor | None = None,
 ):
-    """L_pg of the loss-level hybrid: verl's PPO clip loss (weighted and combined by opd_verl.actor_loss)."""
+    """L_pg of the loss-level hybrid: verl's PPO clip loss (weighted and combined by opd_verl.verl_ext.distill_actor_loss)."""
     return compute_policy_loss_vanilla(
         old_log_prob=old_log_prob,
         log_prob=log_prob,

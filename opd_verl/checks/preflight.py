@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Mapping
 
-from opd_verl.options import OPDConfigError, teacher_entries
+from opd_verl.checks.options import OPDConfigError, teacher_entries
 
 PROBE_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -20,7 +20,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig, TrainingWorkerConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
-from opd_verl.options import route_table, route_teacher_indices
+from opd_verl.checks.options import route_table, route_teacher_indices
 from opd_verl.plugin import require_plugin_loaded
 
 
@@ -121,7 +121,7 @@ class OPDWorker(ActorRolloutRefWorker):
             self.ref = self.teachers[0]
             self.set_dispatch_collect(mesh_name="ref", **self.ref.get_dispatch_collect())
         if "actor" in role and self._uses_distill_loss():
-            from opd_verl.actor_loss import opd_actor_loss
+            from opd_verl.verl_ext.distill_actor_loss import opd_actor_loss
 
             actor_config = self.loss_fn.keywords["config"]
             self.loss_fn = partial(
@@ -174,7 +174,7 @@ class OPDWorker(ActorRolloutRefWorker):
 
     def teacher_logits(self, micro_batch) -> torch.Tensor:
         """Teacher logits [nnz, V] at the same packed positions as the student's logits of this micro-batch."""
-        from opd_verl.actor_loss import packed_logits
+        from opd_verl.verl_ext.distill_actor_loss import packed_logits
 
         logits = []
         for teacher in self.teachers:
@@ -189,7 +189,7 @@ class OPDWorker(ActorRolloutRefWorker):
         else:
             combined = combine_teacher_logits(logits, [t["weight"] for t in self.teacher_entries], self.opd_options)
         if not getattr(self, "_alignment_checked", False) and self.opd_options["multi_teacher_mode"] != "mean_logit":
-            from opd_verl.actor_loss import check_alignment
+            from opd_verl.verl_ext.distill_actor_loss import check_alignment
 
             check_alignment(combined, output_args["input_ids_rmpad_rolled"], micro_batch)
             self._alignment_checked = True

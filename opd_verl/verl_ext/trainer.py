@@ -19,10 +19,10 @@ from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import response_to_nested
 
-from opd_verl.checkpoints import checkpoints_to_keep, mark_complete, prune_complete, repair_tracker
-from opd_verl.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
-from opd_verl.options import OPD_ESTIMATORS, teacher_entries, uses_opd
-from opd_verl.teacher_worker import make_worker_class
+from opd_verl.verl_ext.checkpoints import checkpoints_to_keep, mark_complete, prune_complete, repair_tracker
+from opd_verl.verl_ext.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
+from opd_verl.checks.options import OPD_ESTIMATORS, teacher_entries, uses_opd
+from opd_verl.verl_ext.teacher_worker import make_worker_class
 
 
 TOKEN_DUMP_ENV = "OPD_VERL_DUMP_TOKENS"
@@ -33,7 +33,7 @@ class OPDTrainer(PPOTrainerSync):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        # checkpoint rotation is ours (see opd_verl.checkpoints): verl's would delete the previous actor too early
+        # checkpoint rotation is ours (see opd_verl.verl_ext.checkpoints): verl's would delete the previous actor too early
         self.checkpoints_to_keep = checkpoints_to_keep(config.trainer)
         with open_dict(config.trainer):
             config.trainer.max_actor_ckpt_to_keep = None

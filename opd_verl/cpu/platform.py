@@ -4,7 +4,7 @@ verl has no CPU platform: without an accelerator it falls back to "nvidia" (nccl
 `PlatformCPU` is registered as "cpu" when this module is imported (the plugin imports it in every verl process).
 
 How verl picks it (`verl.plugin.platform.platform_manager._detect_platform_name`, once per process):
-1. `VERL_PLATFORM=cpu` in the environment: `opd_verl.cpu_defaults.apply_cpu_defaults` sets it in the driver and
+1. `VERL_PLATFORM=cpu` in the environment: `opd_verl.cpu.defaults.apply_cpu_defaults` sets it in the driver and
    in Ray's runtime_env (so every Ray worker and the vLLM server get it) whenever the run is a CPU run.
 2. Otherwise auto-detection probes the registered platforms in order (nvidia, npu, rocm, then ours): ours
    answers "available" only when torch has no accelerator build and sees no device, so a GPU machine never
@@ -121,7 +121,7 @@ class PlatformCPU(PlatformBase):
     """verl platform for running on the host CPU: gloo, no device memory, fake "GPU" Ray resources.
 
     Ray resources: verl's placement groups ask for GPUs; the CPU run starts Ray with `num_gpus` equal to
-    `trainer.n_gpus_per_node` (opd_verl.cpu_defaults), so the resource name stays "GPU".
+    `trainer.n_gpus_per_node` (opd_verl.cpu.defaults), so the resource name stays "GPU".
     """
 
     @property
@@ -202,7 +202,7 @@ class PlatformCPU(PlatformBase):
 
     def rollout_env_vars(self) -> dict[str, str]:
         # The vLLM server gets the platform too; vLLM's CPU KV-cache size (GiB) is passed on only if the user set
-        # it (it overrides --kv-cache-memory-bytes, which opd_verl.cpu_defaults sets otherwise).
+        # it (it overrides --kv-cache-memory-bytes, which opd_verl.cpu.defaults sets otherwise).
         env = {PLATFORM_ENV: PLATFORM_NAME}
         if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             env["VLLM_CPU_KVCACHE_SPACE"] = os.environ["VLLM_CPU_KVCACHE_SPACE"]

@@ -1,7 +1,7 @@
 """OPD advantage estimators (verl extension point: core_algos.register_adv_est).
 
 verl calls an estimator with token_level_rewards, response_mask, config and index only. The OPD trainer
-(opd_verl.trainer) also passes the teacher's and the student's log-probs of the sampled tokens, the `opd:`
+(opd_verl.verl_ext.trainer) also passes the teacher's and the student's log-probs of the sampled tokens, the `opd:`
 options and, for the hybrid, the base estimator's advantages computed (and normalised) by verl first.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from opd_verl.advantages_math import hybrid_advantage, masked_mean, opd_token_advantage
+from opd_verl.algorithms.advantages import hybrid_advantage, masked_mean, opd_token_advantage
 
 
 def _require(value, name: str, estimator: str):
