@@ -60,13 +60,22 @@ def method_overrides(method: str, seed: int | None = None, lr: float | None = No
 
 
 def machine_info() -> dict:
-    """Date, host, cores, load and library versions, for the JSON."""
+    """Date, host, cores, load and library versions, for the JSON (every benchmark's "machine")."""
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
         "loadavg": list(os.getloadavg()),
+        "loadavg_at_start": list(os.getloadavg()),
     }
     for module in ("torch", "verl", "vllm", "ray"):
         try:

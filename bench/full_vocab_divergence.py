@@ -41,11 +41,9 @@ process, and medians are reported; the ratio is the median of the per-rep paired
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -54,6 +52,8 @@ import time
 from pathlib import Path
 from statistics import median
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -434,27 +434,16 @@ class _Worker:
 
 
 def _machine() -> dict:
-    import torch  # only for the version / thread count; the parent allocates no tensors
+    """bench_common.machine_info plus what a memory benchmark also needs."""
+    import torch  # only for the thread count; the parent allocates no tensors
 
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
+    from bench_common import machine_info
+
     return {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "torch": torch.__version__,
+        **machine_info(),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
         "mem_total_gb": _meminfo_kb("MemTotal") / 1024**2,
         "mem_available_gb_at_start": _meminfo_kb("MemAvailable") / 1024**2,
-        "loadavg_at_start": list(os.getloadavg()),
-        "shared_machine_note": "other jobs shared the cores; wall times are noisy, see loadavg per run",
     }
 
 

@@ -312,7 +312,7 @@ def run_benchmark(cfg: dict) -> dict:
     for rec in records:
         metrics = rec.pop("metrics_by_step")
         rec["curves"] = curves_of(metrics, rec["val_key"], cfg["smooth"], cfg["val_smooth"])
-        rec["per_step"] = {s: {k: v for k, v in m.items() if k == SCORE_KEY or k.startswith(("val-core", "distill/",
+        rec["per_step"] = {s: {k: v for k, v in m.items() if k == SCORE_KEY or k.startswith(("val-core", "opd/",
                                "timing_s/step", "actor/pg_loss", "response_length/mean"))}
                            for s, m in sorted(metrics.items())}
         runs.setdefault(rec["method"], {})[rec["seed"]] = rec

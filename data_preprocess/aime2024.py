@@ -13,7 +13,7 @@ Both sources publish a single split, "train", written to LOCAL_DIR/train.parquet
 from __future__ import annotations
 
 import common
-from common import BadRow, get_field, require_text, with_instruction
+from common import BadRow, get_field, math_row, require_text
 
 from opd_verl.rewards import AIME2024
 
@@ -31,19 +31,7 @@ def convert(record: dict, index: int, split: str) -> dict:
     if isinstance(raw, bool):
         raise BadRow(f"field 'answer' is not an answer ({raw!r})")
     answer = require_text({"answer": raw}, "answer")
-    return {
-        "data_source": AIME2024,
-        "prompt": [{"role": "user", "content": with_instruction(problem, "boxed")}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": answer},
-        "extra_info": {
-            "split": split,
-            "index": index,
-            "question": problem,
-            "answer": answer,
-            "id": str(get_field(record, ("id", "ID"), "")),
-        },
-    }
+    return math_row(AIME2024, problem, answer, split, index, id=str(get_field(record, ("id", "ID"), "")))
 
 
 def main() -> None:

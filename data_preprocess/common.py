@@ -1,6 +1,6 @@
-"""Shared plumbing of the data_preprocess/ scripts: the CLI, reading the source rows (a hub data set through
-`datasets`, or a local parquet / jsonl / json file in the data set's original schema), the bad-row report,
-and writing verl's parquet.
+"""Shared plumbing of the data_preprocess/ scripts: the CLI, reading the source rows through `datasets` (a hub
+data set, or a local parquet / JSON-lines / JSON-array file in the data set's original schema), the bad-row
+report, the verl row of a math problem, and writing verl's parquet (opd_verl/parquet.py).
 
 A script supplies the source's columns and a `convert(record, index, split)` that returns the output row,
 raises `BadRow(reason)` for a row that cannot be used (counted and reported, or an error under --strict) or
@@ -14,10 +14,10 @@ function agree.
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from opd_verl.parquet import ParquetStream  # noqa: E402
 from opd_verl.rewards import ANSWER_STYLE, DATA_SOURCES, INSTRUCTIONS  # noqa: E402
 
 __all__ = [
@@ -39,17 +40,14 @@ __all__ = [
     "get_field",
     "require_text",
     "with_instruction",
+    "math_row",
     "build_parser",
     "run",
     "main_guard",
 ]
 
-#: Rows per parquet row group / write.
-CHUNK_ROWS = 2048
 #: How many bad rows the report lists one by one.
 REPORT_FIRST = 5
-#: How many leading JSON records are scanned for the column check.
-JSON_COLUMN_SCAN = 1000
 
 
 class BadRow(Exception):
@@ -112,6 +110,19 @@ def with_instruction(question: str, style: str) -> str:
     return question + " " + INSTRUCTIONS[style]
 
 
+def math_row(data_source: str, question: str, ground_truth: str, split: str, index: int, **extra_info: Any) -> dict:
+    """The verl row of a math problem: the question plus its data source's answer instruction as the user
+    prompt, `ground_truth` for the rule reward, and extra_info {split, index, question, answer: ground_truth,
+    **extra_info} (an `answer=` in `extra_info` replaces the ground truth there)."""
+    return {
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": with_instruction(question, ANSWER_STYLE[data_source])}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": ground_truth},
+        "extra_info": {"split": split, "index": index, "question": question, "answer": ground_truth, **extra_info},
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,8 +145,8 @@ def build_parser(
         "--local_path",
         nargs="+",
         metavar="FILE",
-        help="read these local files (.parquet, .jsonl or .json, in the data set's original schema) instead of "
-        "loading the data set with `datasets`; one file per --split name, in order",
+        help="read these local files (.parquet, or .jsonl/.json with JSON lines or one array of records, in the "
+        "data set's original schema) instead of the hub data set; one file per --split name, in order",
     )
     parser.add_argument(
         "--split",
@@ -185,25 +196,27 @@ def _splits_and_sources(args: argparse.Namespace) -> list[tuple[str, str | None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading
+# Reading: every source, hub or local file, goes through datasets.load_dataset
 # ----------------------------------------------------------------------------------------------------------------
 
-
-class _Unreadable:
-    """Placeholder record for a source line that could not be decoded (a bad row, not a file error)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
+#: The `datasets` builder that reads each supported local file type (the json one reads JSON lines and arrays).
+LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 
 
 def _first_line(exc: BaseException) -> str:
+    """`Type: first line` of the error (of its cause, for datasets' generic DatasetGenerationError)."""
+    if type(exc).__name__ == "DatasetGenerationError" and (exc.__cause__ or exc.__context__):
+        exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _missing_columns(present: Iterable[str], columns: Sequence[Column]) -> list[Column]:
-    present = set(present)
-    return [col for col in columns if not any(n in present for n in col.names)]
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as exc:
+        raise PreprocessError(f"cannot import `datasets` ({exc}); install it: pip install datasets") from exc
+    return datasets
 
 
 def _column_error(source: str, missing: Column, columns: Sequence[Column], dataset: str) -> PreprocessError:
@@ -214,53 +227,46 @@ def _column_error(source: str, missing: Column, columns: Sequence[Column], datas
     )
 
 
-def _json_records(path: Path) -> Iterator[Any]:
-    """Records of a .json file: a JSON array, an object of column lists, an object wrapping a record list, or
-    JSON lines (what datasets' to_json() writes)."""
-    with path.open("r", encoding="utf-8") as handle:
-        head = handle.read(4096).lstrip()
-    if head.startswith("["):
-        with path.open("r", encoding="utf-8") as handle:
-            data = json.load(handle)
-        yield from data
-        return
+def _records(
+    load: Callable[[], Any], source: str, columns: Sequence[Column], dataset: str,
+    failure: Callable[[Exception], PreprocessError],
+) -> tuple[Iterator[dict], int | None]:
+    """(records, row count if known) of the data set `load()` returns, after checking it has the columns.
+    Any error while loading or iterating becomes `failure(exc)`."""
     try:
-        with path.open("r", encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError:
-        yield from _jsonl_records(path)
-        return
-    if isinstance(data, dict):
-        lists = {k: v for k, v in data.items() if isinstance(v, list)}
-        if len(lists) == 1 and all(isinstance(r, dict) for r in next(iter(lists.values()))):
-            yield from next(iter(lists.values()))
-            return
-        if data and all(isinstance(v, (list, dict)) for v in data.values()):
-            cols = {k: (list(v.values()) if isinstance(v, dict) else v) for k, v in data.items()}
-            lengths = {len(v) for v in cols.values()}
-            if len(lengths) == 1:
-                keys = list(cols)
-                for values in zip(*cols.values()):
-                    yield dict(zip(keys, values))
-                return
-        yield data
-        return
-    raise ValueError("top-level JSON value is neither a list of records nor an object")
+        ds = load()
+        rows = iter(ds)
+        first = next(rows, None)
+    except StopIteration:  # raised by datasets' schema inference on an empty file
+        first = None
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name or split, corrupt file, ...
+        raise failure(exc) from exc
+    if first is None:
+        raise PreprocessError(f"{source}: no rows to convert")
+    present = set(getattr(ds, "column_names", None) or first)
+    missing = [col for col in columns if not any(n in present for n in col.names)]
+    if missing:
+        raise _column_error(source, missing[0], columns, dataset)
+
+    def chained() -> Iterator[dict]:
+        yield first
+        try:
+            yield from rows
+        except Exception as exc:  # noqa: BLE001 - e.g. a corrupt row group or JSON block further on
+            raise failure(exc) from exc
+
+    return chained(), (len(ds) if hasattr(ds, "__len__") else None)
 
 
-def _jsonl_records(path: Path) -> Iterator[Any]:
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield _Unreadable(f"line {lineno} is not valid JSON ({exc.msg})")
+def _load_kwargs(max_samples: int | None) -> dict:
+    """Stream when only the first --max_samples rows are read; otherwise datasets builds its Arrow cache."""
+    return {"streaming": True} if max_samples is not None else {}
 
 
-def _open_local(path_str: str, columns: Sequence[Column], dataset: str) -> tuple[Iterator[Any], int | None]:
-    """(records, row count if known) of a local file, after checking it exists, reads and has the columns."""
+def _open_local(
+    path_str: str, columns: Sequence[Column], dataset: str, max_samples: int | None
+) -> tuple[Iterator[dict], int | None]:
+    """A local file, read by datasets' parquet or json builder."""
     path = Path(path_str).expanduser()
     label = f"--local_path {path_str}"
     if not path.exists():
@@ -273,136 +279,42 @@ def _open_local(path_str: str, columns: Sequence[Column], dataset: str) -> tuple
     if not os.access(path, os.R_OK):
         raise PreprocessError(f"{label}: file is not readable (check its permissions)")
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+    if suffix not in LOCAL_BUILDERS:
+        raise PreprocessError(
+            f"{label}: unsupported file type '{suffix or path.name}'; use a .parquet, .jsonl or .json file"
+        )
+    datasets = _import_datasets()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its read errors are reported in our one error line
+    datasets.disable_progress_bars()  # stderr holds our report and progress lines only
 
-            parquet = pq.ParquetFile(path)
-            missing = _missing_columns(parquet.schema_arrow.names, columns)
-            if missing:
-                raise _column_error(str(path), missing[0], columns, dataset)
+    def load():
+        return datasets.load_dataset(
+            LOCAL_BUILDERS[suffix], data_files=str(path), split="train", **_load_kwargs(max_samples)
+        )
 
-            def batches() -> Iterator[dict]:
-                for batch in parquet.iter_batches(batch_size=1024):
-                    yield from batch.to_pylist()
+    def failure(exc: Exception) -> PreprocessError:
+        return PreprocessError(f"{label}: cannot read the file ({_first_line(exc)}); pass a valid {suffix} file")
 
-            return batches(), parquet.metadata.num_rows
-        if suffix in (".jsonl", ".json"):
-            records = _jsonl_records(path) if suffix == ".jsonl" else _json_records(path)
-            head: list[Any] = []
-            for record in records:
-                head.append(record)
-                if len(head) >= JSON_COLUMN_SCAN:
-                    break
-            keys: set[str] = set()
-            for record in head:
-                if isinstance(record, dict):
-                    keys.update(record)
-            if not keys and head:
-                raise PreprocessError(f"{path}: no JSON object records found; expected one object per row")
-            if not head:
-                raise PreprocessError(f"{path}: the file holds no rows")
-            missing = _missing_columns(keys, columns)
-            if missing:
-                raise _column_error(str(path), missing[0], columns, dataset)
-
-            def chained() -> Iterator[Any]:
-                yield from head
-                yield from records
-
-            return chained(), None
-    except PreprocessError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - corrupt / unreadable files
-        raise PreprocessError(f"{label}: cannot read the file ({_first_line(exc)})") from exc
-    raise PreprocessError(
-        f"{label}: unsupported file type '{suffix or path.name}'; use a .parquet, .jsonl or .json file"
-    )
+    return _records(load, str(path), columns, dataset, failure)
 
 
 def _open_hub(
     dataset: str, config: str | None, split: str, columns: Sequence[Column], max_samples: int | None
-) -> tuple[Iterator[Any], int | None]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise PreprocessError(
-            f"cannot import `datasets` ({exc}); install it, or pass --local_path FILE"
-        ) from exc
+) -> tuple[Iterator[dict], int | None]:
+    """A data set of the hub (or of datasets' cache)."""
+    datasets = _import_datasets()
     what = f"'{dataset}'" + (f" (config {config})" if config else "") + f" split '{split}'"
-    try:
-        if max_samples is not None:
-            ds = datasets.load_dataset(dataset, config, split=split, streaming=True)
-            total = None
-        else:
-            ds = datasets.load_dataset(dataset, config, split=split)
-            total = len(ds)
-    except Exception as exc:  # noqa: BLE001 - offline, unknown name or split, ...
-        raise PreprocessError(
+
+    def load():
+        return datasets.load_dataset(dataset, config, split=split, **_load_kwargs(max_samples))
+
+    def failure(exc: Exception) -> PreprocessError:
+        return PreprocessError(
             f"cannot load {what} with datasets.load_dataset ({_first_line(exc)}); without network access, "
             "pass --local_path FILE with the split in the data set's original schema"
-        ) from exc
-    names = getattr(ds, "column_names", None)
-    if names:
-        missing = _missing_columns(names, columns)
-        if missing:
-            raise _column_error(what, missing[0], columns, dataset)
-    return iter(ds), total
+        )
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class _ParquetSink:
-    """Writes rows in chunks to `<path>.tmp`, renamed to `path` by `close()`; `abort()` removes the tmp file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.rows: list[dict] = []
-        self.written = 0
-        self.writer = None
-        self.schema = None
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= CHUNK_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.rows:
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if self.writer is None:
-            table = pa.Table.from_pylist(self.rows)
-            self.schema = table.schema
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        else:
-            table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        self.writer.write_table(table)
-        self.written += len(self.rows)
-        self.rows = []
-
-    def close(self) -> int:
-        self._flush()
-        if self.writer is not None:
-            self.writer.close()
-            os.replace(self.tmp, self.path)
-        return self.written
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.close()
-            except Exception:  # noqa: BLE001
-                pass
-        if self.tmp.exists():
-            self.tmp.unlink()
+    return _records(load, what, columns, dataset, failure)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,22 +341,58 @@ def _log(message: str) -> None:
 Convert = Callable[[dict, int, str], dict]
 
 
+def _convert_rows(
+    args: argparse.Namespace, records: Iterator[dict], convert: Convert, split: str, sink: ParquetStream,
+    report: _Report, source: str, total: int | None,
+) -> int:
+    """Convert up to --max_samples `records` into `sink`, counting bad and skipped rows; returns the rows read."""
+    tag = f"{args._name}[{split}]"
+    read = 0
+    for index, record in enumerate(records):
+        if args.max_samples is not None and index >= args.max_samples:
+            break
+        read += 1
+        try:
+            sink.add(convert(record, index, split))
+        except BadRow as exc:
+            if args.strict:
+                raise PreprocessError(
+                    f"{source}: row {index}: {exc} (--strict; drop --strict to count and skip bad rows)"
+                ) from None
+            report.add_bad(index, str(exc))
+        except Skip as exc:
+            report.skipped[str(exc)] = report.skipped.get(str(exc), 0) + 1
+        if args.progress_every > 0 and read % args.progress_every == 0:
+            of = f"/{total}" if total is not None else ""
+            _log(f"{tag}: {read}{of} rows read, {sink.count} kept, {report.bad_count} bad")
+    return read
+
+
+def _log_report(tag: str, report: _Report, read: int, out_name: str) -> None:
+    if report.bad_count:
+        firsts = ", ".join(str(i) for i, _ in report.bad)
+        _log(f"{tag}: {report.bad_count} bad row(s) of {read} left out of {out_name} (first indices: {firsts})")
+        for index, reason in report.bad:
+            _log(f"{tag}:   row {index}: {reason}")
+    for reason, count in report.skipped.items():
+        _log(f"{tag}: {count} row(s) of {read} skipped: {reason}")
+
+
 def run(args: argparse.Namespace, columns: Sequence[str | Sequence[str]], convert: Convert) -> int:
     """Convert every split named by `args` and write LOCAL_DIR/<split>.parquet.
 
     `columns` are the source columns the data set must have (each a name or a tuple of alternative spellings).
     Returns the number of rows written; raises PreprocessError for any user-facing failure.
     """
-    name = args._name
     cols = [Column.of(c) for c in columns]
     out_dir = Path(args.local_dir).expanduser()
     if args.max_samples is not None and args.max_samples < 1:
         raise PreprocessError(f"--max_samples must be >= 1, got {args.max_samples}")
     total_written = 0
     for split, local in _splits_and_sources(args):
-        tag = f"{name}[{split}]"
+        tag = f"{args._name}[{split}]"
         if local is not None:
-            records, total = _open_local(local, cols, args.dataset)
+            records, total = _open_local(local, cols, args.dataset, args.max_samples)
             source = str(Path(local).expanduser())
         else:
             records, total = _open_hub(args.dataset, args.dataset_config, split, cols, args.max_samples)
@@ -453,52 +401,17 @@ def run(args: argparse.Namespace, columns: Sequence[str | Sequence[str]], conver
             total = min(total, args.max_samples)
         out_path = out_dir / f"{split}.parquet"
         _log(f"{tag}: reading {source}" + (f" ({total} rows)" if total is not None else ""))
-        sink = _ParquetSink(out_path)
         report = _Report()
-        read = 0
-        try:
-            for index, record in enumerate(records):
-                if args.max_samples is not None and index >= args.max_samples:
-                    break
-                read += 1
-                try:
-                    if isinstance(record, _Unreadable):
-                        raise BadRow(record.reason)
-                    if not isinstance(record, dict):
-                        raise BadRow(f"record is a {type(record).__name__}, not an object")
-                    sink.add(convert(record, index, split))
-                except BadRow as exc:
-                    if args.strict:
-                        raise PreprocessError(
-                            f"{source}: row {index}: {exc} (--strict; drop --strict to count and skip bad rows)"
-                        ) from None
-                    report.add_bad(index, str(exc))
-                except Skip as exc:
-                    report.skipped[str(exc)] = report.skipped.get(str(exc), 0) + 1
-                if args.progress_every > 0 and read % args.progress_every == 0:
-                    of = f"/{total}" if total is not None else ""
-                    _log(f"{tag}: {read}{of} rows read, {sink.written + len(sink.rows)} kept, {report.bad_count} bad")
-            if report.bad_count:
-                firsts = ", ".join(str(i) for i, _ in report.bad)
-                _log(
-                    f"{tag}: {report.bad_count} bad row(s) of {read} left out of {out_path.name} "
-                    f"(first indices: {firsts})"
-                )
-                for index, reason in report.bad:
-                    _log(f"{tag}:   row {index}: {reason}")
-            for reason, count in report.skipped.items():
-                _log(f"{tag}: {count} row(s) of {read} skipped: {reason}")
-            written = sink.close() if (sink.rows or sink.writer is not None) else 0
-            if written == 0:
-                raise PreprocessError(
-                    f"{source}: no usable rows ({read} read, {report.bad_count} bad, "
-                    f"{sum(report.skipped.values())} skipped); nothing written to {out_path}"
-                )
-        except BaseException:
-            sink.abort()
-            raise
-        total_written += written
-        print(f"{tag}: wrote {written} rows to {out_path}", flush=True)
+        with ParquetStream(out_path) as sink:  # renamed into place only when complete; dropped on any error
+            read = _convert_rows(args, records, convert, split, sink, report, source, total)
+            _log_report(tag, report, read, out_path.name)
+        if sink.written == 0:
+            raise PreprocessError(
+                f"{source}: no usable rows ({read} read, {report.bad_count} bad, "
+                f"{sum(report.skipped.values())} skipped); nothing written to {out_path}"
+            )
+        total_written += sink.written
+        print(f"{tag}: wrote {sink.written} rows to {out_path}", flush=True)
     return total_written
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import common
-from common import BadRow, get_field, require_text, with_instruction
+from common import BadRow, get_field, math_row, require_text
 
 from opd_verl.rewards import DEEPMATH
 
@@ -33,20 +33,10 @@ def convert(record: dict, index: int, split: str) -> dict:
     answer = require_text(record, "final_answer")
     if answer.lower() in ("none", "null", "nan"):
         raise BadRow(f"field 'final_answer' holds no answer ({answer!r})")
-    return {
-        "data_source": DEEPMATH,
-        "prompt": [{"role": "user", "content": with_instruction(question, "boxed")}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": answer},
-        "extra_info": {
-            "split": split,
-            "index": index,
-            "question": question,
-            "answer": answer,
-            "difficulty": _float(get_field(record, "difficulty")),
-            "topic": str(get_field(record, "topic", "")),
-        },
-    }
+    return math_row(
+        DEEPMATH, question, answer, split, index,
+        difficulty=_float(get_field(record, "difficulty")), topic=str(get_field(record, "topic", "")),
+    )
 
 
 def main() -> None:

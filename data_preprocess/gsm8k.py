@@ -11,7 +11,7 @@ Output rows: prompt = question + the "####" instruction; reward_model.ground_tru
 from __future__ import annotations
 
 import common
-from common import BadRow, require_text, with_instruction
+from common import BadRow, math_row, require_text
 
 from opd_verl.rewards import GSM8K, extract_hash_answer
 
@@ -27,13 +27,7 @@ def convert(record: dict, index: int, split: str) -> dict:
     ground_truth = extract_hash_answer(answer)
     if ground_truth is None:
         raise BadRow("no number after the last '####' in field 'answer'")
-    return {
-        "data_source": GSM8K,
-        "prompt": [{"role": "user", "content": with_instruction(question, "gsm8k")}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": ground_truth},
-        "extra_info": {"split": split, "index": index, "question": question, "answer": answer},
-    }
+    return math_row(GSM8K, question, ground_truth, split, index, answer=answer)  # extra_info keeps the solution
 
 
 def main() -> None:

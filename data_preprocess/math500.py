@@ -11,7 +11,7 @@ extra_info = {split, index, question, answer, subject, level, unique_id} (the la
 from __future__ import annotations
 
 import common
-from common import get_field, require_text, with_instruction
+from common import get_field, math_row, require_text
 
 from opd_verl.rewards import MATH500
 
@@ -22,21 +22,8 @@ COLUMNS = ("problem", "answer")
 def convert(record: dict, index: int, split: str) -> dict:
     problem = require_text(record, "problem")
     answer = require_text(record, "answer")
-    return {
-        "data_source": MATH500,
-        "prompt": [{"role": "user", "content": with_instruction(problem, "boxed")}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": answer},
-        "extra_info": {
-            "split": split,
-            "index": index,
-            "question": problem,
-            "answer": answer,
-            "subject": str(get_field(record, "subject", "")),
-            "level": str(get_field(record, "level", "")),
-            "unique_id": str(get_field(record, "unique_id", "")),
-        },
-    }
+    optional = {key: str(get_field(record, key, "")) for key in ("subject", "level", "unique_id")}
+    return math_row(MATH500, problem, answer, split, index, **optional)
 
 
 def main() -> None:

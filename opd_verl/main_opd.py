@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from opd_verl.checks.options import OPDConfigError, check_override_keys, uses_opd, validate_config
+from opd_verl.checks.options import OPDConfigError, check_override_keys, deprecation_notes, uses_opd, validate_config
 
 _PRINT_ONLY = {"flag": False}
 
@@ -40,6 +40,8 @@ def prepare(config: DictConfig) -> None:
     """Validate everything of ours and apply platform defaults; raises OPDConfigError on bad input."""
     plain = OmegaConf.to_container(config, resolve=True)
     validate_config(plain)
+    for line in deprecation_notes(plain):
+        print(f"opd_verl: {line}", file=sys.stderr)
     if uses_opd(plain):
         from opd_verl.checks.preflight import run_preflight
 

@@ -20,6 +20,12 @@ def run_main_opd(*overrides: str, timeout: float = 120, env: dict | None = None)
     )
 
 
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """`datasets`' Arrow cache (data_preprocess loads local files through it) goes under tmp_path, not ~/.cache."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+
+
 @pytest.fixture(scope="session")
 def composed_config():
     """The default composed opd_trainer config (Hydra compose API), as a plain container factory."""

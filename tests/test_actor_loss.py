@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opd_verl.verl_ext.distill_actor_loss import distill_token_values, packed_logits, shared_vocab, sampled_distill_loss_matrix
-from opd_verl.verl_ext.teacher_worker import combine_teacher_log_probs, combine_teacher_logits, route_rows
+from opd_verl.algorithms.teachers import mix_log_probs, mix_teacher_logits, route_rows
 
 OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
 
@@ -68,16 +68,16 @@ def test_sampled_k1_loss_has_the_score_function_gradient():
 
 def test_multi_teacher_mean_prob_of_sampled_token():
     a, b = torch.log(torch.tensor([0.2, 0.5])), torch.log(torch.tensor([0.6, 0.1]))
-    out = combine_teacher_log_probs([a, b], [1.0, 3.0])
+    out = mix_log_probs([a, b], [1.0, 3.0])
     expected = torch.log(0.25 * torch.tensor([0.2, 0.5]) + 0.75 * torch.tensor([0.6, 0.1]))
     assert torch.allclose(out, expected, atol=1e-6)
 
 
 def test_multi_teacher_logit_combinations():
     a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    mean_logit = combine_teacher_logits([a, b], [1.0, 1.0], {"multi_teacher_mode": "mean_logit"})
+    mean_logit = mix_teacher_logits([a, b], [1.0, 1.0], "mean_logit")
     assert torch.allclose(mean_logit, (0.5 * a + 0.5 * b).float(), atol=1e-6)
-    mean_prob = combine_teacher_logits([a, b], [1.0, 1.0], {"multi_teacher_mode": "mean_prob"})
+    mean_prob = mix_teacher_logits([a, b], [1.0, 1.0], "mean_prob")
     expected = 0.5 * torch.softmax(a, -1) + 0.5 * torch.softmax(b, -1)
     assert torch.allclose(torch.softmax(mean_prob.double(), -1), expected, atol=1e-6)
 

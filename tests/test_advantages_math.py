@@ -12,7 +12,6 @@ from opd_verl.algorithms.advantages import (
     discounted_reward_to_go,
     distill_loss_mix,
     hybrid_advantage,
-    masked_mean,
     opd_token_advantage,
 )
 
@@ -201,19 +200,3 @@ def test_distill_loss_mix():
     assert z.item() == 0.0 and z.requires_grad
     vec = distill_loss_mix(torch.ones(3), torch.arange(3.0), 0.5, 0.5)
     assert torch.equal(vec, torch.tensor([0.5, 1.0, 1.5]))
-
-
-def test_masked_mean():
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(5, 9, generator=g, dtype=torch.float64)
-    mask = _ragged_mask()
-    xs = [x[b, t].item() for b in range(5) for t in range(9) if mask[b, t]]
-    assert abs(masked_mean(x, mask).item() - sum(xs) / len(xs)) <= 1e-12
-    rows = masked_mean(x, mask, dim=-1)
-    for b in range(5):
-        v = [x[b, t].item() for t in range(9) if mask[b, t]]
-        assert abs(rows[b].item() - (sum(v) / len(v) if v else 0.0)) <= 1e-12
-    x_nan = x.clone()
-    x_nan[mask == 0] = NAN
-    assert masked_mean(x_nan, mask).item() == masked_mean(x, mask).item()
-    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0

@@ -1,7 +1,8 @@
-"""data_preprocess/*.py: each script run as a subprocess on a small file in its data set's original schema,
-the output parquet read back with pandas and checked value by value; bad rows counted on stderr and left out;
-one-line errors for a missing file, a missing column and the other usage mistakes. Nothing is downloaded:
-the `datasets` path is exercised in-process with a stand-in `datasets` module."""
+"""data_preprocess/*.py: each script run as a subprocess on a small file in its data set's original schema (read
+by the real `datasets` parquet / json builders, into a per-test cache), the output parquet read back with pandas
+and checked value by value; bad rows counted on stderr and left out; one-line errors for a missing file, a
+missing column and the other usage mistakes. Nothing is downloaded: the hub path is exercised in-process with a
+stand-in `datasets` module. Also opd_verl/parquet.py, the writer of those files."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
+from opd_verl.parquet import ParquetStream, write_parquet
 from opd_verl.rewards import DATA_SOURCES, INSTRUCTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -496,22 +499,32 @@ def test_all_rows_bad_is_an_error(tmp_path):
     assert not (out / "train.parquet").exists()
 
 
-def test_invalid_json_line_is_a_bad_row(tmp_path):
+def test_invalid_json_line_is_a_file_error(tmp_path):
+    """datasets' json builder reads a file whole or not at all: a line that is not JSON fails the file, in one
+    line naming the file and the parse error, and nothing is written."""
     src = tmp_path / "math500.jsonl"
     src.write_text(json.dumps(MATH500_ROWS[0]) + "\n{not json\n")
     out = tmp_path / "out"
-    proc = run_script("math500", "--local_dir", str(out), "--local_path", str(src))
-    assert proc.returncode == 0, proc.stderr
-    assert_bad_rows_reported(proc.stderr, "math500[test]", 1, 2, [1])
-    assert "line 2 is not valid JSON" in proc.stderr
+    line = single_error_line(run_script("math500", "--local_dir", str(out), "--local_path", str(src)))
+    assert line.startswith(f"error: --local_path {src}: cannot read the file (ArrowInvalid: JSON parse error: ")
+    assert line.endswith("; pass a valid .jsonl file")
+    assert not out.exists()
+
+
+def test_empty_file(tmp_path):
+    src = tmp_path / "gsm8k.jsonl"
+    src.write_text("")
+    line = single_error_line(run_script("gsm8k", "--local_dir", str(tmp_path / "out"), "--local_path", str(src)))
+    assert line == f"error: {src}: no rows to convert"
 
 
 def test_progress_lines(tmp_path):
     src = write_jsonl(tmp_path / "g.jsonl", [GSM8K_ROWS[0]] * 5)
     proc = run_script("gsm8k", "--local_dir", str(tmp_path / "out"), "--local_path", str(src), "--progress_every", "2")
     assert proc.returncode == 0, proc.stderr
-    assert "gsm8k[train]: 2 rows read, 2 kept, 0 bad" in proc.stderr
-    assert "gsm8k[train]: 4 rows read, 4 kept, 0 bad" in proc.stderr
+    assert "gsm8k[train]: reading " + str(src) + " (5 rows)" in proc.stderr
+    assert "gsm8k[train]: 2/5 rows read, 2 kept, 0 bad" in proc.stderr
+    assert "gsm8k[train]: 4/5 rows read, 4 kept, 0 bad" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,3 +599,50 @@ def test_hub_streaming_when_max_samples(tmp_path, monkeypatch):
     assert calls == [{"streaming": True}]
     _, rows = read_rows(out / "train.parquet")
     assert len(rows) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opd_verl/parquet.py: the one writer of verl parquet files (these scripts and the demo)
+# ---------------------------------------------------------------------------------------------------------------
+
+ROWS = [{"data_source": "x", "prompt": user(f"q{i}"), "extra_info": {"index": i}} for i in range(7)]
+
+
+def test_write_parquet_whole_list_atomic(tmp_path):
+    path = tmp_path / "sub" / "train.parquet"
+    assert write_parquet(ROWS, path) == str(path)
+    assert pq.read_table(path).to_pylist() == ROWS
+    with pytest.raises(Exception):  # noqa: B017 - pyarrow's conversion error; the old file must survive it
+        write_parquet([{"a": 1}, {"a": "not an int"}], path)
+    assert pq.read_table(path).to_pylist() == ROWS
+    assert sorted(p.name for p in path.parent.iterdir()) == ["train.parquet"]
+
+
+def test_parquet_stream_row_groups_and_rename_on_close(tmp_path):
+    path = tmp_path / "out" / "train.parquet"
+    stream = ParquetStream(path, chunk_rows=3)
+    for row in ROWS:
+        stream.add(row)
+    assert stream.count == 7 and stream.written == 6
+    assert not path.exists() and stream.tmp.exists()  # nothing under the final name until complete
+    assert stream.close() == 7
+    assert not stream.tmp.exists()
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [3, 3, 1]
+    whole = pq.read_table(write_parquet(ROWS, tmp_path / "whole.parquet"))
+    assert pq.read_table(path).to_pylist() == ROWS == whole.to_pylist()
+
+
+def test_parquet_stream_aborts_on_error_and_writes_nothing_without_rows(tmp_path):
+    path = tmp_path / "train.parquet"
+    write_parquet(ROWS[:1], path)
+    with pytest.raises(RuntimeError), ParquetStream(path, chunk_rows=2) as stream:
+        for row in ROWS:
+            stream.add(row)
+        raise RuntimeError("failed mid-way")
+    assert pq.read_table(path).to_pylist() == ROWS[:1]  # the older complete file is untouched
+    assert not stream.tmp.exists()
+    empty = tmp_path / "empty.parquet"
+    with ParquetStream(empty) as stream:
+        pass
+    assert stream.written == 0 and not empty.exists() and not stream.tmp.exists()

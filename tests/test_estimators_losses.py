@@ -37,7 +37,7 @@ def test_opd_estimator_matches_brute_force():
         1 for i in range(s.shape[0]) for t in range(s.shape[1])
         if mask[i, t] and not -1.0 <= float(q[i, t] - s[i, t]) <= 0.5
     )
-    assert metrics["distill/adv_clip_frac"] == pytest.approx(clipped / float(mask.sum()))
+    assert metrics["opd/adv_clip_frac"] == pytest.approx(clipped / float(mask.sum()))
 
 
 def test_opd_estimator_called_by_plain_verl_explains_itself():

@@ -9,6 +9,7 @@ from opd_verl.checks.options import (
     route_table,
     route_teacher_indices,
     teacher_entries,
+    uses_opd,
     validate_config,
 )
 
@@ -65,7 +66,7 @@ def test_missing_teacher_is_an_error(composed_config, estimator):
 
 def test_distill_loss_needs_teacher(composed_config):
     cfg = composed_config()
-    cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "opd_distill"
+    cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "ppo_plus_distill"
     with pytest.raises(OPDConfigError, match="needs a teacher"):
         validate_config(cfg)
 
@@ -152,3 +153,17 @@ def test_route_table_and_indices():
     assert route_teacher_indices(["code", "math", "gsm8k"], table) == [2, 1, 0]
     with pytest.raises(OPDConfigError, match=r"opd.teachers\[0\] has no data_source"):
         route_table([{"path": "/a", "data_source": ""}, {"path": "/b", "data_source": "x"}])
+
+
+def test_old_loss_mode_name_still_works_with_a_deprecation_line(composed_config):
+    from opd_verl.checks.options import deprecation_notes, uses_distill_loss
+
+    cfg = composed_config()
+    cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "opd_distill"
+    assert uses_opd(cfg) and uses_distill_loss(cfg)
+    with pytest.raises(OPDConfigError, match="needs a teacher"):
+        validate_config(cfg)
+    [note] = deprecation_notes(cfg)
+    assert "loss_mode=opd_distill is now called ppo_plus_distill" in note
+    cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "ppo_plus_distill"
+    assert deprecation_notes(cfg) == []

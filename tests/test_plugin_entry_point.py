@@ -12,7 +12,7 @@ CHECK = (
     "import opd_verl.plugin as p\n"
     "p.require_plugin_loaded()\n"
     "print(sorted(k for k in c.ADV_ESTIMATOR_REGISTRY if k.startswith('opd')),"
-    " sorted(k for k in c.POLICY_LOSS_REGISTRY if k in ('importance_sampling', 'opd_distill')))\n"
+    " sorted(k for k in c.POLICY_LOSS_REGISTRY if k in ('importance_sampling', 'opd_distill', 'ppo_plus_distill')))\n"
 )
 
 
@@ -25,7 +25,7 @@ def test_registered_in_a_fresh_interpreter():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "['opd', 'opd_hybrid'] ['importance_sampling', 'opd_distill']" in result.stdout
+    assert "['opd', 'opd_hybrid'] ['importance_sampling', 'opd_distill', 'ppo_plus_distill']" in result.stdout
 
 
 def test_disabled_plugins_are_reported_as_not_loaded():

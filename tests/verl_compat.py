@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from opd_verl.demo.runs import kill_process_group
+
 PLUGIN_ENV = "VERL_USE_EXTERNAL_PLUGINS"
 MODES = ("without", "with")  # without: VERL_USE_EXTERNAL_PLUGINS=none; with: the variable unset (verl's "auto")
 
@@ -250,14 +252,6 @@ _PYTEST_MAIN = (
 )
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def run_pytest(files: list[str], mode: str, timeout: float = 300.0, extra_args: tuple[str, ...] = ()) -> RunResult:
     """One pytest process over `files` (relative to site-packages) in `mode`; outcomes parsed from JUnit XML."""
     sp = site_packages()
@@ -296,7 +290,8 @@ def run_pytest(files: list[str], mode: str, timeout: float = 300.0, extra_args: 
             try:
                 returncode: int | None = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_process_group(proc, grace=0)
+                proc.wait()
                 returncode = None
             else:
                 # Leftovers in the group (a Ray cluster a test forgot to shut down) would outlive the run.

@@ -13,15 +13,6 @@ from torch import Tensor
 from opd_verl.algorithms.divergences import sanitize_teacher_logp
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Σ mask·x / max(Σ mask, 1) over ``dim`` (all dims if None); masked-out entries may hold NaN/inf."""
-    m = mask.to(torch.bool)
-    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    if dim is None:
-        return total.sum() / m.sum().clamp_min(1).to(x.dtype)
-    return total.sum(dim) / m.sum(dim).clamp_min(1).to(x.dtype)
-
-
 class OPDAdvantage(NamedTuple):
     """Result of `opd_token_advantage`.
 
@@ -39,7 +30,7 @@ class OPDAdvantage(NamedTuple):
 
     @property
     def clip_frac(self) -> Tensor:
-        """num_clipped / max(num_tokens, 1) (what a caller logs as ``distill/adv_clip_frac``)."""
+        """num_clipped / max(num_tokens, 1) (what a caller logs as ``opd/adv_clip_frac``)."""
         return self.num_clipped.double() / self.num_tokens.clamp_min(1).double()
 
     @property

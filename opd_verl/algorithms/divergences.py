@@ -22,7 +22,6 @@ finite either. The teacher is always a constant (detached). Values are computed 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -462,21 +461,3 @@ def topk_divergence(
     ls = _append_log_tail(ls_k.to(torch.float64))
     lt = _append_log_tail(teacher_topk_logp.detach().to(torch.float64))
     return _divergence_from_logp(ls, lt, kind, beta).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# dispatch
-# ----------------------------------------------------------------------------------------------------------
-_BY_SUPPORT: dict[str, Callable[..., Tensor]] = {
-    "sampled": sampled_reverse_kl,
-    "topk": topk_divergence,
-    "full": chunked_full_divergence,
-}
-
-
-def divergence_fn(support: str) -> Callable[..., Tensor]:
-    """Per-token divergence function of a support: sampled → `sampled_reverse_kl`,
-    topk → `topk_divergence`, full → `chunked_full_divergence` (each keeps its own signature)."""
-    if support not in SUPPORTS:
-        raise ValueError(f"unknown support {support!r}; expected one of {SUPPORTS}")
-    return _BY_SUPPORT[support]

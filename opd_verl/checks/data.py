@@ -23,8 +23,9 @@ def _files(value) -> list[str]:
     return [str(v) for v in value]
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
+def _is_remote_uri(path: str) -> bool:
+    """hdfs://, s3://, ...: verl copies these itself; only local files are checked here."""
+    return "://" in path
 
 
 def check_parquet(path: str, key: str, prompt_key: str = "prompt", need_reward_columns: bool = True) -> int:
@@ -78,7 +79,7 @@ def check_data(config: Mapping) -> None:
     table = route_table(entries) if opd.get("multi_teacher_mode") == "route" and len(entries) > 1 else None
     for key in ("train_files", "val_files"):
         for path in _files(data.get(key)):
-            if _is_local(path):
+            if not _is_remote_uri(path):
                 check_parquet(path, f"data.{key}", prompt_key)
                 if table is not None:
                     check_routes(path, f"data.{key}", table)

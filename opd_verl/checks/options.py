@@ -15,7 +15,11 @@ import yaml
 from opd_verl.algorithms.divergences import DIVERGENCES, KL_ESTIMATORS, SUPPORTS
 
 OPD_ESTIMATORS = ("opd", "opd_hybrid")
-DISTILL_LOSS_MODE = "opd_distill"
+#: actor.policy_loss.loss_mode of the loss-level mode: L = lambda_rl * (verl's PPO loss) + lambda_distill * L_distill.
+DISTILL_LOSS_MODE = "ppo_plus_distill"
+#: its name before 0.2 (still accepted, with a deprecation line; to be removed in 0.3)
+DEPRECATED_DISTILL_LOSS_MODES = ("opd_distill",)
+DISTILL_LOSS_MODES = (DISTILL_LOSS_MODE, *DEPRECATED_DISTILL_LOSS_MODES)
 MULTI_TEACHER_MODES = ("mean_prob", "mean_logit", "route")
 TEACHER_ENTRY_KEYS = ("path", "weight", "data_source", "tokenizer_path")
 
@@ -157,8 +161,21 @@ def route_teacher_indices(sources: list[str], table: Mapping[str, int]) -> list[
 def uses_opd(config: Mapping) -> bool:
     """True when the run needs a teacher: an OPD advantage estimator or the distillation policy loss."""
     estimator = config["algorithm"]["adv_estimator"]
+    return estimator in OPD_ESTIMATORS or uses_distill_loss(config)
+
+
+def uses_distill_loss(config: Mapping) -> bool:
+    """True for the loss-level mode (actor.policy_loss.loss_mode=ppo_plus_distill, or its old name)."""
+    return config["actor_rollout_ref"]["actor"].get("policy_loss", {}).get("loss_mode") in DISTILL_LOSS_MODES
+
+
+def deprecation_notes(config: Mapping) -> list[str]:
+    """One line per deprecated name the config uses (printed by main_opd; the names still work)."""
     loss_mode = config["actor_rollout_ref"]["actor"].get("policy_loss", {}).get("loss_mode")
-    return estimator in OPD_ESTIMATORS or loss_mode == DISTILL_LOSS_MODE
+    if loss_mode in DEPRECATED_DISTILL_LOSS_MODES:
+        return [f"deprecated: actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode} is now called "
+                f"{DISTILL_LOSS_MODE} (the old name works until opd_verl 0.3)"]
+    return []
 
 
 def validate_opd_section(opd: Mapping) -> None:
@@ -202,7 +219,7 @@ def validate_opd_section(opd: Mapping) -> None:
     if opd["multi_teacher_mode"] == "mean_logit" and len(entries) > 1 and opd["support"] == "sampled":
         raise OPDConfigError(
             "opd.multi_teacher_mode=mean_logit needs the teachers' logits; set opd.support=topk|full "
-            "(loss_mode=opd_distill) or opd.multi_teacher_mode=mean_prob"
+            "(loss_mode=ppo_plus_distill) or opd.multi_teacher_mode=mean_prob"
         )
 
 

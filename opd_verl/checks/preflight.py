@@ -17,13 +17,14 @@ PROBE_MESSAGES = [
 ]
 
 
-def _is_local(path: str) -> bool:
+def _is_local_model_path(path: str) -> bool:
+    """A directory on this machine (absolute, relative or existing), as opposed to a hub name like Org/Model."""
     return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
 
 
 def check_model_path(path: str, key: str) -> None:
     """A local model path must be a readable directory with a config.json (hub names are checked on load)."""
-    if not _is_local(path):
+    if not _is_local_model_path(path):
         return
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
@@ -94,7 +95,7 @@ def run_preflight(config: Mapping) -> list[str]:
     for i, teacher in enumerate(teacher_entries(opd)):
         key = "opd.teacher.path" if not opd.get("teachers") else f"opd.teachers[{i}].path"
         check_model_path(teacher["path"], key)
-        if not (_is_local(teacher["path"]) and _is_local(student_tok_path)):
+        if not (_is_local_model_path(teacher["path"]) and _is_local_model_path(student_tok_path)):
             reports.append(f"preflight: {teacher['path']} is not local; vocabulary and template checks are skipped")
             continue
         student_tok = student_tok or _load_tokenizer(student_tok_path, trust)

@@ -10,7 +10,7 @@
    role, reverse KL per token as the advantage), verl's per-step metrics on the console and in a JSONL file;
 3. evaluation on the test split (opd_verl.evaluate): greedy accuracy, avg@k and pass@k of the teacher and of the
    student before and after OPD, the "gap closed" = (after - before) / (teacher - before), and a PNG plot of the
-   per-token KL (distill/kl_per_token) and accuracy per step.
+   per-token KL (opd/kl_per_token) and accuracy per step.
 
 Outputs (--out, default ./opd_demo): opd.log (the trainer's output), metrics.jsonl (verl's file logger),
 results.json, opd_demo.png.

@@ -20,14 +20,14 @@ def _nice_ceil(value: float) -> float:
 
 def plot_metrics(metrics: dict[int, dict[str, float]], path: str | os.PathLike, title: str = "OPD demo",
                  references: dict[str, float] | None = None) -> str:
-    """PNG with two panels: per-token KL (distill/kl_per_token) and accuracy (training samples, val greedy), with
+    """PNG with two panels: per-token KL (opd/kl_per_token) and accuracy (training samples, val greedy), with
     `references` ({label: accuracy}, e.g. the teacher's) as dashed horizontal lines in the accuracy panel."""
-    kl = sorted((s, m["distill/kl_per_token"]) for s, m in metrics.items() if "distill/kl_per_token" in m)
+    kl = sorted((s, m["opd/kl_per_token"]) for s, m in metrics.items() if "opd/kl_per_token" in m)
     train_acc = sorted((s, m["critic/score/mean"]) for s, m in metrics.items() if "critic/score/mean" in m)
     vkey = val_accuracy_key(metrics)
     val_acc = sorted((s, m[vkey]) for s, m in metrics.items() if vkey and vkey in m)
     panels = [
-        ("reverse KL per token (distill/kl_per_token)", [("kl/token", kl, (200, 60, 40))], None, None),
+        ("reverse KL per token (opd/kl_per_token)", [("kl/token", kl, (200, 60, 40))], None, None),
         ("accuracy", [("sampled (train, T=1)", train_acc, (40, 110, 200)),
                       ("greedy (val)", val_acc, (30, 150, 60))], (0.0, 1.0), references),
     ]

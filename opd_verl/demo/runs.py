@@ -56,20 +56,27 @@ def opd_command(built: Built, out: Path, steps: int, test_freq: int, extra: list
 _STEP_LINE = re.compile(r"step:(\d+) - ")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the run's own process group (the driver, its Ray processes, vLLM)."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+def kill_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM, then (after `grace` s) SIGKILL, the process group a run was started in (start_new_session=True):
+    the driver, Ray's GCS and raylet, vLLM. Returns when the group is gone."""
+    try:
+        pgid = os.getpgid(proc.pid) if proc.poll() is None else proc.pid
+    except ProcessLookupError:
+        pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
-            return
+            break
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             try:
-                os.killpg(proc.pid, 0)
+                os.killpg(pgid, 0)
             except ProcessLookupError:
+                proc.poll()
                 return
-            time.sleep(0.3)
+            time.sleep(0.2)
+    proc.poll()
 
 
 def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "OPD",
@@ -107,7 +114,7 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "O
                 if time.monotonic() - last_step[0] > stall_timeout:
                     stalled.set()
                     log(f"{label}: no step for {stall_timeout:.0f}s; stopping the run")
-                    _kill_group(proc)
+                    kill_process_group(proc)
                     return
                 time.sleep(2)
 
@@ -135,18 +142,38 @@ def run_opd(cmd: list[str], out: Path, timeout: float, log=_log, label: str = "O
         finally:
             if timed_out:
                 log(f"{label}: timed out after {timeout:.0f}s; stopping the run")
-            _kill_group(proc)
+            kill_process_group(proc)
             proc.wait()
     seconds = time.monotonic() - start
     return {"returncode": proc.returncode, "timed_out": timed_out, "stalled": stalled.is_set(), "seconds": seconds,
             "seconds_to_first_step": first_step, "log": str(log_path), "metrics": str(metrics_path)}
 
 
-# "key:value" or "key:np.float64(value)" in verl's console lines
-_METRIC = re.compile(r"([\w/@.\-]+):(?:np\.\w+\()?(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|-?inf"
+# "key:1.5" or, for numpy scalars, "key:np.float64(1.5)", in verl's console lines "step:N - key:value - ..."
+_METRIC = re.compile(r"([A-Za-z_][\w/@.\-]*):\s*(?:np\.\w+\()?(" + _NUMBER + r")\)?")
+
+
+def line_metrics(line: str) -> tuple[int, dict[str, float]] | None:
+    """(step, {metric: value}) of one console line of verl's, or None for any other line."""
+    match = _STEP_LINE.search(line)
+    if not match:
+        return None
+    return int(match.group(1)), {k: float(v) for k, v in _METRIC.findall(line[match.start():])}
+
+
+def console_metrics(text: str) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} from verl's console output (what a run printed)."""
+    steps: dict[int, dict[str, float]] = {}
+    for line in text.splitlines():
+        parsed = line_metrics(line)
+        if parsed:
+            steps.setdefault(parsed[0], {}).update(parsed[1])
+    return steps
+
 
 _SHOWN = (
-    ("distill/kl_per_token", "kl/token"),
+    ("opd/kl_per_token", "kl/token"),
     ("critic/score/mean", "sample acc"),
     ("actor/pg_loss", "pg_loss"),
     ("timing_s/step", "step s"),
@@ -154,9 +181,8 @@ _SHOWN = (
 
 
 def _summarize_step(line: str) -> str:
-    match = _STEP_LINE.search(line)
-    parts = [f"step {match.group(1)}"]
-    metrics = {k: float(v) for k, v in _METRIC.findall(line[match.start():])}
+    step, metrics = line_metrics(line)
+    parts = [f"step {step}"]
     for key, label in _SHOWN:
         if key in metrics:
             parts.append(f"{label} {metrics[key]:.3f}")

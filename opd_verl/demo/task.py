@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from opd_verl.parquet import write_parquet
 from opd_verl.rewards import GSM8K, INSTRUCTIONS
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,19 +239,6 @@ def sft_row(problem: Problem, index: int, split: str) -> dict:
         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": problem.answer}],
         "extra_info": {"split": split, "index": index, "question": problem.question, "answer": problem.answer},
     }
-
-
-def write_parquet(rows: Sequence[dict], path: str | os.PathLike) -> str:
-    """Rows -> parquet with pyarrow (as data_preprocess/common.py writes), atomically (tmp + rename)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
-    os.replace(tmp, path)
-    return str(path)
 
 
 def write_task(out_dir: str | os.PathLike, splits: Mapping[str, Sequence[Problem]]) -> dict[str, str]:

@@ -15,12 +15,13 @@ import torch
 from verl.trainer.ppo.core_algos import agg_loss
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss
+from verl.utils.torch_functional import masked_mean
 from verl.workers.utils.padding import no_padding_2_padding
 
-from opd_verl.algorithms.advantages import distill_loss_mix, masked_mean
+from opd_verl.algorithms.advantages import distill_loss_mix
 from opd_verl.algorithms.divergences import chunked_full_divergence, sampled_reverse_kl, topk_divergence
 
-DISTILL_KEY = "opd_distill"
+DISTILL_KEY = "opd_divergence"
 TOPK_MASS_KEY = "opd_topk_mass"
 
 
@@ -134,9 +135,9 @@ def opd_actor_loss(
         loss_mat = no_padding_2_padding(model_output[DISTILL_KEY], data)
         mass = no_padding_2_padding(model_output[TOPK_MASS_KEY], data)
     distill = agg_loss(loss_mat=loss_mat, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info)
-    metrics["distill/loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
-    metrics["distill/divergence_per_token"] = Metric(
+    metrics["opd/distill_loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
+    metrics["opd/divergence_per_token"] = Metric(
         value=masked_mean(loss_mat.detach(), mask).item(), aggregation=AggregationType.MEAN
     )
-    metrics["distill/topk_mass"] = Metric(value=masked_mean(mass, mask).item(), aggregation=AggregationType.MEAN)
+    metrics["opd/topk_mass"] = Metric(value=masked_mean(mass, mask).item(), aggregation=AggregationType.MEAN)
     return distill_loss_mix(pg_loss, distill, lambda_rl, lambda_distill), metrics

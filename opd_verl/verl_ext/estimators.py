@@ -11,8 +11,9 @@ from collections.abc import Mapping
 
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
+from verl.utils.torch_functional import masked_mean
 
-from opd_verl.algorithms.advantages import hybrid_advantage, masked_mean, opd_token_advantage
+from opd_verl.algorithms.advantages import hybrid_advantage, opd_token_advantage
 
 
 def _require(value, name: str, estimator: str):
@@ -30,10 +31,10 @@ def distill_metrics(teacher_log_prob, student_log_prob, response_mask) -> dict[s
     s = student_log_prob.double()
     q = torch.where(finite, teacher_log_prob.double(), torch.zeros_like(s))
     return {
-        "distill/kl_per_token": masked_mean(s - q, finite).item(),
-        "distill/teacher_logprob": masked_mean(q, finite).item(),
-        "distill/student_logprob": masked_mean(s, response_mask).item(),
-        "distill/teacher_invalid_frac": 1.0 - masked_mean(finite.double(), response_mask).item(),
+        "opd/kl_per_token": masked_mean(s - q, finite).item(),
+        "opd/teacher_logprob": masked_mean(q, finite).item(),
+        "opd/student_logprob": masked_mean(s, response_mask).item(),
+        "opd/teacher_invalid_frac": 1.0 - masked_mean(finite.double(), response_mask).item(),
     }
 
 
@@ -58,8 +59,8 @@ def compute_opd_advantage(
         q, s, response_mask, float(opd["adv_clip_min"]), float(opd["adv_clip_max"]), float(opd["discount"])
     )
     if metrics is not None:
-        metrics["distill/adv_clip_frac"] = result.clip_frac.item()
-        metrics["distill/kl_coef"] = 1.0
+        metrics["opd/adv_clip_frac"] = result.clip_frac.item()
+        metrics["opd/kl_coef"] = 1.0
     advantages = result.advantages.to(torch.float32)
     return advantages, advantages
 
@@ -89,5 +90,5 @@ def compute_opd_hybrid_advantage(
         base, q, s, response_mask, alpha, clip_min=float(opd["adv_clip_min"]), clip_max=float(opd["adv_clip_max"])
     )
     if metrics is not None:
-        metrics["distill/kl_coef"] = alpha
+        metrics["opd/kl_coef"] = alpha
     return advantages, (base if base_returns is None else base_returns)

@@ -2,7 +2,7 @@
 
 - `importance_sampling`: the unclipped importance-sampled policy gradient, loss = -ratio * A (the seeds' loss
   for pure OPD, where A is the per-token teacher-student advantage).
-- `opd_distill`: the policy-gradient part of the loss-level hybrid L = lambda_rl * L_pg + lambda_distill * L_distill.
+- `ppo_plus_distill` (formerly `opd_distill`, still registered): the policy-gradient part of the loss-level hybrid L = lambda_rl * L_pg + lambda_distill * L_distill.
   Its L_pg is verl's PPO clip loss; the OPD actor loss (opd_verl.verl_ext.distill_actor_loss) weights it and adds the
   distillation term over distributions, which needs the student's logits that a policy loss never sees.
 """
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, register_policy_loss
-
-from opd_verl.algorithms.advantages import masked_mean
+from verl.utils.torch_functional import masked_mean
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -46,8 +45,9 @@ def compute_policy_loss_importance_sampling(
     return loss, metrics
 
 
-@register_policy_loss("opd_distill")
-def compute_policy_loss_opd_distill(
+@register_policy_loss("opd_distill")  # the old name (deprecated; main_opd prints a line)
+@register_policy_loss("ppo_plus_distill")
+def compute_policy_loss_ppo_plus_distill(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
     advantages: torch.Tensor,

@@ -20,7 +20,8 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig, TrainingWorkerConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
-from opd_verl.checks.options import route_table, route_teacher_indices
+from opd_verl.algorithms.teachers import mix_log_probs, mix_teacher_logits, route_rows
+from opd_verl.checks.options import DISTILL_LOSS_MODES, route_table, route_teacher_indices
 from opd_verl.plugin import require_plugin_loaded
 
 
@@ -40,29 +41,6 @@ def teacher_model_config(model_config, teacher: dict):
     model = omega_conf_to_dataclass(cfg)
     model.mtp = dataclasses.replace(model.mtp, enable=False)
     return model
-
-
-def combine_teacher_log_probs(per_teacher: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """log of the weighted mean of the teachers' probabilities of the sampled token (weights normalised)."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    log_w = torch.log(w / w.sum())
-    stacked = torch.stack([lp.to(torch.float64) for lp in per_teacher])
-    return torch.logsumexp(stacked + log_w.view(-1, *([1] * per_teacher[0].dim())), dim=0).to(per_teacher[0].dtype)
-
-
-def route_rows(per_teacher: list[torch.Tensor], sample_teacher: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Packed rows [nnz, ...] taken from each sample's own teacher: sample i (lengths[i] rows) from
-    per_teacher[sample_teacher[i]]. Rows past sum(lengths) (sequence-parallel padding) follow the last sample."""
-    token_teacher = torch.repeat_interleave(sample_teacher.to(torch.long), lengths.to(torch.long))
-    extra = per_teacher[0].shape[0] - token_teacher.numel()
-    if extra > 0:
-        token_teacher = torch.cat([token_teacher, token_teacher[-1:].expand(extra)])
-    token_teacher = token_teacher.to(per_teacher[0].device)
-    out = per_teacher[0].clone()
-    for k in range(1, len(per_teacher)):
-        rows = token_teacher == k
-        out[rows] = per_teacher[k][rows].to(out.dtype)
-    return out
 
 
 class OPDWorker(ActorRolloutRefWorker):
@@ -130,8 +108,7 @@ class OPDWorker(ActorRolloutRefWorker):
             self.actor.set_loss_fn(self.loss_fn)
 
     def _uses_distill_loss(self) -> bool:
-        loss_mode = self.config.actor.policy_loss.get("loss_mode")
-        return loss_mode == "opd_distill"
+        return self.config.actor.policy_loss.get("loss_mode") in DISTILL_LOSS_MODES
 
     def _sample_teachers(self, data) -> torch.Tensor | None:
         """Each sample's teacher index under multi_teacher_mode=route (None when teachers are averaged)."""
@@ -160,7 +137,7 @@ class OPDWorker(ActorRolloutRefWorker):
         if sample_teacher is not None:
             combined = route_rows(per_teacher, sample_teacher, first.offsets().diff())
         else:
-            combined = combine_teacher_log_probs(per_teacher, [t["weight"] for t in self.teacher_entries])
+            combined = mix_log_probs(per_teacher, [t["weight"] for t in self.teacher_entries])
         outputs[0]["log_probs"] = torch.nested.nested_tensor_from_jagged(combined, first.offsets())
         return outputs[0].cpu()
 
@@ -187,25 +164,14 @@ class OPDWorker(ActorRolloutRefWorker):
         if sample_teacher is not None:
             combined = route_rows(logits, sample_teacher, micro_batch["input_ids"].offsets().diff())
         else:
-            combined = combine_teacher_logits(logits, [t["weight"] for t in self.teacher_entries], self.opd_options)
+            weights = [t["weight"] for t in self.teacher_entries]
+            combined = mix_teacher_logits(logits, weights, self.opd_options["multi_teacher_mode"])
         if not getattr(self, "_alignment_checked", False) and self.opd_options["multi_teacher_mode"] != "mean_logit":
             from opd_verl.verl_ext.distill_actor_loss import check_alignment
 
             check_alignment(combined, output_args["input_ids_rmpad_rolled"], micro_batch)
             self._alignment_checked = True
         return combined
-
-
-def combine_teacher_logits(logits: list[torch.Tensor], weights: list[float], opd: dict) -> torch.Tensor:
-    """One teacher's logits, or several combined: mean of logits, or log of the mean of probabilities."""
-    if len(logits) == 1:
-        return logits[0]
-    w = torch.tensor(weights, dtype=torch.float32, device=logits[0].device)
-    w = w / w.sum()
-    if opd["multi_teacher_mode"] == "mean_logit":
-        return sum(wi * li.float() for wi, li in zip(w, logits))
-    log_probs = torch.stack([torch.log_softmax(li.float(), dim=-1) for li in logits])
-    return torch.logsumexp(log_probs + torch.log(w).view(-1, 1, 1), dim=0)
 
 
 def make_worker_class(opd_options: dict, teacher_entries: list[dict]) -> type[OPDWorker]:

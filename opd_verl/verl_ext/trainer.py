@@ -27,6 +27,31 @@ from opd_verl.verl_ext.teacher_worker import make_worker_class
 
 TOKEN_DUMP_ENV = "OPD_VERL_DUMP_TOKENS"
 
+#: Every metric of ours is under opd/ (the actor loss's too: verl logs them as actor/opd/*, hoisted here). Their
+#: names before 0.2 are logged as well, until 0.3: new name -> old name.
+METRIC_NAMESPACE = "opd/"
+DEPRECATED_METRIC_NAMES = {
+    **{f"opd/{name}": f"distill/{name}" for name in (
+        "kl_per_token", "teacher_logprob", "student_logprob", "teacher_invalid_frac", "adv_clip_frac", "kl_coef")},
+    "opd/distill_loss": "actor/distill/loss",
+    "opd/divergence_per_token": "actor/distill/divergence_per_token",
+    "opd/topk_mass": "actor/distill/topk_mass",
+}
+
+
+def hoist_actor_metrics(metrics: dict) -> None:
+    """actor/opd/x -> opd/x (one namespace for the plugin's metrics), in place."""
+    prefix = "actor/" + METRIC_NAMESPACE
+    for key in [k for k in metrics if k.startswith(prefix)]:
+        metrics[METRIC_NAMESPACE + key[len(prefix):]] = metrics.pop(key)
+
+
+def add_deprecated_metric_names(metrics: dict) -> None:
+    """Also log each renamed metric under its old name (until opd_verl 0.3), in place."""
+    for new, old in DEPRECATED_METRIC_NAMES.items():
+        if new in metrics:
+            metrics[old] = metrics[new]
+
 
 class OPDTrainer(PPOTrainerSync):
     """PPOTrainerSync whose reference is the teacher and whose advantage step sees teacher and student log-probs."""
@@ -43,6 +68,15 @@ class OPDTrainer(PPOTrainerSync):
         self.opd_active = uses_opd(config)
         if self.opd_active:
             self.use_reference_policy = True
+            print("opd_verl: metrics are logged under opd/*; their old names (distill/*, actor/distill/*) are "
+                  "logged too until opd_verl 0.3")
+
+    def _update_actor(self, batch, metrics: dict):
+        batch = super()._update_actor(batch, metrics)
+        if self.opd_active:
+            hoist_actor_metrics(metrics)
+            add_deprecated_metric_names(metrics)
+        return batch
 
     # verl puts the reference inside a LoRA actor (adapter off) and builds none; with OPD the reference is the
     # teacher, which must stay a separate model.
@@ -138,6 +172,7 @@ class OPDTrainer(PPOTrainerSync):
                 **common,
             )
         data.batch["advantages"], data.batch["returns"] = advantages, returns
+        add_deprecated_metric_names(metrics)
         if os.environ.get(TOKEN_DUMP_ENV):
             self._dump_token_terms(batch, data.batch)
 
@@ -169,7 +204,8 @@ class OPDTrainer(PPOTrainerSync):
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask", "old_log_probs", "ref_log_prob"]
         ).to_padded_tensor()
         metrics.update(distill_metrics(data["ref_log_prob"], data["old_log_probs"], data["response_mask"]))
-        metrics["distill/kl_coef"] = float(self.opd["lambda_distill"])
+        metrics["opd/kl_coef"] = float(self.opd["lambda_distill"])
+        add_deprecated_metric_names(metrics)
 
 
 def trainer_class(config):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from opd_verl.demo.runs import console_metrics, kill_process_group  # noqa: F401  (console_metrics: for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -157,34 +158,10 @@ def run_main(overrides: list[str], log_path: str | os.PathLike, timeout: float, 
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        _kill_group(proc)
+        kill_process_group(proc, grace=10)
     finally:
-        _kill_group(proc, only_leftovers=True)
+        kill_process_group(proc, grace=5)  # what is left of the group after a normal exit
     return RunResult(proc.returncode, time.monotonic() - start, Path(log_path).read_text(errors="replace"), timed_out)
-
-
-def _kill_group(proc: subprocess.Popen, only_leftovers: bool = False) -> None:
-    """Kill the run's process group (driver, Ray's processes it started, vLLM) after a grace period."""
-    try:
-        pgid = os.getpgid(proc.pid) if proc.poll() is None else proc.pid
-    except ProcessLookupError:
-        pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        if only_leftovers and sig == signal.SIGTERM:
-            wait = 5
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                proc.poll()
-                return
-            time.sleep(0.2)
-    proc.poll()
 
 
 def run_processes(proc: subprocess.Popen) -> set[int]:
@@ -238,28 +215,6 @@ def sigkill_run(proc: subprocess.Popen, wait: float = 30) -> list[str]:
         except ProcessLookupError:
             pass
     return survivors
-
-
-_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|-?inf"
-# "key:1.5" or, for numpy scalars, "key:np.float64(1.5)"
-_METRIC = re.compile(r"([A-Za-z_][\w/@.\-]*):\s*(?:np\.\w+\()?(" + _NUMBER + r")\)?")
-
-
-def console_metrics(log: str) -> dict[int, dict[str, float]]:
-    """Per-step metrics printed by verl's console logger ("step:N - key:value - key:value ...")."""
-    steps: dict[int, dict[str, float]] = {}
-    for line in log.splitlines():
-        match = re.search(r"step:(\d+) - ", line)
-        if not match:
-            continue
-        step = int(match.group(1))
-        metrics = steps.setdefault(step, {})
-        for key, value in _METRIC.findall(line[match.start():]):
-            try:
-                metrics[key] = float(value)
-            except ValueError:
-                pass
-    return steps
 
 
 if __name__ == "__main__":

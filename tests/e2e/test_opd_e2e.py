@@ -51,8 +51,8 @@ def test_teacher_equal_to_student_gives_zero_kl(workdir):
     """Alignment and precision: the teacher pass reproduces the student's log-probs of its own samples."""
     metrics = _run(workdir, "same", _opd(workdir, "same", steps=1, **{"opd.teacher.path": workdir.model}))
     step = metrics[1]
-    assert abs(step["distill/kl_per_token"]) <= 1e-5, step["distill/kl_per_token"]
-    assert step["distill/teacher_invalid_frac"] == 0.0
+    assert abs(step["opd/kl_per_token"]) <= 1e-5, step["opd/kl_per_token"]
+    assert step["opd/teacher_invalid_frac"] == 0.0
 
 
 def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
@@ -69,7 +69,7 @@ def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
                 "algorithm.adv_estimator": "opd_hybrid",
                 "opd.hybrid_base_estimator": "grpo",
                 "opd.hybrid_alpha": 0.1,
-                "actor_rollout_ref.actor.policy_loss.loss_mode": "opd_distill",
+                "actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill",
                 "opd.support": "full",
                 "opd.divergence": "jsd",
                 "opd.beta": 0.3,
@@ -82,8 +82,8 @@ def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
         ),
     )
     m = metrics[1]
-    assert m["distill/kl_coef"] == pytest.approx(0.1) and m["distill/kl_per_token"] > 1e-3
-    assert m["actor/distill/divergence_per_token"] > 0 and m["actor/distill/topk_mass"] == pytest.approx(1.0)
+    assert m["opd/kl_coef"] == pytest.approx(0.1) and m["opd/kl_per_token"] > 1e-3
+    assert m["opd/divergence_per_token"] > 0 and m["opd/topk_mass"] == pytest.approx(1.0)
     assert "actor/pg_loss" in m  # the PPO part ran too (lambda_rl > 0)
 
 
@@ -102,7 +102,7 @@ def test_the_other_support_and_divergence_pairs_run_a_step(workdir, support, div
             name,
             steps=1,
             **{
-                "actor_rollout_ref.actor.policy_loss.loss_mode": "opd_distill",
+                "actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill",
                 "opd.support": support,
                 "opd.divergence": divergence,
                 "opd.topk": 8,
@@ -112,8 +112,8 @@ def test_the_other_support_and_divergence_pairs_run_a_step(workdir, support, div
         ),
     )
     m = metrics[1]
-    assert m["actor/distill/divergence_per_token"] > 1e-3, m["actor/distill/divergence_per_token"]
-    mass = m["actor/distill/topk_mass"]
+    assert m["opd/divergence_per_token"] > 1e-3, m["opd/divergence_per_token"]
+    mass = m["opd/topk_mass"]
     assert mass == pytest.approx(1.0) if support == "full" else 0.0 < mass < 1.0, mass
 
 
@@ -132,7 +132,7 @@ def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
             **{
                 "actor_rollout_ref.model.lora_rank": 8,
                 "actor_rollout_ref.model.lora_alpha": 16,
-                "actor_rollout_ref.actor.policy_loss.loss_mode": "opd_distill",
+                "actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill",
                 "opd.support": "topk",
                 "opd.divergence": "forward_kl",
                 "opd.topk": 8,
@@ -145,8 +145,8 @@ def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
         ),
     )
     m = metrics[1]
-    assert m["distill/kl_per_token"] > 1e-2
-    assert m["actor/distill/divergence_per_token"] > 0 and 0.0 < m["actor/distill/topk_mass"] < 1.0
+    assert m["opd/kl_per_token"] > 1e-2
+    assert m["opd/divergence_per_token"] > 0 and 0.0 < m["opd/topk_mass"] < 1.0
 
 
 def _float64_log_probs(model_dir, prompt, response):
@@ -180,9 +180,9 @@ def test_pure_opd_terms_match_a_float64_recomputation_with_mixed_lengths(workdir
     result = run_main(overrides, workdir.root / "precision.log", timeout=TIMEOUT, env={"OPD_VERL_DUMP_TOKENS": str(dump)})
     assert result.returncode == 0, result.log[-4000:]
     m = console_metrics(result.log)[1]
-    assert m["distill/kl_per_token"] > 1e-3 and m["distill/kl_coef"] == 1.0 and "distill/adv_clip_frac" in m
+    assert m["opd/kl_per_token"] > 1e-3 and m["opd/kl_coef"] == 1.0 and "opd/adv_clip_frac" in m
     # unclipped IS with A = q - s: the loss at ratio 1 is the token mean of s - q
-    assert m["actor/pg_loss"] == pytest.approx(m["distill/kl_per_token"], rel=0.05, abs=1e-3)
+    assert m["actor/pg_loss"] == pytest.approx(m["opd/kl_per_token"], rel=0.05, abs=1e-3)
     saved = torch.load(dump / "step_1.pt")
     lengths = [len(r) for r in saved["responses"]]
     assert len(set(lengths)) > 1, f"need responses of different lengths, got {lengths}"

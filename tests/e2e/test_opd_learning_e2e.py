@@ -95,7 +95,7 @@ def test_opd_lowers_the_kl_and_raises_the_reward(built, tmp_path):
     steps = console_metrics(result.log)
     assert sorted(s for s in steps if s > 0) == list(range(1, STEPS + 1)), sorted(steps)
 
-    kl = [steps[s]["distill/kl_per_token"] for s in range(1, STEPS + 1)]
+    kl = [steps[s]["opd/kl_per_token"] for s in range(1, STEPS + 1)]
     kl_start, kl_end = _mean(kl[:3]), _mean(kl[-3:])
     assert kl_end <= 0.7 * kl_start, f"per-token reverse KL fell only from {kl_start:.3f} to {kl_end:.3f}: {kl}"
 
