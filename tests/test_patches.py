@@ -1,8 +1,9 @@
-"""Every patch in opd_verl/patches.py: the upstream code it relies on is unchanged (pinned source hashes and the
-exact lines used), and, where cheap, the patch does what it claims on CPU. Also the CPU platform.
+"""Every patch in opd_verl/cpu/patches/ (the mechanism in __init__.py, the patches in its topic modules: vllm_cpu,
+distributed, weight_sync): the upstream code it relies on is unchanged (pinned source hashes and the exact lines used),
+and, where cheap, the patch does what it claims on CPU. Also the CPU platform.
 
 When an upstream pin fails after a verl/vLLM upgrade: read the new upstream code, check whether the patch is still
-needed and still right, then update the hash in opd_verl/patches.py (PATCHES[name].pins).
+needed and still right, then update the hash in the patch's topic module (PATCHES[name].pins; the failure names it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 import verl  # noqa: F401  (loads the opd_verl plugin, which installs the patches)
 from opd_verl.cpu import patches
+from opd_verl.cpu.patches import vllm_cpu, weight_sync
 
 ALL_PINS = [(name, target, sha) for name, p in patches.PATCHES.items() for target, sha in p.pins.items()]
 
@@ -33,7 +35,7 @@ def _free_port() -> int:
 
 
 def test_every_patch_names_a_version_and_reason():
-    expected = {
+    expected = [  # in order of application
         "vllm_cpu_distribution_alias",
         "gloo_process_group",
         "fsdp_engine_cpu_registry",
@@ -41,8 +43,9 @@ def test_every_patch_names_a_version_and_reason():
         "vllm_cpu_live_weight_linear",
         "weight_sync_fail_fast",
         "weight_sync_socket_per_ray_session",
-    }
-    assert set(patches.PATCHES) == expected
+    ]
+    assert list(patches.PATCHES) == expected
+    assert list(patches.ORDER) == expected, "every patch is listed in patches.ORDER"
     for p in patches.PATCHES.values():
         assert p.package in ("verl", "vllm-cpu") and p.version and p.reason and p.pins
 
@@ -52,7 +55,7 @@ def test_upstream_source_is_the_patched_version(name, target, sha):
     actual = patches.upstream_sha(target)
     assert actual == sha, (
         f"patch {name!r}: upstream {target} changed (sha256 {actual} != pinned {sha}). Re-check the patch against "
-        f"the new code, then update PATCHES[{name!r}].pins in opd_verl/patches.py."
+        f"the new code, then update PATCHES[{name!r}].pins in {sys.modules[patches.PATCHES[name].apply.__module__].__file__}."
     )
 
 
@@ -132,7 +135,7 @@ def test_plugin_loaded_and_patches_idempotent():
     patches.apply_import_time_patches()
     assert {n: p.applied for n, p in patches.PATCHES.items() if before[n]} == {n: True for n in before if before[n]}
     assert sum(isinstance(f, patches._PostImportFinder) for f in sys.meta_path) <= 1
-    assert sum(isinstance(f, patches._VllmCpuFinder) for f in sys.meta_path) == 1
+    assert sum(isinstance(f, vllm_cpu._VllmCpuFinder) for f in sys.meta_path) == 1
 
 
 def test_vllm_distribution_alias():
@@ -257,9 +260,9 @@ def test_weight_sync_recv_times_out_instead_of_hanging():
     addr = f"ipc:///tmp/opd-verl-test-{os.getpid()}.sock"
     sock.bind(addr)
     try:
-        wrapped = patches._FailFastSocket(sock, timeout_s=1.0)
+        wrapped = weight_sync._FailFastSocket(sock, timeout_s=1.0)
         start = time.monotonic()
-        with pytest.raises(patches.WeightSyncError, match="no answer from the rollout server"):
+        with pytest.raises(weight_sync.WeightSyncError, match="no answer from the rollout server"):
             wrapped.recv()
         assert time.monotonic() - start < 5
     finally:
@@ -342,10 +345,10 @@ def test_weight_sync_socket_unique_per_ray_session(monkeypatch):
     assert sender_a == receiver_a and sender_b == receiver_b, "both ends of the socket must use the same path"
     assert sender_a != sender_b, "two Ray clusters (same job id 01000000) must not share the socket"
     assert again_a == sender_a, "the path depends only on the Ray session and the job id"
-    suffix = patches.colocate_zmq_job_id("01000000", session_a).split("-")[1]
+    suffix = weight_sync.colocate_zmq_job_id("01000000", session_a).split("-")[1]
     assert sender_a == f"ipc:///tmp/rl-colocate-zmq-01000000-{suffix}-replica-0-rank-0.sock"
     assert len(sender_a[len("ipc://"):].encode()) < 107 - 10  # AF_UNIX sun_path, room for larger ranks
-    assert patches.colocate_zmq_job_id("02000000", session_a) != patches.colocate_zmq_job_id("01000000", session_a)
+    assert weight_sync.colocate_zmq_job_id("02000000", session_a) != weight_sync.colocate_zmq_job_id("01000000", session_a)
 
 
 def test_weight_sync_socket_unpatched_is_shared_by_ray_sessions(monkeypatch):

