@@ -3,8 +3,8 @@
     .venv/bin/python bench/full_vocab_divergence.py            # full run (V = 151936, T in {1024, 2048, 8192})
     .venv/bin/python bench/full_vocab_divergence.py --quick    # smoke test (< 1 min)
 
-Writes ``bench/results/full_vocab_divergence.json`` (``..._quick.json`` with ``--quick``) and an SVG plot of
-peak memory vs T next to it.
+Writes ``bench/results/full_vocab_divergence.json`` (``..._quick.json`` with ``--quick``) and a PNG plot of
+peak memory vs T next to it (``..._memory.png``).
 
 What is measured (forward + backward of ``loss = out.sum()``, float32, JSD with beta = 0.5):
 
@@ -674,8 +674,10 @@ def _summary(result: dict, cfg: dict) -> dict:
     return summary
 
 
-def _svg(result: dict, path: Path) -> None:
-    """Peak extra memory vs T (log-log) as a small dependency-free SVG."""
+def _plot_memory(result: dict, path: Path) -> str | None:
+    """PNG of peak extra memory vs T (log-log), the naive run's extrapolated peaks dashed; None without data."""
+    from opd_verl.demo.plots import plot_panels
+
     series: dict[str, list[tuple[float, float]]] = {"ours": [], "sampled": [], "naive": [], "naive (extrapolated)": []}
     for r in result.get("results", []):
         for key, name in (("ours_hidden", "ours"), ("sampled_hidden", "sampled")):
@@ -691,44 +693,15 @@ def _svg(result: dict, path: Path) -> None:
     series["naive"].sort()
     if series["naive"] and series["naive (extrapolated)"]:
         series["naive (extrapolated)"].insert(0, series["naive"][-1])
-    pts = [p for s in series.values() for p in s if p[1] > 0]
-    if not pts:
-        return
-    w, hgt, m = 640, 420, 70
-    x0, x1 = math.log2(min(p[0] for p in pts)), math.log2(max(p[0] for p in pts))
-    y0, y1 = math.log10(min(p[1] for p in pts)) - 0.1, math.log10(max(p[1] for p in pts)) + 0.1
-    x1 = x1 if x1 > x0 else x0 + 1
-
-    def xy(t, mb):
-        return (m + (math.log2(t) - x0) / (x1 - x0) * (w - 2 * m), hgt - m - (math.log10(mb) - y0) / (y1 - y0) * (hgt - 2 * m))
-
-    colors = {"ours": "#1f77b4", "sampled": "#2ca02c", "naive": "#d62728", "naive (extrapolated)": "#d62728"}
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{hgt}" font-family="sans-serif" font-size="12">']
-    out.append(f'<rect width="{w}" height="{hgt}" fill="white"/>')
+    ts = sorted({t for pts in series.values() for t, mb in pts if mb > 0})
+    if not ts:
+        return None
+    colors = {"ours": (31, 119, 180), "sampled": (44, 160, 44), "naive": (214, 39, 40), "naive (extrapolated)": (214, 39, 40)}
+    lines = [(name, pts, colors[name], *(("dashed",) if "extrapolated" in name else ())) for name, pts in series.items() if pts]
     s = result["settings"]
-    out.append(f'<text x="{m}" y="20">Peak extra RSS vs T: JSD fwd+bwd, V={s["vocab"]}, H={s["hidden"]}, chunk={s["chunk"]}</text>')
-    out.append(f'<line x1="{m}" y1="{hgt - m}" x2="{w - m}" y2="{hgt - m}" stroke="black"/>')
-    out.append(f'<line x1="{m}" y1="{m}" x2="{m}" y2="{hgt - m}" stroke="black"/>')
-    for t in sorted({p[0] for p in pts}):
-        x, _ = xy(t, 10**y0)
-        out.append(f'<text x="{x:.0f}" y="{hgt - m + 16}" text-anchor="middle">{t}</text>')
-    for e in range(math.floor(y0), math.ceil(y1) + 1):
-        if y0 <= e <= y1:
-            _, y = xy(2**x0, 10**e)
-            out.append(f'<text x="{m - 6}" y="{y + 4:.0f}" text-anchor="end">{10**e:g} MB</text>')
-    out.append(f'<text x="{w / 2}" y="{hgt - 25}" text-anchor="middle">T (tokens, log scale)</text>')
-    for i, (name, ps) in enumerate(series.items()):
-        if not ps:
-            continue
-        dash = ' stroke-dasharray="6,4"' if "extrapolated" in name else ""
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(*p) for p in ps))
-        out.append(f'<polyline points="{coords}" fill="none" stroke="{colors[name]}" stroke-width="2"{dash}/>')
-        for p in ps:
-            x, y = xy(*p)
-            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colors[name]}"/>')
-        out.append(f'<text x="{m + 10}" y="{m + 16 * i}" fill="{colors[name]}">{name}</text>')
-    out.append("</svg>")
-    path.write_text("\n".join(out))
+    return plot_panels([("peak extra RSS (MB, log scale)", lines, None, None)], path,
+                       f"Peak extra RSS vs T: JSD fwd+bwd, V={s['vocab']}, H={s['hidden']}, chunk={s['chunk']}",
+                       xlabel="T (tokens, log scale)", logx=True, logy=True, xticks=ts)
 
 
 def _print_table(result: dict, log=print) -> None:
@@ -779,7 +752,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     result = run_benchmark(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    _svg(result, out.with_name(out.stem + "_memory.svg"))
+    _plot_memory(result, out.with_name(out.stem + "_memory.png"))
     _print_table(result)
     print(f"\nwrote {out} ({result['elapsed_s']:.0f} s)")
     return result

@@ -59,5 +59,17 @@ def test_full_vocab_bench_tiny(tmp_path):
     (line,) = res["summary"]["table"]
     assert set(line) >= {"T", "time_ours_s", "time_sampled_s", "ratio_wall", "peak_mb_ours", "peak_mb_sampled", "peak_mb_naive"}
 
-    bench._svg(res, tmp_path / "m.svg")
-    assert (tmp_path / "m.svg").read_text().startswith("<svg")
+    from PIL import Image
+
+    # the memory plot (log-log): every variant with a peak > 0 MB is drawn in its colour (tiny runs can measure 0)
+    want = {c for key, c in (("ours_hidden", (31, 119, 180)), ("sampled_hidden", (44, 160, 44)), ("naive_hidden", (214, 39, 40)))
+            if (row[key].get("median_peak_mb") or row[key].get("predicted_peak_mb") or 0) > 0}
+    png = bench._plot_memory(res, tmp_path / "m.png")
+    if not want:
+        assert png is None and not (tmp_path / "m.png").exists()
+        return
+    assert png == str(tmp_path / "m.png")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (900, 360)
+        colors = {c for _, c in image.convert("RGB").getcolors(1 << 16)}
+    assert want <= colors, want - colors
