@@ -1,4 +1,4 @@
-"""recipes/*.yaml and their launchers examples/<recipe>.sh.
+"""recipes/*.yaml and their launcher examples/run_recipe.sh <recipe>.
 
 Every recipe is a Hydra experiment config (`# @package _global_`) added to its entry point's base config:
 `python -m opd_verl.main_opd --config-dir <repo> +recipes=<name>` (base: opd_trainer) or, for the SFT phase,
@@ -6,8 +6,9 @@ Every recipe is a Hydra experiment config (`# @package _global_`) added to its e
 
 In one process (Hydra's compose API): each recipe composes, sets only keys its base config has (verl's configs are
 strict dataclasses), passes our validation (`opd_verl.main_opd.prepare`, as on a GPU machine) and verl's own config
-checks, and holds the settings of its seed. The launchers run against a stand-in interpreter that records its
-command lines; two subprocesses run the real command lines with --cfg job.
+checks, and holds the settings of its seed. The launcher runs against a stand-in interpreter that records its
+command lines (the data lines of each recipe's header, the entry point, the SFT student); for every recipe a
+subprocess runs the real command line with --cfg job.
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ EXAMPLES_DIR = REPO / "examples"
 
 # recipes/demo_cpu.yaml belongs to the CPU demo (opd_verl.demo) and is tested with it.
 OWNED_ELSEWHERE = {"demo_cpu"}
-# examples/*.sh that are not recipe launchers.
+# examples/*.sh that are not recipe launchers; the one launcher is examples/run_recipe.sh <recipe>.
 NOT_LAUNCHERS = {"setup_cpu.sh", "run_tests.sh"}
+LAUNCHER = EXAMPLES_DIR / "run_recipe.sh"
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem not in OWNED_ELSEWHERE)
 SFT_RECIPES = ["openthoughts3_qwen3_1.7b_sft"]
 OPD_RECIPES = [name for name in RECIPES if name not in SFT_RECIPES]
 LAUNCHERS = sorted(p.name for p in EXAMPLES_DIR.glob("*.sh") if p.name not in NOT_LAUNCHERS)
+# phase 2 trains the checkpoint of phase 1 (its header: `# Student: the latest checkpoint of recipe <sft> in <dir>`)
+STUDENT_FROM_SFT = {"openthoughts3_qwen3_1.7b_opd_from_qwen3_8b": "openthoughts3_qwen3_1.7b_sft"}
 
 # Values a user must replace (placeholders that stop the run, naming the key) and what the tests pass instead.
 PLACEHOLDERS = {
@@ -116,7 +120,7 @@ SEEDS: dict[str, dict] = {
     },
     "gsm8k_qwen2_0.5b_forward_kl": {
         **QWEN2_PAIR,
-        LOSS: "opd_distill",
+        LOSS: "ppo_plus_distill",
         "opd.divergence": "forward_kl",
         "opd.support": "topk",
         "opd.lambda_rl": 0.0,
@@ -124,7 +128,7 @@ SEEDS: dict[str, dict] = {
     },
     "gsm8k_qwen2_0.5b_gkd_jsd": {
         **QWEN2_PAIR,
-        LOSS: "opd_distill",
+        LOSS: "ppo_plus_distill",
         "opd.divergence": "jsd",
         "opd.beta": 0.5,
         "opd.support": "full",
@@ -134,7 +138,7 @@ SEEDS: dict[str, dict] = {
     "gsm8k_qwen2_0.5b_hybrid_lambda": {
         **QWEN2_PAIR,
         EST: "grpo",
-        LOSS: "opd_distill",
+        LOSS: "ppo_plus_distill",
         "opd.lambda_rl": 1.0,
         "opd.lambda_distill": 1.0,
     },
@@ -226,6 +230,39 @@ def leaf_paths(node, prefix=()):
         yield prefix
 
 
+def header(name: str) -> list[str]:
+    return [line for line in (RECIPES_DIR / f"{name}.yaml").read_text().splitlines() if line.startswith("#")]
+
+
+def brace_expand(word: str) -> list[str]:
+    """bash's brace expansion of `{a,b}` groups (not nested)."""
+    match = re.match(r"([^{]*)\{([^}]*)\}(.*)$", word)
+    if not match:
+        return [word]
+    pre, alts, post = match.groups()
+    return [out for alt in alts.split(",") for out in brace_expand(pre + alt + post)]
+
+
+def data_lines(name: str) -> list[tuple[list[str], list[str]]]:
+    """(argv after `python`, outputs with {a,b} expanded) of each header line
+    `#   python data_preprocess/<script>.py <args>   # -> <output>...`, as examples/run_recipe.sh reads them."""
+    lines = []
+    for line in header(name):
+        if re.match(r"#\s+python data_preprocess/", line):
+            command, sep, outputs = line.lstrip("#").partition(" # -> ")
+            assert sep, f"{name}: data line without '# -> <outputs>': {line}"
+            words = command.split()
+            lines.append((words[1:], [out for word in outputs.split() for out in brace_expand(word)]))
+    return lines
+
+
+def expand_word(word: str, home: Path, env: dict) -> str:
+    """A leading ~ and ${NAME:-default}, as the launcher (and bash) expand a data line's words."""
+    if word == "~" or word.startswith("~/"):
+        word = str(home) + word[1:]
+    return re.sub(r"\$\{(\w+):-([^}$]*)\}", lambda m: env.get(m.group(1)) or m.group(2), word)
+
+
 def data_files(cfg) -> list[str]:
     files = []
     for key in ("data.train_files", "data.val_files"):
@@ -241,14 +278,15 @@ def data_files(cfg) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_every_recipe_has_its_seed_and_a_launcher():
+def test_every_recipe_has_its_seed_and_the_launcher():
     assert RECIPES, "no recipes found"
     assert set(RECIPES) == set(SEEDS), (
         f"recipes without seed expectations in this test: {sorted(set(RECIPES) - set(SEEDS))}; "
         f"seeds without a recipe: {sorted(set(SEEDS) - set(RECIPES))}"
     )
-    missing = [name for name in RECIPES if not (EXAMPLES_DIR / f"{name}.sh").is_file()]
-    assert not missing, f"recipes without examples/<recipe>.sh: {missing}"
+    assert LAUNCHERS == ["run_recipe.sh"], "one launcher for every recipe: examples/run_recipe.sh <recipe>"
+    missing = [name for name in RECIPES if f"#   bash examples/run_recipe.sh {name} [overrides]" not in header(name)]
+    assert not missing, f"recipes whose header does not launch them with examples/run_recipe.sh: {missing}"
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -257,7 +295,11 @@ def test_recipe_is_an_experiment_config_with_a_header(name):
     assert text.startswith("# @package _global_\n"), "a recipe is added to the base config at the root"
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "Reproduces" in header or "Phase" in header, "the header says what the recipe reproduces"
-    assert f"examples/{name}.sh" in header and f"+recipes={name}" in header, "the header gives the launch commands"
+    assert f"bash examples/run_recipe.sh {name} [overrides]" in header and f"+recipes={name}" in header, (
+        "the header gives the launch commands"
+    )
+    sft = "# Entry point: verl.trainer.sft_trainer" in header
+    assert sft == (name in SFT_RECIPES), "an SFT recipe declares its entry point (the launcher reads it)"
     assert "defaults" not in recipe_yaml(name), "a recipe sets values only (its base config is the entry point's)"
 
 
@@ -312,10 +354,10 @@ def test_placeholder_stops_the_run_naming_the_key(name, gpu_machine):
 
 @pytest.fixture
 def gpu_machine(monkeypatch):
-    """Validate as on a GPU machine: opd_verl.cpu.defaults leaves the config alone."""
-    from opd_verl.cpu import defaults as cpu_defaults
+    """Validate as on a GPU machine: not a CPU run, the CPU defaults are not applied."""
+    from opd_verl.checks import device
 
-    monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: True)
+    monkeypatch.setattr(device, "torch_has_accelerator", lambda: True)
 
 
 @pytest.mark.parametrize("name", OPD_RECIPES)
@@ -375,9 +417,9 @@ def test_sft_recipe_builds_verls_sft_configs(composed):
         omega_conf_to_dataclass(cfg[key])
     assert "hf_model" in cfg.checkpoint.save_contents, "phase 2 loads the SFT model as a Hugging Face directory"
     assert cfg.data.max_token_len_per_gpu >= cfg.data.max_length
-    # phase 2's launcher looks for the checkpoints where this recipe writes them
-    launcher = (EXAMPLES_DIR / "openthoughts3_qwen3_1.7b_opd_from_qwen3_8b.sh").read_text()
-    assert f"$REPO/{cfg.trainer.default_local_dir}" in launcher
+    # phase 2's header (which the launcher reads) looks for the checkpoints where this recipe writes them
+    declared = f"# Student: the latest checkpoint of recipe openthoughts3_qwen3_1.7b_sft in {cfg.trainer.default_local_dir}"
+    assert declared in header("openthoughts3_qwen3_1.7b_opd_from_qwen3_8b")
 
 
 def test_sft_chat_template_keeps_the_reasoning(tmp_path):
@@ -406,18 +448,23 @@ def test_sft_chat_template_keeps_the_reasoning(tmp_path):
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_data_comes_from_the_documented_scripts(name, composed):
-    text = (RECIPES_DIR / f"{name}.yaml").read_text()
-    launcher = (EXAMPLES_DIR / f"{name}.sh").read_text()
+    """The header's data lines (what the launcher runs) make exactly the files the recipe reads."""
+    lines = data_lines(name)
     files = data_files(composed[name])
     assert files
+    declared = [out for _, outputs in lines for out in outputs]
+    assert sorted(declared) == sorted(set(declared)) == sorted(set(files)), "each data line makes what the recipe reads"
     for path in files:
         match = re.fullmatch(r"~/data/([^/]+)/(train|test)\.parquet", path)
         assert match, f"{path}: not a data_preprocess output (~/data/<name>/<split>.parquet)"
         script, args = DATA_SCRIPTS[match.group(1)]
         assert (REPO / "data_preprocess" / f"{script}.py").is_file()
-        assert f"data_preprocess/{script}.py" in text, f"the header of {name} says how {path} is made"
-        assert f'"$HOME/data/{match.group(1)}/{match.group(2)}.parquet"' in launcher
-        assert all(arg in launcher for arg in args)
+        (argv,) = [argv for argv, outputs in lines if path in outputs]
+        assert argv[0] == f"data_preprocess/{script}.py", f"the header of {name} says how {path} is made"
+        joined = " ".join(argv)
+        assert f"--local_dir ~/data/{match.group(1)}" in joined and all(arg in argv for arg in args)
+        if script == "openthoughts3":  # a sample of the 1.2M rows; OT3_MAX_SAMPLES overrides the recipe's default
+            assert "--max_samples ${OT3_MAX_SAMPLES:-50000}" in joined
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,18 +472,16 @@ def test_recipe_data_comes_from_the_documented_scripts(name, composed):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_launcher_is_bash_clean_and_runs_its_recipe(launcher):
-    path = EXAMPLES_DIR / launcher
-    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+def test_launcher_is_bash_clean_and_reads_the_recipe_from_its_argument():
+    result = subprocess.run(["bash", "-n", str(LAUNCHER)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    text = path.read_text()
+    text = LAUNCHER.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
-    assert os.stat(path).st_mode & stat.S_IXUSR, "executable"
-    recipes = set(re.findall(r"\+recipes=([\w.\-]+)", text))
-    assert recipes == {path.stem}, f"{launcher} runs recipes {recipes}"
-    assert (RECIPES_DIR / f"{path.stem}.yaml").is_file()
+    assert os.stat(LAUNCHER).st_mode & stat.S_IXUSR, "executable"
+    assert set(re.findall(r"\+recipes=(\S+)", text)) == {'"$recipe"'}, "runs the recipe it is given"
     assert '"$@"' in text, "overrides are passed through"
+    named = [name for name in RECIPES + sorted(OWNED_ELSEWHERE) if name in text]
+    assert not named, f"what a recipe needs comes from its header, not from the launcher: {named}"
 
 
 @pytest.fixture
@@ -448,11 +493,13 @@ def fake_python(tmp_path):
     return script
 
 
-def run_launcher(launcher: str, args: list[str], home: Path, python: Path, **env) -> tuple[int, list[str], str]:
+def run_launcher(
+    recipe: str | None, args: list[str], home: Path, python: Path, launcher: Path = LAUNCHER, **env
+) -> tuple[int, list[str], str]:
     log = home / "calls.log"
     log.unlink(missing_ok=True)
     result = subprocess.run(
-        ["bash", str(EXAMPLES_DIR / launcher), *args],
+        ["bash", str(launcher), *([recipe] if recipe is not None else []), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -462,92 +509,223 @@ def run_launcher(launcher: str, args: list[str], home: Path, python: Path, **env
     return result.returncode, calls, result.stderr
 
 
+def declared_commands(name: str, home: Path, env: dict) -> list[str]:
+    """The data lines of the recipe's header as the stand-in interpreter records them."""
+    return [" ".join(expand_word(w, home, env) for w in argv) for argv, _ in data_lines(name)]
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_launcher_prepares_missing_data_then_runs_the_recipe(name, composed, fake_python, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {}
-    if name == "openthoughts3_qwen3_1.7b_opd_from_qwen3_8b":  # phase 2 needs phase 1's checkpoint
+    if name in STUDENT_FROM_SFT:  # phase 2 needs phase 1's checkpoint
         sft = tmp_path / "sft"
         sft.mkdir()
         (sft / "latest_checkpointed_iteration.txt").write_text("1200\n")
         env["SFT_DIR"] = str(sft)
     files = [Path(f.replace("~", str(home), 1)) for f in data_files(composed[name])]
 
-    code, calls, stderr = run_launcher(f"{name}.sh", ["trainer.total_epochs=7"], home, fake_python, **env)
+    code, calls, stderr = run_launcher(name, ["--cfg", "job"], home, fake_python, **env)  # print only: no data
+    assert code == 0 and len(calls) == 1 and calls[0].endswith("--cfg job"), (stderr, calls)
+
+    code, calls, stderr = run_launcher(name, ["trainer.total_epochs=7"], home, fake_python, **env)
     assert code == 0, stderr
     *prep, main = calls
     prepared_dirs = {re.search(r"--local_dir (\S+)", call).group(1) for call in prep}
     assert prepared_dirs == {str(f.parent) for f in files}, "each missing data set is prepared where the recipe reads it"
     assert all(call.startswith("data_preprocess/") for call in prep)
+    assert prep == declared_commands(name, home, {}), "the header's data lines, as declared"
     assert f"--config-dir {REPO} +recipes={name}" in main and main.endswith("trainer.total_epochs=7")
     if name in SFT_RECIPES:
-        assert main.startswith("-m torch.distributed.run --standalone") and "-m verl.trainer.sft_trainer" in main
+        assert main.startswith("-m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=8 ")
+        assert "-m verl.trainer.sft_trainer" in main
     else:
         assert main.startswith("-m opd_verl.main_opd")
     if env.get("SFT_DIR"):
         assert f"{STUDENT}={env['SFT_DIR']}/global_step_1200/huggingface" in main
+    else:
+        assert STUDENT not in main
 
     for f in files:  # data present: straight to the run
         f.parent.mkdir(parents=True, exist_ok=True)
         f.touch()
-    code, calls, stderr = run_launcher(f"{name}.sh", [], home, fake_python, **env)
+    code, calls, stderr = run_launcher(name, [], home, fake_python, **env)
     assert code == 0 and len(calls) == 1, (stderr, calls)
+
+
+def test_launcher_runs_a_data_line_until_all_its_outputs_exist(fake_python, tmp_path):
+    """With a temporary HOME: `# -> ~/data/gsm8k/{train,test}.parquet` runs while either file is missing."""
+    home = tmp_path / "home"
+    (home / "data" / "gsm8k").mkdir(parents=True)
+    name = "gsm8k_qwen2_0.5b_reverse_kl"
+    prep = f"data_preprocess/gsm8k.py --local_dir {home}/data/gsm8k"
+    code, calls, stderr = run_launcher(name, [], home, fake_python)
+    assert code == 0 and calls[:-1] == [prep], (stderr, calls)
+    (home / "data" / "gsm8k" / "train.parquet").touch()
+    code, calls, stderr = run_launcher(name, [], home, fake_python)
+    assert code == 0 and calls[:-1] == [prep], "test.parquet is still missing"
+    (home / "data" / "gsm8k" / "test.parquet").touch()
+    code, calls, stderr = run_launcher(name, [], home, fake_python)
+    assert code == 0 and len(calls) == 1 and calls[0].startswith("-m opd_verl.main_opd"), (stderr, calls)
+
+
+def test_launcher_takes_ot3_max_samples_from_the_environment(fake_python, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    for name, local_dir in (("openthoughts3_qwen3_1.7b_sft", "openthoughts3_sft"),
+                            ("openthoughts3_qwen3_1.7b_opd_from_qwen3_8b", "openthoughts3")):
+        args = [f"{STUDENT}=/models/mine"] if name in STUDENT_FROM_SFT else []
+        for env, samples in (({}, "50000"), ({"OT3_MAX_SAMPLES": "123"}, "123")):
+            code, calls, stderr = run_launcher(name, args, home, fake_python, **env)
+            assert code == 0, stderr
+            (ot3,) = [call for call in calls if call.startswith("data_preprocess/openthoughts3.py")]
+            assert f"--local_dir {home}/data/{local_dir} " in ot3 and ot3.endswith(f"--max_samples {samples}")
+
+
+def test_launcher_parses_data_lines_as_documented(fake_python, tmp_path):
+    """A recipe of its own in a copy of the layout: several outputs, {a,b}, ~ and ${NAME:-default} in the
+    arguments; a line without outputs or with other shell syntax stops the launcher before anything runs."""
+    repo = tmp_path / "repo"
+    (repo / "examples").mkdir(parents=True)
+    (repo / "recipes").mkdir()
+    launcher = repo / "examples" / "run_recipe.sh"
+    launcher.write_text(LAUNCHER.read_text())
+    home = tmp_path / "home"
+    (home / "d").mkdir(parents=True)
+
+    def recipe(name: str, *lines: str) -> None:
+        (repo / "recipes" / f"{name}.yaml").write_text("\n".join(["# @package _global_", *lines, "trainer: {}", ""]))
+
+    recipe(
+        "mine",
+        "# Data (once):",
+        "#   python data_preprocess/a.py --local_dir ~/d --n ${FAKE_N:-5}   # -> ~/d/{x,y}.parquet ~/d/z.parquet",
+        "#   python data_preprocess/b.py --out ~/d/w   # -> ~/d/w.parquet",
+        "#   (prose about data_preprocess/c.py is not a data line)",
+    )
+    a, b = f"data_preprocess/a.py --local_dir {home}/d --n", f"data_preprocess/b.py --out {home}/d/w"
+    main = f"-m opd_verl.main_opd --config-dir {repo} +recipes=mine"
+    code, calls, stderr = run_launcher("mine", [], home, fake_python, launcher=launcher)
+    assert code == 0 and calls == [f"{a} 5", b, main], (stderr, calls)
+    code, calls, _ = run_launcher("mine", [], home, fake_python, launcher=launcher, FAKE_N="9")
+    assert calls == [f"{a} 9", b, main]
+    for out in ("x", "y", "w"):
+        (home / "d" / f"{out}.parquet").touch()
+    code, calls, _ = run_launcher("mine", [], home, fake_python, launcher=launcher)
+    assert calls == [f"{a} 5", main], "z.parquet is missing"
+    (home / "d" / "z.parquet").touch()
+    code, calls, _ = run_launcher("mine", [], home, fake_python, launcher=launcher)
+    assert calls == [main]
+
+    for bad in ("#   python data_preprocess/a.py --local_dir ~/d", "#   python data_preprocess/a.py $(touch ~/x)  # -> ~/d/q"):
+        recipe("bad", "# Data (once):", bad)
+        code, calls, stderr = run_launcher("bad", [], home, fake_python, launcher=launcher)
+        assert code == 1 and calls == [] and "recipes/bad.yaml" in stderr, (bad, stderr, calls)
+    assert not (home / "x").exists()
+
+
+def test_launcher_rejects_an_unknown_recipe_listing_the_recipes(fake_python, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    for args in (["no_such_recipe"], ["../recipes/gsm8k_qwen2_0.5b_reverse_kl"], []):
+        code, calls, stderr = run_launcher(None, args, home, fake_python)
+        assert code == 2 and calls == [], (args, stderr)
+        assert len(stderr.splitlines()) == 1, stderr
+        assert all(name in stderr for name in RECIPES), stderr
+    assert "unknown recipe 'no_such_recipe'" in run_launcher("no_such_recipe", [], home, fake_python)[2]
 
 
 def test_launchers_skip_data_for_cfg_job_and_phase_2_needs_a_student(fake_python, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     name = "openthoughts3_qwen3_1.7b_opd_from_qwen3_8b"
-    code, calls, _ = run_launcher(f"{name}.sh", ["--cfg", "job"], home, fake_python, SFT_DIR=str(tmp_path / "none"))
+    code, calls, _ = run_launcher(name, ["--cfg", "job"], home, fake_python, SFT_DIR=str(tmp_path / "none"))
     assert code == 0 and len(calls) == 1 and calls[0].endswith("--cfg job"), calls
-    code, calls, stderr = run_launcher(f"{name}.sh", [], home, fake_python, SFT_DIR=str(tmp_path / "none"))
-    assert code != 0 and "no SFT checkpoint" in stderr and not any("main_opd" in c for c in calls)
-    code, calls, _ = run_launcher(f"{name}.sh", [f"{STUDENT}=/models/mine"], home, fake_python, SFT_DIR="/none")
+    code, calls, stderr = run_launcher(name, [], home, fake_python, SFT_DIR=str(tmp_path / "none"))
+    assert code != 0 and "no SFT checkpoint" in stderr and calls == [], "fails before preparing data"
+    assert "bash examples/run_recipe.sh openthoughts3_qwen3_1.7b_sft" in stderr
+    code, calls, _ = run_launcher(name, [f"{STUDENT}=/models/mine"], home, fake_python, SFT_DIR="/none")
     assert code == 0 and calls[-1].endswith(f"{STUDENT}=/models/mine") and calls[-1].count(STUDENT) == 1
-    code, calls, _ = run_launcher("openthoughts3_qwen3_1.7b_sft.sh", ["--cfg", "job"], home, fake_python)
+    code, calls, _ = run_launcher("openthoughts3_qwen3_1.7b_sft", ["--cfg", "job"], home, fake_python)
     assert code == 0 and calls == [f"-m verl.trainer.sft_trainer --config-dir {REPO} "
                                    "+recipes=openthoughts3_qwen3_1.7b_sft --cfg job"]
+    code, calls, _ = run_launcher("openthoughts3_qwen3_1.7b_sft", ["--cfg", "job"], home, fake_python, NPROC_PER_NODE="4")
+    code, calls, _ = run_launcher("openthoughts3_qwen3_1.7b_sft", [], home, fake_python, NPROC_PER_NODE="4")
+    assert code == 0 and "--nproc_per_node=4 -m verl.trainer.sft_trainer" in calls[-1]
+
+
+def test_phase_2_student_defaults_to_where_phase_1_writes(composed, fake_python, tmp_path):
+    """Without SFT_DIR the launcher looks in <repo>/<phase 1's trainer.default_local_dir>."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name, sft in STUDENT_FROM_SFT.items():
+        sft_dir = REPO / composed[sft].trainer.default_local_dir
+        env = {k: v for k, v in os.environ.items() if k != "SFT_DIR"}
+        code, calls, stderr = run_launcher(name, [], home, fake_python, **{**env, "SFT_DIR": ""})
+        if (sft_dir / "latest_checkpointed_iteration.txt").is_file():  # a phase 1 run in this checkout
+            assert code == 0 and f"{STUDENT}={sft_dir}/global_step_" in calls[-1], (stderr, calls)
+        else:
+            assert code == 1 and f"no SFT checkpoint in {sft_dir};" in stderr, stderr
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the real command lines (subprocesses)
+# the real command lines (subprocesses), every recipe through the launcher
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _cfg_job(launcher: str, home: Path) -> dict:
-    result = subprocess.run(
-        ["bash", str(EXAMPLES_DIR / launcher), "--cfg", "job"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=home,
-        env={**os.environ, "HOME": str(home), "PYTHON": sys.executable},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return yaml.safe_load(result.stdout)
+@pytest.fixture(scope="module")
+def cfg_job(tmp_path_factory):
+    """name -> (printed config, stderr) of `bash examples/run_recipe.sh <name> --cfg job` with the real
+    interpreter (all recipes at once; HOME without data: --cfg job prepares none)."""
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "HOME": str(home), "PYTHON": sys.executable, "SFT_DIR": str(home / "no_sft")}
+    procs = {
+        name: subprocess.Popen(
+            ["bash", str(LAUNCHER), name, *required_overrides(name), "--cfg", "job"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=home,
+            env=env,
+        )
+        for name in RECIPES
+    }
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        results[name] = (proc.returncode, out, err)
+    assert not list(home.joinpath("data").glob("*")), "--cfg job prepared data"
+    return results
 
 
-def _select(cfg: dict, key: str):
-    return OmegaConf.select(OmegaConf.create(cfg), key)
+# seed settings the CPU defaults (opd_verl.cpu.defaults) may change when --cfg job runs on this CPU machine
+CPU_CHANGES_ALLOWED = {"actor_rollout_ref.rollout.tensor_model_parallel_size"}
 
 
-def test_opd_launcher_cfg_job_composes_and_validates_through_main_opd(tmp_path):
-    """The CLI path: launcher -> python -m opd_verl.main_opd --config-dir <repo> +recipes=... --cfg job (which
-    validates, and on this CPU machine applies the CPU defaults before printing)."""
-    name = "gsm8k_qwen3_8b_base_from_qwen3_8b_4gpu"
-    cfg = _cfg_job(f"{name}.sh", tmp_path)
+@pytest.mark.parametrize("name", RECIPES)
+def test_launcher_cfg_job_composes_the_recipe(name, cfg_job, composed):
+    """The CLI path: run_recipe.sh -> python -m opd_verl.main_opd (which validates, and on this CPU machine applies
+    the CPU defaults before printing) or python -m verl.trainer.sft_trainer, --config-dir <repo> +recipes=<name>
+    --cfg job: every value the recipe sets and every seed setting reaches the printed config."""
+    code, out, err = cfg_job[name]
+    assert code == 0, err[-3000:]
+    printed = yaml.safe_load(out)
+    cfg = OmegaConf.create(printed)
+    changed = set(re.findall(r"^opd_verl\[cpu\]: ([^=\s]+)=", err, flags=re.M))
+    if name in SFT_RECIPES:
+        assert not changed
+        assert printed["model"]["custom_chat_template"] == recipe_yaml(name)["model"]["custom_chat_template"]
+    assert changed & set(SEEDS[name]) <= CPU_CHANGES_ALLOWED, changed
     for key, value in SEEDS[name].items():
-        if key != "actor_rollout_ref.rollout.tensor_model_parallel_size":  # 1 on CPU (opd_verl.cpu.defaults)
-            assert _select(cfg, key) == value, key
-    recipe = OmegaConf.create(recipe_yaml(name))
-    for key in (N, LR, "opd.teacher.param_offload", "trainer.experiment_name"):
-        assert _select(cfg, key) == OmegaConf.select(recipe, key), key
+        if key not in changed:
+            assert OmegaConf.select(cfg, key) == value, key
 
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
-def test_sft_launcher_cfg_job_composes_through_verls_sft_entry_point(tmp_path):
-    name = "openthoughts3_qwen3_1.7b_sft"
-    cfg = _cfg_job(f"{name}.sh", tmp_path)
-    for key, value in SEEDS[name].items():
-        assert _select(cfg, key) == value, key
-    assert cfg["model"]["custom_chat_template"] == recipe_yaml(name)["model"]["custom_chat_template"]
+    for path in leaf_paths(recipe_yaml(name)):
+        key = ".".join(path)
+        if key not in changed:
+            assert plain(OmegaConf.select(cfg, key)) == plain(OmegaConf.select(composed[name], key)), key
+    assert OmegaConf.select(cfg, "trainer.experiment_name") == name
