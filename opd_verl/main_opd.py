@@ -10,6 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from opd_verl.checks.device import check_device, is_cpu_run, user_override_keys
 from opd_verl.checks.options import OPDConfigError, check_override_keys, deprecation_notes, uses_opd, validate_config
 
 _PRINT_ONLY = {"flag": False}
@@ -47,9 +48,10 @@ def prepare(config: DictConfig) -> None:
 
         for line in run_preflight(plain):
             print(f"opd_verl: {line}", file=sys.stderr)
-    from opd_verl.cpu.defaults import apply_cpu_defaults
+    if is_cpu_run(config, user_override_keys()):  # the CPU support is loaded for a CPU run only
+        from opd_verl.cpu.defaults import apply_cpu_defaults
 
-    apply_cpu_defaults(config)
+        apply_cpu_defaults(config)
 
 
 @hydra.main(config_path="config", config_name="opd_trainer", version_base=None)
@@ -59,6 +61,7 @@ def main(config: DictConfig) -> None:
     try:
         prepare(config)
         if not _PRINT_ONLY["flag"]:
+            check_device(config, user_override_keys())
             check_data(OmegaConf.to_container(OmegaConf.masked_copy(config, ["data", "opd"]), resolve=True))
     except OPDConfigError as err:
         _fail(str(err))

@@ -1,23 +1,37 @@
 """Entry point of group `verl.plugins`: verl imports this module in every process that imports verl.
 
-Importing it registers our advantage estimators, policy losses, the CPU platform and the verl/vLLM patches.
+Importing it registers our advantage estimators and policy losses, and, where a CPU run is possible, the CPU
+platform and the verl/vLLM patches (opd_verl.cpu).
 verl logs entry-point load errors only at DEBUG level, so a failure is kept in LOAD_ERROR and
 `require_plugin_loaded()` (called by our trainer and workers) turns it into a real error.
 """
 
 from __future__ import annotations
 
+import os
 import traceback
 
 LOAD_ERROR: str | None = None
 LOADED = False
 
 
-def _register_all() -> None:
-    from opd_verl.cpu import patches
+def cpu_support_wanted(environ=os.environ, cpu_only_torch: bool | None = None) -> bool:
+    """Load opd_verl.cpu in this process: VERL_PLATFORM=cpu (set for every process of a CPU run), or a CPU-only
+    build of torch (nothing else could run here). A process with a CUDA/ROCm/NPU torch never loads it otherwise."""
+    if environ.get("VERL_PLATFORM") == "cpu":
+        return True
+    if cpu_only_torch is None:
+        import torch
 
-    patches.apply_import_time_patches()
-    from opd_verl.cpu import platform  # noqa: F401  (registers the "cpu" platform; selected only on a CPU run)
+        cpu_only_torch = torch.version.cuda is None and torch.version.hip is None and not hasattr(torch, "npu")
+    return cpu_only_torch
+
+
+def _register_all() -> None:
+    if cpu_support_wanted():
+        from opd_verl.cpu import activate
+
+        activate()
     from opd_verl.verl_ext import estimators, policy_losses  # noqa: F401  (registration on import)
 
 

@@ -14,7 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from opd_verl.cpu import defaults as cpu_defaults
+from opd_verl.checks import device
 from opd_verl.cpu.defaults import apply_cpu_defaults, required_ray_cpus
 from opd_verl.checks.options import OPDConfigError
 
@@ -100,7 +100,7 @@ def test_critic_configured_only_when_used():
 
 
 def test_gpu_machine_is_never_touched(monkeypatch):
-    monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: True)
+    monkeypatch.setattr(device, "torch_has_accelerator", lambda: True)
     cfg = _compose(["algorithm.adv_estimator=grpo"])
     before = OmegaConf.to_container(cfg)
     out = io.StringIO()
@@ -110,13 +110,13 @@ def test_gpu_machine_is_never_touched(monkeypatch):
 
 
 def test_gpu_machine_with_device_cpu_is_a_cpu_run(monkeypatch):
-    monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: True)
+    monkeypatch.setattr(device, "torch_has_accelerator", lambda: True)
     cfg, changes, _ = _apply(["trainer.device=cpu"])
     assert changes and sel(cfg, "actor_rollout_ref.actor.strategy") == "fsdp2"
 
 
 def test_no_accelerator_means_cpu_even_without_device_cpu(monkeypatch):
-    monkeypatch.setattr(cpu_defaults, "torch_has_accelerator", lambda: False)
+    monkeypatch.setattr(device, "torch_has_accelerator", lambda: False)
     cfg, changes, printed = _apply([])
     assert sel(cfg, "trainer.device") == "cpu"
     assert "opd_verl[cpu]: trainer.device=cpu (was cuda)" in printed

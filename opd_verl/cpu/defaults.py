@@ -1,8 +1,8 @@
 """What a CPU run of verl 0.9.1 needs, applied to the composed config before Ray starts.
 
-`apply_cpu_defaults(config)` is called by `opd_verl.main_opd` on every run. It does nothing unless this is a CPU
-run: `trainer.device=cpu`, or no accelerator is visible to torch. A GPU machine with another device is never
-touched. On a CPU run it:
+`apply_cpu_defaults(config)` is called by `opd_verl.main_opd` on a CPU run only (`opd_verl.checks.device.is_cpu_run`:
+`trainer.device=cpu`, or no device given, no Ray cluster to join and no accelerator visible); it checks again and
+does nothing otherwise. On a CPU run it:
 
 - replaces values that cannot work on CPU (FSDP1, flash attention, remove-padding, fused/liger kernels, vLLM sleep
   mode and cache freeing), whether or not the user set them;
@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from opd_verl.checks.device import is_cpu_run, user_override_keys
 from opd_verl.checks.options import OPDConfigError
 
 PREFIX = "opd_verl[cpu]"
@@ -41,36 +42,6 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 # log-probs to ~1/32 steps).
 FP32_MIXED_PRECISION = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
 _HALF_DTYPES = ("bf16", "bfloat16", "fp16", "float16", "half")
-
-
-def torch_has_accelerator() -> bool:
-    from opd_verl.cpu.platform import torch_has_accelerator as _has
-
-    return _has()
-
-
-def is_cpu_run(config) -> bool:
-    """A CPU run: trainer.device=cpu, or no accelerator visible to torch."""
-    device = OmegaConf.select(config, "trainer.device", default=None)
-    if device == "cpu":
-        return True
-    return not torch_has_accelerator()
-
-
-def _user_override_keys(overrides: list[str] | None) -> set[str]:
-    """Keys set on the command line (Hydra's task overrides), without +/++/~ prefixes."""
-    if overrides is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            overrides = list(HydraConfig.get().overrides.task)
-        except Exception:
-            overrides = []
-    keys = set()
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        keys.add(key)
-    return keys
 
 
 class _Applier:
@@ -150,13 +121,16 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
 
     `overrides`: the command-line overrides (default: Hydra's task overrides of the running app).
     """
-    if not is_cpu_run(config):
+    explicit = user_override_keys(overrides)
+    if not is_cpu_run(config, explicit):
         return []
-    a = _Applier(config, _user_override_keys(overrides), out=out)
+    a = _Applier(config, explicit, out=out)
 
     # -- the platform: VERL_PLATFORM=cpu here and in every Ray worker / vLLM server process
+    from opd_verl.cpu import activate
     from opd_verl.cpu.platform import PLATFORM_ENV, PLATFORM_NAME, use_cpu_platform
 
+    activate()  # already done by the plugin where torch is a CPU build; not with a CUDA torch on a CPU-only host
     use_cpu_platform()
     a.force("trainer.device", "cpu", lambda v: v != "cpu")
     a.force(f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}", PLATFORM_NAME, lambda v: v != PLATFORM_NAME)

@@ -25,6 +25,8 @@ import torch
 
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
+from opd_verl.checks.device import torch_is_cpu_only_build
+
 PLATFORM_NAME = "cpu"
 PLATFORM_ENV = "VERL_PLATFORM"
 
@@ -91,29 +93,6 @@ def _build_device_module() -> types.ModuleType:
 
 
 CPU_DEVICE_MODULE = _build_device_module()
-
-
-def torch_has_accelerator() -> bool:
-    """True when this torch can see an accelerator (CUDA, ROCm, NPU, XPU, MPS)."""
-    if torch.version.cuda is not None or torch.version.hip is not None:
-        try:
-            return torch.cuda.is_available()
-        except Exception:
-            return False
-    for name in ("npu", "xpu", "mps"):
-        backend = getattr(torch, name, None)
-        if backend is not None and hasattr(backend, "is_available"):
-            try:
-                if backend.is_available():
-                    return True
-            except Exception:
-                pass
-    return False
-
-
-def torch_is_cpu_only_build() -> bool:
-    """True for a CPU build of torch (no CUDA/ROCm compiled in and no other accelerator package)."""
-    return torch.version.cuda is None and torch.version.hip is None and not torch_has_accelerator()
 
 
 @PlatformRegistry.register(platform=PLATFORM_NAME)
@@ -210,13 +189,6 @@ class PlatformCPU(PlatformBase):
 
     def cudart(self) -> Any:
         return None
-
-
-def is_cpu_platform() -> bool:
-    """True when verl's platform in this process is ours."""
-    from verl.plugin.platform import get_platform
-
-    return get_platform().device_name == PLATFORM_NAME
 
 
 def use_cpu_platform() -> None:

@@ -1,0 +1,55 @@
+"""The import graph says what the layout says: the training core never imports the CPU support or the demo, the
+math imports no verl, and the CPU support is loaded only where a CPU run is possible."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "opd_verl"
+CORE = ("algorithms", "verl_ext", "checks")
+STDLIB_OK = {"__future__", "math", "typing", "collections", "dataclasses", "functools", "itertools"}
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module imported anywhere in the file (function-level imports too)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", [p for f in CORE for p in _modules(f)], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_training_core_never_imports_cpu_support_or_demo(path):
+    bad = [m for m in _imports(path) if m.split(".")[:2] in (["opd_verl", "cpu"], ["opd_verl", "demo"])]
+    assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: the GPU path must not touch CPU/demo code"
+
+
+@pytest.mark.parametrize("path", _modules("algorithms"), ids=lambda p: p.name)
+def test_algorithms_are_pure_torch(path):
+    bad = [m for m in _imports(path)
+           if m.split(".")[0] not in {"torch", *STDLIB_OK} and not m.startswith("opd_verl.algorithms")]
+    assert not bad, f"{path.name} imports {bad}: opd_verl/algorithms is pure torch (no verl, no other opd_verl)"
+
+
+def test_each_core_folder_has_modules():
+    for folder in (*CORE, "cpu", "demo"):
+        assert _modules(folder), folder
+
+
+def test_cpu_support_is_loaded_only_where_a_cpu_run_is_possible():
+    from opd_verl.plugin import cpu_support_wanted
+
+    assert cpu_support_wanted({}, cpu_only_torch=True)  # a CPU build of torch: nothing else can run here
+    assert cpu_support_wanted({"VERL_PLATFORM": "cpu"}, cpu_only_torch=False)  # every process of a CPU run
+    assert not cpu_support_wanted({}, cpu_only_torch=False)  # a CUDA/ROCm/NPU torch: never
+    assert not cpu_support_wanted({"VERL_PLATFORM": "cuda"}, cpu_only_torch=False)
