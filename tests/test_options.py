@@ -1,5 +1,7 @@
 """Validation of the `opd:` section (opd_verl.checks.options), in-process on the composed default config."""
 
+import re
+
 import pytest
 
 from opd_verl.checks.options import (
@@ -98,8 +100,12 @@ def test_known_override_keys_pass():
 
 
 def test_sampled_support_only_estimates_reverse_kl(composed_config):
-    cfg = _opd_config(composed_config, divergence="jsd", support="sampled")
+    cfg = _opd_config(composed_config, estimator="grpo", divergence="jsd", support="sampled")
+    cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "ppo_plus_distill"  # where support is read
     with pytest.raises(OPDConfigError, match="support=sampled only estimates reverse_kl"):
+        validate_config(cfg)
+    cfg["opd"].update(divergence="reverse_kl", temperature=2.0)
+    with pytest.raises(OPDConfigError, match="opd.temperature applies to logits, which support=sampled does not use"):
         validate_config(cfg)
 
 
@@ -167,3 +173,51 @@ def test_old_loss_mode_name_still_works_with_a_deprecation_line(composed_config)
     assert "loss_mode=opd_distill is now called ppo_plus_distill" in note
     cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "ppo_plus_distill"
     assert deprecation_notes(cfg) == []
+
+
+@pytest.mark.parametrize(
+    "estimator, loss_mode, setting, needs",
+    [
+        # the issue's example: support/divergence/temperature without the loss-level mode trained sampled reverse KL
+        ("opd", None, {"support": "full"}, "loss_mode=ppo_plus_distill"),
+        ("opd", None, {"temperature": 2.0}, "loss_mode=ppo_plus_distill"),
+        ("opd", None, {"kl_estimator": "k3"}, "loss_mode=ppo_plus_distill"),
+        ("opd", None, {"lambda_rl": 1.0}, "loss_mode=ppo_plus_distill"),
+        ("opd", None, {"hybrid_alpha": 0.5}, "algorithm.adv_estimator=opd_hybrid"),
+        ("opd_hybrid", None, {"discount": 0.9}, "algorithm.adv_estimator=opd"),
+        ("grpo", "ppo_plus_distill", {"adv_clip_max": 3.0}, "algorithm.adv_estimator=opd|opd_hybrid"),
+        ("grpo", "ppo_plus_distill", {"support": "full", "topk": 50}, "opd.support=topk"),
+        ("grpo", "ppo_plus_distill", {"support": "topk", "chunk_size": 64}, "opd.support=full"),
+        ("grpo", "ppo_plus_distill", {"support": "topk", "kl_estimator": "k3"}, "opd.support=sampled"),
+        ("grpo", "ppo_plus_distill", {"support": "full", "beta": 0.3}, "opd.divergence=jsd"),
+        ("opd", None, {"multi_teacher_mode": "route"}, "several teachers"),
+    ],
+)
+def test_an_option_the_mode_never_reads_is_an_error(composed_config, estimator, loss_mode, setting, needs):
+    cfg = _opd_config(composed_config, estimator=estimator)
+    if loss_mode:
+        cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = loss_mode
+    cfg["opd"].update(setting)
+    key = next(k for k in setting if k != "support") if len(setting) > 1 else next(iter(setting))
+    with pytest.raises(OPDConfigError, match=rf"opd\.{key}=.* has no effect here: it is read only with .*{re.escape(needs)}"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "estimator, loss_mode, setting",
+    [
+        ("opd", None, {"adv_clip_max": 3.0, "discount": 0.5}),
+        ("opd_hybrid", None, {"hybrid_alpha": 0.5, "hybrid_base_estimator": "rloo", "adv_clip_min": -3.0}),
+        ("grpo", "ppo_plus_distill", {"support": "full", "divergence": "jsd", "beta": 0.3, "temperature": 2.0,
+                                      "chunk_size": 64, "lambda_rl": 1.0}),
+        ("grpo", "ppo_plus_distill", {"support": "topk", "topk": 5, "divergence": "forward_kl"}),
+        ("grpo", "ppo_plus_distill", {"support": "sampled", "kl_estimator": "k3"}),
+        ("opd", "ppo_plus_distill", {"discount": 0.5, "support": "full"}),  # both paths active: both read
+    ],
+)
+def test_options_the_mode_reads_are_accepted(composed_config, estimator, loss_mode, setting):
+    cfg = _opd_config(composed_config, estimator=estimator)
+    if loss_mode:
+        cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = loss_mode
+    cfg["opd"].update(setting)
+    validate_config(cfg)

@@ -203,6 +203,53 @@ def validate_opd_section(opd: Mapping) -> None:
     for key in ("lambda_rl", "lambda_distill", "hybrid_alpha"):
         if float(opd[key]) < 0:
             raise OPDConfigError(f"opd.{key}={opd[key]} must be >= 0")
+    entries = teacher_entries(opd)
+    if opd["multi_teacher_mode"] == "route" and len(entries) > 1:
+        route_table(entries)
+    if opd["multi_teacher_mode"] == "mean_logit" and len(entries) > 1 and opd["support"] == "sampled":
+        raise OPDConfigError(
+            "opd.multi_teacher_mode=mean_logit needs the teachers' logits; set opd.support=topk|full "
+            "(loss_mode=ppo_plus_distill) or opd.multi_teacher_mode=mean_prob"
+        )
+
+
+_LOSS_LEVEL = f"actor_rollout_ref.actor.policy_loss.loss_mode={DISTILL_LOSS_MODE}"
+
+
+def unread_options(config: Mapping) -> dict[str, str]:
+    """{opd key: what would make it take effect} for every option the chosen mode never reads."""
+    opd = config["opd"]
+    estimator = config["algorithm"]["adv_estimator"]
+    loss_level = uses_distill_loss(config)
+    support = opd["support"]
+    unread = {}
+    if estimator not in OPD_ESTIMATORS:
+        for key in ("adv_clip_min", "adv_clip_max"):
+            unread[key] = "algorithm.adv_estimator=opd|opd_hybrid"
+    if estimator != "opd":
+        unread["discount"] = "algorithm.adv_estimator=opd"
+    if estimator != "opd_hybrid":
+        unread["hybrid_alpha"] = unread["hybrid_base_estimator"] = "algorithm.adv_estimator=opd_hybrid"
+    if not loss_level:
+        for key in ("support", "divergence", "temperature", "kl_estimator", "topk", "beta", "chunk_size",
+                    "lambda_rl", "lambda_distill"):
+            unread[key] = _LOSS_LEVEL
+    else:
+        if support != "topk":
+            unread["topk"] = "opd.support=topk"
+        if support != "full":
+            unread["chunk_size"] = "opd.support=full"
+        if support != "sampled":
+            unread["kl_estimator"] = "opd.support=sampled"
+        if opd["divergence"] != "jsd":
+            unread["beta"] = "opd.divergence=jsd"
+    if len(teacher_entries(opd)) < 2:
+        unread["multi_teacher_mode"] = "several teachers (opd.teachers: [{path: ...}, {path: ...}])"
+    return unread
+
+
+def check_support_combinations(opd: Mapping) -> None:
+    """What support=sampled (the sampled token only) cannot do, in the loss-level mode."""
     if opd["support"] == "sampled" and float(opd["temperature"]) != 1.0:
         raise OPDConfigError(
             "opd.temperature applies to logits, which support=sampled does not use; set opd.support=topk|full "
@@ -213,14 +260,17 @@ def validate_opd_section(opd: Mapping) -> None:
             f"opd.divergence={opd['divergence']} needs the teacher's distribution; set opd.support=topk|full "
             "(support=sampled only estimates reverse_kl)"
         )
-    entries = teacher_entries(opd)
-    if opd["multi_teacher_mode"] == "route" and len(entries) > 1:
-        route_table(entries)
-    if opd["multi_teacher_mode"] == "mean_logit" and len(entries) > 1 and opd["support"] == "sampled":
-        raise OPDConfigError(
-            "opd.multi_teacher_mode=mean_logit needs the teachers' logits; set opd.support=topk|full "
-            "(loss_mode=ppo_plus_distill) or opd.multi_teacher_mode=mean_prob"
-        )
+
+
+def check_unread_options(config: Mapping) -> None:
+    """A non-default opd.* value that the chosen mode never reads is an error naming what would make it count."""
+    opd, defaults = config["opd"], opd_defaults()
+    for key, needs in unread_options(config).items():
+        if opd[key] != defaults[key]:
+            raise OPDConfigError(
+                f"opd.{key}={opd[key]} has no effect here: it is read only with {needs}; set that, "
+                f"or drop opd.{key} (default {defaults[key]})"
+            )
 
 
 def validate_config(config: Mapping) -> None:
@@ -234,6 +284,8 @@ def validate_config(config: Mapping) -> None:
             f"algorithm.adv_estimator={config['algorithm']['adv_estimator']} needs a teacher; "
             "set opd.teacher.path=<model dir or hub name>"
         )
+    check_unread_options(config)
+    check_support_combinations(opd)
     model = config["actor_rollout_ref"]["model"]
     lora_rank = model.get("lora_rank") or (model.get("lora") or {}).get("rank") or 0
     if (lora_rank > 0 or model.get("lora_adapter_path")) and any(
