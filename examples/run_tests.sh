@@ -3,7 +3,7 @@
 # e.g. `bash examples/run_tests.sh -m "not e2e"` for the fast unit tests only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash examples/setup_cpu.sh || exit 1
+bash examples/setup_cpu.sh --tests || exit 1
 .venv/bin/python -m pytest -q -rs "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
