@@ -162,16 +162,6 @@ def line_metrics(line: str) -> tuple[int, dict[str, float]] | None:
     return int(match.group(1)), {k: float(v) for k, v in _METRIC.findall(line[match.start():])}
 
 
-def console_metrics(text: str) -> dict[int, dict[str, float]]:
-    """{step: {metric: value}} from verl's console output (what a run printed)."""
-    steps: dict[int, dict[str, float]] = {}
-    for line in text.splitlines():
-        parsed = line_metrics(line)
-        if parsed:
-            steps.setdefault(parsed[0], {}).update(parsed[1])
-    return steps
-
-
 _SHOWN = (
     ("opd/kl_per_token", "kl/token"),
     ("critic/score/mean", "sample acc"),

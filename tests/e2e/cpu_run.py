@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd_verl.demo.runs import console_metrics, kill_process_group  # noqa: F401  (console_metrics: for the tests)
+from opd_verl.demo.runs import kill_process_group, line_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -215,6 +215,16 @@ def sigkill_run(proc: subprocess.Popen, wait: float = 30) -> list[str]:
         except ProcessLookupError:
             pass
     return survivors
+
+
+def console_metrics(text: str) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} from verl's console output (what a run printed)."""
+    steps: dict[int, dict[str, float]] = {}
+    for line in text.splitlines():
+        parsed = line_metrics(line)
+        if parsed:
+            steps.setdefault(parsed[0], {}).update(parsed[1])
+    return steps
 
 
 if __name__ == "__main__":
