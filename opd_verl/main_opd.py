@@ -11,13 +11,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from opd_verl.checks.device import check_device, is_cpu_run, user_override_keys
+from opd_verl.checks.verl_config import check_verl_config
 from opd_verl.checks.options import OPDConfigError, check_override_keys, deprecation_notes, uses_opd, validate_config
 
 _PRINT_ONLY = {"flag": False}
 
 
 def _fail(message: str) -> None:
-    print(f"opd_verl: error: {message}", file=sys.stderr)
+    for line in message.splitlines():  # one line per problem
+        print(f"opd_verl: error: {line}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -52,6 +54,7 @@ def prepare(config: DictConfig) -> None:
         from opd_verl.cpu.defaults import apply_cpu_defaults
 
         apply_cpu_defaults(config)
+    check_verl_config(config)
 
 
 @hydra.main(config_path="config", config_name="opd_trainer", version_base=None)

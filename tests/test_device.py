@@ -65,7 +65,7 @@ def test_explicit_cuda_without_accelerator_or_cluster_is_an_error(no_accelerator
 def test_cfg_job_with_explicit_cuda_prints_no_cpu_changes():
     """On this CPU machine, `trainer.device=cuda --cfg job` used to print `opd_verl[cpu]: trainer.device=cpu (was
     cuda)` and rewrite the run into a CPU run."""
-    result = run_main_opd("trainer.device=cuda", "trainer.n_gpus_per_node=8", "--cfg", "job", env={"RAY_ADDRESS": ""})
+    result = run_main_opd("trainer.device=cuda", "trainer.n_gpus_per_node=8", "actor_rollout_ref.rollout.name=vllm", "--cfg", "job", env={"RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "opd_verl[cpu]" not in result.stderr
     cfg = OmegaConf.create(result.stdout)
@@ -73,6 +73,6 @@ def test_cfg_job_with_explicit_cuda_prints_no_cpu_changes():
 
 
 def test_running_explicit_cuda_without_accelerator_stops_before_ray():
-    result = run_main_opd("trainer.device=cuda", env={"RAY_ADDRESS": ""})
+    result = run_main_opd("trainer.device=cuda", "actor_rollout_ref.rollout.name=vllm", env={"RAY_ADDRESS": ""})
     assert result.returncode == 2, result.stderr[-2000:]
     assert "opd_verl: error: trainer.device=cuda but this machine has no accelerator" in result.stderr

@@ -10,8 +10,11 @@ from conftest import run_main_opd
 OPD = ["algorithm.adv_estimator=opd", "opd.teacher.path=Qwen/Qwen2-7B", "actor_rollout_ref.model.path=Qwen/Qwen2-0.5B"]
 
 
+LOSS_LEVEL = "actor_rollout_ref.actor.policy_loss.loss_mode=ppo_plus_distill"
+
+
 def test_cfg_job_prints_the_validated_config():
-    result = run_main_opd(*OPD, "opd.divergence=jsd", "opd.support=full", "opd.beta=0.3", "--cfg", "job")
+    result = run_main_opd(*OPD, LOSS_LEVEL, "opd.divergence=jsd", "opd.support=full", "opd.beta=0.3", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     cfg = yaml.safe_load(result.stdout)
     assert cfg["algorithm"]["adv_estimator"] == "opd"
@@ -36,8 +39,14 @@ def test_unknown_key_fails_before_anything_loads():
     assert time.monotonic() - start < 60
 
 
+def test_options_the_mode_never_reads_stop_the_run():
+    """The review's example: these validated and then trained sampled reverse KL (the advantage path reads none)."""
+    result = run_main_opd(*OPD, "opd.support=full", "opd.divergence=jsd", "opd.temperature=2", "--cfg", "job")
+    _assert_one_line_error(result, "opd.support=full has no effect here", "loss_mode=ppo_plus_distill")
+
+
 def test_bad_beta_names_the_key_and_the_fix():
-    result = run_main_opd(*OPD, "opd.support=full", "opd.divergence=jsd", "opd.beta=1.5")
+    result = run_main_opd(*OPD, LOSS_LEVEL, "opd.support=full", "opd.divergence=jsd", "opd.beta=1.5")
     _assert_one_line_error(result, "opd.beta=1.5", "set opd.beta between 0")
 
 

@@ -35,6 +35,10 @@ CPUS_PER_GPU_BUNDLE = 3
 # Logical Ray CPUs a CPU run starts Ray with (scheduling tokens, not cores: the probe's value).
 DEFAULT_RAY_CPUS = 16
 
+# Seconds between the replay buffer's polls for finished rollouts on CPU (verl's default 2.0 is most of a tiny step;
+# below ~0.05 s the TransferQueue listing each poll makes starts to cost; see opd_verl.verl_ext.trainer).
+CPU_POLL_INTERVAL = 0.1
+
 # KV cache of vLLM's CPU backend (bytes).
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -135,8 +139,14 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     a.force("trainer.device", "cpu", lambda v: v != "cpu")
     a.force(f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}", PLATFORM_NAME, lambda v: v != PLATFORM_NAME)
 
+    # -- the rollout engine: vLLM is the only one that runs on CPU (verl's config leaves it unset: ???)
+    a.prefer("actor_rollout_ref.rollout.name", "vllm", None)
+
     # -- workers: one process unless the user asked for more
     a.prefer("trainer.n_gpus_per_node", 1, 8)
+
+    # -- the replay buffer polls for finished rollouts every 2 s (verl's default): most of a CPU step's time
+    a.prefer("trainer.v1.sampler.sampler_kwargs.poll_interval", CPU_POLL_INTERVAL, None)
 
     # -- training engines (actor, reference; critic when used): FSDP2, sdpa, padded inputs, fp32
     roles = [("actor_rollout_ref.actor", "actor_rollout_ref.model"), ("actor_rollout_ref.ref", None)]

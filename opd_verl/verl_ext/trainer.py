@@ -21,6 +21,7 @@ from verl.workers.utils.padding import response_to_nested
 
 from opd_verl.verl_ext.checkpoints import checkpoints_to_keep, mark_complete, prune_complete, repair_tracker
 from opd_verl.verl_ext.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
+from opd_verl.checks.verl_config import POLL_INTERVAL_KEY, replay_poll_interval
 from opd_verl.checks.options import OPD_ESTIMATORS, teacher_entries, uses_opd
 from opd_verl.verl_ext.teacher_worker import make_worker_class
 
@@ -70,6 +71,15 @@ class OPDTrainer(PPOTrainerSync):
             self.use_reference_policy = True
             print("opd_verl: metrics are logged under opd/*; their old names (distill/*, actor/distill/*) are "
                   "logged too until opd_verl 0.3")
+
+    def _build_replay_buffer(self):
+        buffer = super()._build_replay_buffer()
+        interval = replay_poll_interval(self.config)
+        custom = OmegaConf.select(self.config, "trainer.v1.sampler.custom_sampler.path", default=None)
+        if interval is not None and not custom and hasattr(buffer, "poll_interval"):  # a custom sampler owns its kwargs
+            buffer.poll_interval = interval
+            print(f"opd_verl: replay buffer poll interval {interval:g} s ({POLL_INTERVAL_KEY})")
+        return buffer
 
     def _update_actor(self, batch, metrics: dict):
         batch = super()._update_actor(batch, metrics)

@@ -1,0 +1,105 @@
+"""Checks of verl's own keys that verl 0.9.1 makes only after Ray has started and the models have loaded (or never):
+missing mandatory values, the batch arithmetic of the FSDP workers, and the replay buffer's poll interval. Each
+problem is one line naming the keys and the fix."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from opd_verl.checks.options import OPDConfigError
+
+POLL_INTERVAL_KEY = "trainer.v1.sampler.sampler_kwargs.poll_interval"
+ACTOR = "actor_rollout_ref.actor"
+ROLLOUT = "actor_rollout_ref.rollout"
+
+
+def _in_disabled_section(config: DictConfig, key: str) -> bool:
+    """True when a section above `key` has `enable: false` (e.g. reward.reward_model when no reward model runs)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if _sel(config, ".".join(parts[:i] + ["enable"])) is False:
+            return True
+    return False
+
+
+def missing_mandatory_values(config: DictConfig) -> list[str]:
+    """Keys still at `???` (verl's mandatory values, e.g. actor_rollout_ref.rollout.name) in the sections the run
+    uses."""
+    return sorted(k for k in OmegaConf.missing_keys(config) if not _in_disabled_section(config, k))
+
+
+def check_missing_values(config: DictConfig) -> None:
+    missing = missing_mandatory_values(config)
+    if missing:
+        lines = [f"{key} is not set (verl's config has no default for it); set {key}=<value>" for key in missing]
+        raise OPDConfigError("\n".join(lines))
+
+
+def _sel(config, key, default=None):
+    return OmegaConf.select(config, key, default=default)
+
+
+def check_batch_arithmetic(config: DictConfig) -> None:
+    """What verl's FSDP actor and rollout workers assert once the models are loaded (verl 0.9.1
+    engine_workers.py: TrainingWorker.train_mini_batch, ActorRolloutRefWorker.init_model)."""
+    if _sel(config, f"{ACTOR}.strategy") not in ("fsdp", "fsdp2"):
+        return  # megatron's arithmetic is verl's own validate_config
+    world = int(_sel(config, "trainer.n_gpus_per_node")) * int(_sel(config, "trainer.nnodes"))
+    sp = int(_sel(config, f"{ACTOR}.ulysses_sequence_parallel_size", 1) or 1)
+    if world % sp:
+        raise OPDConfigError(
+            f"{ACTOR}.ulysses_sequence_parallel_size={sp} does not divide the {world} GPUs "
+            "(trainer.n_gpus_per_node x trainer.nnodes); choose a divisor")
+    dp = world // sp
+    n = int(_sel(config, f"{ROLLOUT}.n"))
+    train, mini = int(_sel(config, "data.train_batch_size")), int(_sel(config, f"{ACTOR}.ppo_mini_batch_size"))
+    if (train * n) % dp:
+        raise OPDConfigError(
+            f"data.train_batch_size x {ROLLOUT}.n = {train} x {n} is not divisible by the {dp} data-parallel ranks "
+            f"(GPUs / {ACTOR}.ulysses_sequence_parallel_size); change data.train_batch_size")
+    if (mini * n) % dp:
+        raise OPDConfigError(
+            f"{ACTOR}.ppo_mini_batch_size x {ROLLOUT}.n = {mini} x {n} is not divisible by the {dp} data-parallel "
+            f"ranks; change {ACTOR}.ppo_mini_batch_size")
+    if not _sel(config, f"{ACTOR}.use_dynamic_bsz"):
+        if _sel(config, f"{ROLLOUT}.log_prob_use_dynamic_bsz"):
+            raise OPDConfigError(
+                f"{ACTOR}.use_dynamic_bsz=False but {ROLLOUT}.log_prob_use_dynamic_bsz=True; verl needs both the same")
+        micro = _sel(config, f"{ACTOR}.ppo_micro_batch_size_per_gpu")
+        per_gpu = mini * n // dp
+        if micro is not None and per_gpu % int(micro):
+            raise OPDConfigError(
+                f"the per-GPU mini-batch ({ACTOR}.ppo_mini_batch_size x {ROLLOUT}.n / {dp} ranks = {per_gpu}) is not "
+                f"divisible by {ACTOR}.ppo_micro_batch_size_per_gpu={micro}; pick a divisor of {per_gpu}")
+    elif not _sel(config, f"{ROLLOUT}.log_prob_use_dynamic_bsz"):
+        raise OPDConfigError(
+            f"{ACTOR}.use_dynamic_bsz=True but {ROLLOUT}.log_prob_use_dynamic_bsz=False; verl needs both the same")
+    infer = 1
+    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
+        infer *= int(_sel(config, f"{ROLLOUT}.{key}", 1) or 1)
+    if world % infer:
+        raise OPDConfigError(
+            f"the rollout's {ROLLOUT}.tensor_model_parallel_size x data_parallel_size x pipeline_model_parallel_size "
+            f"= {infer} does not divide the {world} GPUs; choose sizes whose product divides {world}")
+
+
+def replay_poll_interval(config) -> float | None:
+    """trainer.v1.sampler.sampler_kwargs.poll_interval (seconds), or None when unset.
+
+    verl 0.9.1's built-in ReplayBuffer polls for finished rollouts every `poll_interval` s (default 2.0) but
+    PPOTrainer._build_replay_buffer never passes it; sampler_kwargs is verl's own free-form mapping, which the
+    built-in buffer does not read. A step waits for the next poll after its last rollout: up to 2 s a step.
+    """
+    kwargs = _sel(config, "trainer.v1.sampler.sampler_kwargs") or {}
+    value = kwargs.get("poll_interval")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise OPDConfigError(f"{POLL_INTERVAL_KEY}={value!r} must be a number of seconds > 0 (verl's default: 2.0)")
+    return float(value)
+
+
+def check_verl_config(config: DictConfig) -> None:
+    check_missing_values(config)
+    check_batch_arithmetic(config)
+    replay_poll_interval(config)

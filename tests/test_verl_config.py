@@ -1,0 +1,87 @@
+"""Checks of verl's own keys before Ray (opd_verl.checks.verl_config): what verl 0.9.1 reports only inside a Ray
+worker after the models load (or as a hang)."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.verl_config import check_batch_arithmetic, check_missing_values, replay_poll_interval
+
+from conftest import REPO, run_main_opd
+
+BASE = ["actor_rollout_ref.rollout.name=vllm", "trainer.n_gpus_per_node=8", "data.train_batch_size=64",
+        "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=16",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4"]
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "opd_verl" / "config"), version_base=None):
+        return compose(config_name="opd_trainer", overrides=[*BASE, *overrides])
+
+
+def test_a_consistent_config_passes():
+    check_batch_arithmetic(_compose())
+    check_missing_values(_compose())
+
+
+def test_missing_mandatory_value_is_named():
+    with initialize_config_dir(config_dir=str(REPO / "opd_verl" / "config"), version_base=None):
+        cfg = compose(config_name="opd_trainer")
+    # reward.reward_model.rollout.name is ??? too, but its section is disabled (reward.reward_model.enable=False)
+    assert OmegaConf.select(cfg, "reward.reward_model.enable") is False
+    with pytest.raises(OPDConfigError, match=r"^actor_rollout_ref.rollout.name is not set .*set actor_rollout_ref.rollout.name=<value>$"):
+        check_missing_values(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.train_batch_size=3", "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.actor.ppo_mini_batch_size=3"],
+         r"data.train_batch_size x actor_rollout_ref.rollout.n = 3 x 1 is not divisible by the 8 data-parallel"),
+        (["actor_rollout_ref.actor.ppo_mini_batch_size=3", "actor_rollout_ref.rollout.n=2"],
+         r"ppo_mini_batch_size x actor_rollout_ref.rollout.n = 3 x 2 is not divisible by the 8"),
+        (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"],
+         r"per-GPU mini-batch .* = 8\) is not divisible by actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"),
+        (["actor_rollout_ref.actor.ulysses_sequence_parallel_size=3"],
+         r"ulysses_sequence_parallel_size=3 does not divide the 8 GPUs"),
+        (["actor_rollout_ref.rollout.tensor_model_parallel_size=3"],
+         r"tensor_model_parallel_size x data_parallel_size x pipeline_model_parallel_size = 3 does not divide the 8"),
+        (["actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=false"],
+         r"use_dynamic_bsz=True but .*log_prob_use_dynamic_bsz=False"),
+    ],
+)
+def test_batch_arithmetic_errors_name_the_keys(overrides, message):
+    with pytest.raises(OPDConfigError, match=message):
+        check_batch_arithmetic(_compose(*overrides))
+
+
+def test_sequence_parallel_divides_the_data_parallel_size():
+    # 8 GPUs / sp 2 = 4 data-parallel ranks: 16 x 4 / 4 = 16 per rank, micro 4 divides it
+    check_batch_arithmetic(_compose("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"))
+
+
+def test_poll_interval():
+    assert replay_poll_interval(_compose()) is None
+    assert replay_poll_interval(_compose("+trainer.v1.sampler.sampler_kwargs.poll_interval=0.1")) == 0.1
+    with pytest.raises(OPDConfigError, match="poll_interval=0 must be a number of seconds > 0"):
+        replay_poll_interval(_compose("+trainer.v1.sampler.sampler_kwargs.poll_interval=0"))
+
+
+def test_missing_rollout_name_stops_before_ray_in_one_line():
+    """verl 0.9.1 reported this ~40 s later as an OmegaConf traceback inside a Ray worker."""
+    result = run_main_opd("trainer.device=cuda", "--cfg", "job")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("opd_verl: error: actor_rollout_ref.rollout.name is not set (verl's config has no default for it); "
+            "set actor_rollout_ref.rollout.name=<value>") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cpu_run_defaults_the_rollout_to_vllm():
+    result = run_main_opd("trainer.device=cpu", "--cfg", "job")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "opd_verl[cpu]: actor_rollout_ref.rollout.name=vllm (was None)" in result.stderr
+    assert OmegaConf.create(result.stdout).actor_rollout_ref.rollout.name == "vllm"
