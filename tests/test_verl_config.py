@@ -8,7 +8,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from opd_verl.checks.options import OPDConfigError
-from opd_verl.checks.verl_config import check_batch_arithmetic, check_missing_values, replay_poll_interval
+from opd_verl.checks.verl_config import (
+    check_batch_arithmetic,
+    check_loss_level_support,
+    check_missing_values,
+    replay_poll_interval,
+)
 
 from conftest import REPO, run_main_opd
 
@@ -46,8 +51,8 @@ def test_missing_mandatory_value_is_named():
          r"ppo_mini_batch_size x actor_rollout_ref.rollout.n = 3 x 2 is not divisible by the 8"),
         (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"],
          r"per-GPU mini-batch .* = 8\) is not divisible by actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"),
-        (["actor_rollout_ref.actor.ulysses_sequence_parallel_size=3"],
-         r"ulysses_sequence_parallel_size=3 does not divide the 8 GPUs"),
+        (["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=3"],
+         r"fsdp_config.ulysses_sequence_parallel_size=3 does not divide the 8 GPUs"),
         (["actor_rollout_ref.rollout.tensor_model_parallel_size=3"],
          r"tensor_model_parallel_size x data_parallel_size x pipeline_model_parallel_size = 3 does not divide the 8"),
         (["actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=false"],
@@ -85,3 +90,33 @@ def test_cpu_run_defaults_the_rollout_to_vllm():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "opd_verl[cpu]: actor_rollout_ref.rollout.name=vllm (was None)" in result.stderr
     assert OmegaConf.create(result.stdout).actor_rollout_ref.rollout.name == "vllm"
+
+
+LOSS_LEVEL = ["actor_rollout_ref.actor.policy_loss.loss_mode=ppo_plus_distill", "opd.teacher.path=/t"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["opd.support=full", "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2"],
+         r"opd.support=full with Ulysses sequence parallel .*=2\) is not supported"),
+        (["opd.support=topk", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"],
+         r"opd.support=topk with Ulysses sequence parallel"),
+        (["opd.support=full", "actor_rollout_ref.model.use_fused_kernels=true"],
+         r"opd.support=full needs the student's logits, which use_fused_kernels=True never materialises"),
+        (["actor_rollout_ref.actor.entropy_coeff=0.01"],
+         r"opd.lambda_rl=0 skips verl's PPO loss, and with it actor_rollout_ref.actor.entropy_coeff=0.01"),
+        (["actor_rollout_ref.actor.use_kl_loss=true"], r"opd.lambda_rl=0 skips .*use_kl_loss=True"),
+    ],
+)
+def test_loss_level_combinations_verl_cannot_run_are_rejected(overrides, message):
+    with pytest.raises(OPDConfigError, match=message):
+        check_loss_level_support(_compose(*LOSS_LEVEL, *overrides))
+
+
+def test_loss_level_combinations_that_work():
+    check_loss_level_support(_compose(*LOSS_LEVEL, "opd.support=sampled",
+                                      "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2"))
+    check_loss_level_support(_compose(*LOSS_LEVEL, "opd.lambda_rl=1", "actor_rollout_ref.actor.entropy_coeff=0.01",
+                                      "actor_rollout_ref.actor.use_kl_loss=true"))
+    check_loss_level_support(_compose("actor_rollout_ref.actor.entropy_coeff=0.01"))  # not the loss-level mode

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.options import DISTILL_LOSS_MODES, OPDConfigError
 
 POLL_INTERVAL_KEY = "trainer.v1.sampler.sampler_kwargs.poll_interval"
 ACTOR = "actor_rollout_ref.actor"
@@ -39,16 +39,23 @@ def _sel(config, key, default=None):
     return OmegaConf.select(config, key, default=default)
 
 
+def ulysses_size(config) -> int:
+    """The actor's Ulysses sequence-parallel size (fsdp_config's, or the deprecated actor-level key)."""
+    sizes = [_sel(config, f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size"),
+             _sel(config, f"{ACTOR}.ulysses_sequence_parallel_size")]
+    return max(int(v or 1) for v in sizes)
+
+
 def check_batch_arithmetic(config: DictConfig) -> None:
     """What verl's FSDP actor and rollout workers assert once the models are loaded (verl 0.9.1
     engine_workers.py: TrainingWorker.train_mini_batch, ActorRolloutRefWorker.init_model)."""
     if _sel(config, f"{ACTOR}.strategy") not in ("fsdp", "fsdp2"):
         return  # megatron's arithmetic is verl's own validate_config
     world = int(_sel(config, "trainer.n_gpus_per_node")) * int(_sel(config, "trainer.nnodes"))
-    sp = int(_sel(config, f"{ACTOR}.ulysses_sequence_parallel_size", 1) or 1)
+    sp = ulysses_size(config)
     if world % sp:
         raise OPDConfigError(
-            f"{ACTOR}.ulysses_sequence_parallel_size={sp} does not divide the {world} GPUs "
+            f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size={sp} does not divide the {world} GPUs "
             "(trainer.n_gpus_per_node x trainer.nnodes); choose a divisor")
     dp = world // sp
     n = int(_sel(config, f"{ROLLOUT}.n"))
@@ -99,7 +106,38 @@ def replay_poll_interval(config) -> float | None:
     return float(value)
 
 
+def check_loss_level_support(config: DictConfig) -> None:
+    """What the loss-level mode over distributions (opd.support=topk|full) cannot do with verl 0.9.1, and what
+    lambda_rl=0 leaves out."""
+    loss_mode = _sel(config, f"{ACTOR}.policy_loss.loss_mode")
+    if loss_mode not in DISTILL_LOSS_MODES:
+        return
+    support = _sel(config, "opd.support")
+    if support in ("topk", "full"):
+        if ulysses_size(config) > 1:
+            raise OPDConfigError(
+                f"opd.support={support} with Ulysses sequence parallel ({ACTOR}.fsdp_config."
+                f"ulysses_sequence_parallel_size={ulysses_size(config)}) is not supported: each rank holds a slice of "
+                "the sequence's logits while the teacher's are recomputed for the whole one; set the size to 1, or "
+                "opd.support=sampled")
+        if _sel(config, f"{ACTOR}.use_fused_kernels") or _sel(config, "actor_rollout_ref.model.use_fused_kernels"):
+            raise OPDConfigError(
+                f"opd.support={support} needs the student's logits, which use_fused_kernels=True never materialises; "
+                "set actor_rollout_ref.model.use_fused_kernels=False, or opd.support=sampled")
+    if float(_sel(config, "opd.lambda_rl")) == 0:
+        dropped = []
+        if float(_sel(config, f"{ACTOR}.entropy_coeff") or 0) != 0:
+            dropped.append(f"{ACTOR}.entropy_coeff={_sel(config, f'{ACTOR}.entropy_coeff')}")
+        if _sel(config, f"{ACTOR}.use_kl_loss"):
+            dropped.append(f"{ACTOR}.use_kl_loss=True")
+        if dropped:
+            raise OPDConfigError(
+                f"opd.lambda_rl=0 skips verl's PPO loss, and with it {' and '.join(dropped)}; set opd.lambda_rl > 0 "
+                "to keep them, or turn them off")
+
+
 def check_verl_config(config: DictConfig) -> None:
     check_missing_values(config)
+    check_loss_level_support(config)
     check_batch_arithmetic(config)
     replay_poll_interval(config)
