@@ -105,8 +105,8 @@ def test_the_other_support_and_divergence_pairs_run_a_step(workdir, support, div
                 "actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill",
                 "opd.support": support,
                 "opd.divergence": divergence,
-                "opd.topk": 8,
-                "opd.chunk_size": 64,
+                # each only where the support reads it (an option the mode never reads is an error)
+                **({"opd.topk": 8} if support == "topk" else {"opd.chunk_size": 64}),
                 "opd.lambda_rl": 0.0,
             },
         ),
