@@ -26,7 +26,6 @@ patched code runs only on CPU); a GPU run is unaffected.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.abc
 import importlib.metadata as metadata
 import logging
@@ -35,6 +34,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
+
+from opd_verl.verl_ext.upstream import upstream_sha, upstream_source  # noqa: F401  (the pins of the patches too)
 
 logger = logging.getLogger(__name__)
 
@@ -140,33 +141,6 @@ class Patch:
 
 PATCHES: dict[str, Patch] = {}
 _MARK = "__opd_verl_patched__"
-
-
-def upstream_source(target: str) -> str:
-    """Source text of "module:qualname" read from the installed file (not the live, possibly patched object)."""
-    import ast
-    import importlib.util
-
-    module_name, qualname = target.split(":")
-    spec = importlib.util.find_spec(module_name)
-    if spec is None or not spec.origin:
-        raise ModuleNotFoundError(module_name)
-    with open(spec.origin, encoding="utf-8") as f:
-        text = f.read()
-    node = ast.parse(text)
-    for part in qualname.split("."):
-        body = node.body
-        matches = [n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == part]
-        if not matches:
-            raise LookupError(f"{qualname} not found in {spec.origin}")
-        node = matches[-1]
-    segment = ast.get_source_segment(text, node, padded=False)
-    decorators = "".join(ast.get_source_segment(text, d) + "\n" for d in getattr(node, "decorator_list", []))
-    return decorators + segment
-
-
-def upstream_sha(target: str) -> str:
-    return hashlib.sha256(upstream_source(target).encode()).hexdigest()
 
 
 def _installed_version(dist: str) -> str | None:

@@ -1,0 +1,54 @@
+"""The verl code this plugin mirrors, pinned by the sha256 of its upstream source (verl 0.9.1).
+
+A mirrored function is our copy of verl's logic with a change (e.g. our trainer's `_compute_advantage` is verl's
+with the teacher's and the student's log-probs passed on). When verl changes the original, the copy is stale:
+tests/test_upstream_pins.py recomputes each hash from the installed verl and fails, naming the copy to revisit.
+The CPU patches (opd_verl.cpu.patches) pin their targets the same way, with these functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+
+VERL_VERSION = "0.9.1"
+
+#: our copy -> (verl's "module:qualname", sha256 of its source in verl 0.9.1)
+MIRRORS = {
+    "opd_verl.verl_ext.trainer:OPDTrainer._compute_advantage": (
+        "verl.trainer.ppo.v1.trainer_base:PPOTrainer._compute_advantage",
+        "88d9c72a30f7f49cf24768d0dc507078f949303e6749d8aac0bf4d052fd156e2"),
+    "opd_verl.verl_ext.teacher_worker:OPDWorker._build_teacher": (
+        "verl.workers.engine_workers:ActorRolloutRefWorker.init_model",
+        "c77a321e3a391620d62b39a366a0933b8227fb3a3f6a9bf7d69fa18e15b3b8ff"),
+    "opd_verl.verl_ext.task_runner:OPDTaskRunner.run": (
+        "verl.trainer.main_ppo:TaskRunnerV1.run", "661a86160739a0dcc1014f71164b707641d7a59b6edc05b4c69a39cb56758fc0"),
+    "opd_verl.verl_ext.distill_actor_loss:packed_logits": (
+        "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.prepare_model_outputs",
+        "06c245b398a0a84f51e9c78943d6000d9b9a102ba1360206a31f423a1999ea41"),
+}
+
+
+def upstream_source(target: str) -> str:
+    """Source text of "module:qualname" read from the installed file (not the live, possibly patched object)."""
+    module_name, qualname = target.split(":")
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError(module_name)
+    with open(spec.origin, encoding="utf-8") as f:
+        text = f.read()
+    node = ast.parse(text)
+    for part in qualname.split("."):
+        body = node.body
+        matches = [n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == part]
+        if not matches:
+            raise LookupError(f"{qualname} not found in {spec.origin}")
+        node = matches[-1]
+    segment = ast.get_source_segment(text, node, padded=False)
+    decorators = "".join(ast.get_source_segment(text, d) + "\n" for d in getattr(node, "decorator_list", []))
+    return decorators + segment
+
+
+def upstream_sha(target: str) -> str:
+    return hashlib.sha256(upstream_source(target).encode()).hexdigest()
