@@ -3,9 +3,13 @@ way verl 0.9.1 loads and calls a custom reward function."""
 
 from __future__ import annotations
 
+import math
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from opd_verl.rewards import (
     OPENTHOUGHTS3,
     answer_style,
     compute_score,
+    compute_score_with_info,
     extract_hash_answer,
     last_boxed_content,
 )
@@ -196,6 +201,125 @@ def test_off_main_thread_uses_worker_process():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# math-verify at scale: the pool's size, each check on its own budget, timeouts counted (issue 12)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ones(n: int) -> str:
+    """ "1+1+...+1" (n terms): math-verify really parses it, in a time that grows with n (no mock, no hook)."""
+    return "+".join(["1"] * n)
+
+
+@pytest.fixture(scope="module")
+def one_process_pool():
+    """One math-verify process for the tests below (shared, so it starts once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPD_REWARD_MV_WORKERS", "1")
+        mp.delenv("OPD_REWARD_MV_TIMEOUT", raising=False)
+        rewards._reset_pool()
+        yield
+        rewards._reset_pool()
+
+
+def test_pool_size_follows_the_setting(monkeypatch):
+    real = rewards._available_cpus()
+    assert 1 <= real <= (os.cpu_count() or 1)
+    monkeypatch.setattr(rewards, "_available_cpus", lambda: 4)
+    monkeypatch.delenv("OPD_REWARD_MV_WORKERS", raising=False)
+    assert rewards.mv_pool_size() == min(4, rewards.MV_MAX_WORKERS)
+    monkeypatch.setattr(rewards, "MV_MAX_WORKERS", 3)
+    assert rewards.mv_pool_size() == 3
+    for value, size in (("2", 2), ("16", 4), ("0", 1), ("not-a-number", 3)):
+        monkeypatch.setenv("OPD_REWARD_MV_WORKERS", value)
+        assert rewards.mv_pool_size() == size, value
+    monkeypatch.setenv("OPD_REWARD_MV_WORKERS", "2")
+    rewards._reset_pool()
+    try:
+        pool = rewards._get_pool()
+        assert pool._max_workers == 2
+        assert len(pool._processes) == 0  # processes start with the load, not with the pool
+    finally:
+        rewards._reset_pool()
+
+
+def test_per_check_budget_setting(monkeypatch):
+    monkeypatch.delenv("OPD_REWARD_MV_TIMEOUT", raising=False)
+    assert rewards.mv_timeout_seconds() == rewards.MV_TIMEOUT_SECONDS
+    monkeypatch.setenv("OPD_REWARD_MV_TIMEOUT", "2.5")
+    assert rewards.mv_timeout_seconds() == 2.5
+
+
+def test_queued_checks_are_timed_on_their_own(one_process_pool, monkeypatch):
+    """64 checks at once on one process: a few slow ones ahead put the rest behind a queue longer than the
+    per-check budget, while each check alone is well inside it. No check may score a spurious 0.0."""
+    n0 = 120
+    monkeypatch.setattr(rewards, "MV_TIMEOUT_SECONDS", 60.0)
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        # start the process (its start-up is not the point here), then time one slow check in it, alone
+        assert ex.submit(compute_score, MATH500, "\\boxed{0.5}", "\\frac{1}{2}").result() == 1.0
+        slow = 0.02
+        for n in (n0 - 2, n0 - 1):
+            start = time.monotonic()
+            assert ex.submit(compute_score, MATH500, f"\\boxed{{{_ones(n)}}}", str(n)).result() == 1.0
+            slow = max(slow, time.monotonic() - start)
+    budget = max(1.0, 4 * slow)  # each slow check alone: a quarter of the budget or less
+    k = min(48, math.ceil(4 * budget / slow))  # the slow ones together: about four budgets
+    monkeypatch.setattr(rewards, "MV_TIMEOUT_SECONDS", budget)
+
+    cases = [(f"\\boxed{{{_ones(n0 + 1 + j)}}}", str(n0 + 1 + j), 1.0) for j in range(k)]
+    for i in range(64 - k):  # fast ones, queued behind the slow ones; half of them wrong
+        numerator = 2 * i + 2 if i % 2 else 2 * i + 3
+        cases.append((f"\\boxed{{\\frac{{{numerator}}}{{2}}}}", str(i + 1), 1.0 if i % 2 else 0.0))
+    before = rewards.math_verify_stats()
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(cases)) as ex:
+        results = list(ex.map(lambda case: compute_score(MATH500, case[0], case[1]), cases))
+    wall = time.monotonic() - start
+    after = rewards.math_verify_stats()
+
+    assert results == [case[2] for case in cases]
+    assert after["timeouts"] == before["timeouts"]
+    assert after["checks"] - before["checks"] == len(cases)
+    assert wall > budget, (wall, budget)  # the queue really was longer than one check's budget
+    assert len(rewards._pool._processes) == 1
+
+
+def test_slow_check_times_out_and_is_counted(one_process_pool, monkeypatch, capfd):
+    monkeypatch.setenv("OPD_REWARD_MV_TIMEOUT", "0.2")
+    monkeypatch.setattr(rewards, "_last_timeout_log", [None])
+    n = 900  # about a second of parsing, or more
+    before = rewards.math_verify_stats()
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        info = ex.submit(compute_score_with_info, MATH500, f"\\boxed{{{_ones(n)}}}", str(n)).result()
+        # the process that timed out still checks
+        assert ex.submit(compute_score, MATH500, "\\boxed{0.25}", "\\frac{1}{4}").result() == 1.0
+    after = rewards.math_verify_stats()
+    assert info == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 1}
+    assert after["timeouts"] - before["timeouts"] == 1
+    assert "opd_verl.rewards: math-verify timed out on" in capfd.readouterr().err
+
+
+def test_main_thread_check_times_out_alone_and_cleans_up(monkeypatch):
+    monkeypatch.setenv("OPD_REWARD_MV_TIMEOUT", "0.2")
+    handler = signal.getsignal(signal.SIGALRM)
+    before = rewards.math_verify_stats()
+    start = time.monotonic()
+    info = compute_score_with_info(MATH500, f"\\boxed{{{_ones(901)}}}", "901")
+    assert time.monotonic() - start < 5
+    assert info == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 1}
+    assert rewards.math_verify_stats()["timeouts"] - before["timeouts"] == 1
+    assert signal.getsignal(signal.SIGALRM) is handler
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    # scores are those of compute_score; a check that finishes reports no timeout
+    assert compute_score_with_info(MATH500, "\\boxed{0.5}", "\\frac{1}{2}") == {
+        "score": 1.0,
+        "acc": 1.0,
+        "math_verify_timeout": 0,
+    }
+    assert compute_score_with_info(GSM8K, "#### 7", "8") == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # verl 0.9.1 loads the function as documented
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -223,6 +347,21 @@ async def main():
                 None, lambda: fn(data_source=ds, solution_str=sol, ground_truth=gt, extra_info={"index": 0})
             )
             assert got == want, (path, ds, sol, gt, got)
+    # the dict entry point: verl's validation turns each extra key into val-aux/<data_source>/<key>/mean@N
+    from verl.trainer.ppo.metric_utils import process_validation_metrics
+
+    fn = load_extern_object(module_path="pkg://opd_verl.rewards", object_name="compute_score_with_info")
+    infos = {}
+    for ds, sol, gt, want in CASES:
+        got = await loop.run_in_executor(
+            None, lambda: fn(data_source=ds, solution_str=sol, ground_truth=gt, extra_info={"index": 0})
+        )
+        assert got == {"score": want, "acc": want, "math_verify_timeout": 0}, got
+        for key, value in got.items():
+            infos.setdefault(key, []).append(value)
+    metrics = process_validation_metrics([c[0] for c in CASES], [str(i) for i in range(len(CASES))], infos)
+    assert metrics["HuggingFaceH4/MATH-500"]["math_verify_timeout"]["mean@1"] == 0.0, metrics
+    assert metrics["HuggingFaceH4/MATH-500"]["acc"]["mean@1"] == 0.5, metrics
     print("verl-ok")
 
 
