@@ -13,6 +13,7 @@ from omegaconf import OmegaConf, open_dict
 from tensordict import TensorDict
 from verl.protocol import DataProto
 from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
@@ -143,7 +144,7 @@ class OPDTrainer(PPOTrainerSync):
                 self._log_distill_metrics(batch, metrics)
             return super()._compute_advantage(batch, metrics)
         # Mirrors PPOTrainer._compute_advantage (verl 0.9.1) and adds the teacher's and the student's log-probs.
-        fields = ["uid", "response_mask", "rm_scores", "old_log_probs", "ref_log_prob"]
+        fields = ["uid", "response_mask", "rm_scores", "rollout_log_probs", "old_log_probs", "ref_log_prob"]
         if self.use_critic:
             fields.append("values")
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
@@ -156,6 +157,7 @@ class OPDTrainer(PPOTrainerSync):
             metrics.update(kl_metrics)
         else:
             data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+        rollout_correction = self._rollout_correction(data, metrics)  # verl's step 2, before the advantages
 
         mask = data.batch["response_mask"]
         teacher, student = data.batch["ref_log_prob"], data.batch["old_log_probs"]
@@ -187,10 +189,26 @@ class OPDTrainer(PPOTrainerSync):
             self._dump_token_terms(batch, data.batch)
 
         out_fields = ["advantages", "returns"] + (["token_level_rewards"] if self.config.algorithm.use_kl_in_reward else [])
+        if rollout_correction:
+            out_fields.append("response_mask")
+            if "rollout_is_weights" in data.batch:
+                out_fields.append("rollout_is_weights")
         output = TensorDict(
             {field: response_to_nested(data.batch[field], response_mask) for field in out_fields}, batch_size=len(batch)
         )
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+    def _rollout_correction(self, data, metrics: dict) -> bool:
+        """verl's rollout correction (algorithm.rollout_correction: IS weights, rejection sampling, rollout_corr/*
+        metrics), as PPOTrainer._compute_advantage applies it (decoupled mode only); True when it ran."""
+        config = self.config.algorithm.get("rollout_correction", None)
+        bypass = config and config.get("bypass_mode", False)
+        if config is None or "rollout_log_probs" not in data.batch or bypass:
+            return False
+        corrected, is_metrics = compute_rollout_correction_and_add_to_batch(data, config)
+        data.batch.update(corrected.batch)
+        metrics.update(is_metrics)
+        return True
 
     def _dump_token_terms(self, batch, padded) -> None:
         """Debug dump ($OPD_VERL_DUMP_TOKENS=dir): ids and per-token terms of each step, to recompute offline."""

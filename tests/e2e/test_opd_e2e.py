@@ -48,11 +48,14 @@ def _run(w, name, overrides):
 
 
 def test_teacher_equal_to_student_gives_zero_kl(workdir):
-    """Alignment and precision: the teacher pass reproduces the student's log-probs of its own samples."""
-    metrics = _run(workdir, "same", _opd(workdir, "same", steps=1, **{"opd.teacher.path": workdir.model}))
+    """Alignment and precision: the teacher pass reproduces the student's log-probs of its own samples. verl's
+    rollout correction (token-level IS weights here) runs on the OPD advantage path as it does for GRPO."""
+    overrides = {"opd.teacher.path": workdir.model, "algorithm.rollout_correction.rollout_is": "token"}
+    metrics = _run(workdir, "same", _opd(workdir, "same", steps=1, **overrides))
     step = metrics[1]
     assert abs(step["opd/kl_per_token"]) <= 1e-5, step["opd/kl_per_token"]
     assert step["opd/teacher_invalid_frac"] == 0.0
+    assert [k for k in step if k.startswith("rollout_corr/")], sorted(step)
 
 
 def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
