@@ -1,31 +1,78 @@
-"""Pieces of the loss-level distillation (opd_verl.verl_ext.distill_actor_loss, opd_verl.verl_ext.teacher_worker) against brute force."""
+"""Pieces of the loss-level distillation (opd_verl.verl_ext.distill_actor_loss, opd_verl.verl_ext.teacher_worker)
+against brute force.
+
+The composition tests run verl 0.9.1's own FSDPEngineWithLMHead.prepare_model_inputs / prepare_model_outputs (the
+code that scales the student's logits by the rollout temperature and calls our logits processor) on tiny real
+transformers models, without FSDP or a process group (an engine object holding just the attributes those two
+methods read).
+"""
 
 import math
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from opd_verl.verl_ext.distill_actor_loss import distill_token_values, packed_logits, shared_vocab, sampled_distill_loss_matrix
-from opd_verl.algorithms.teachers import mix_log_probs, mix_teacher_logits, route_rows
+from opd_verl.algorithms.divergences import full_divergence
+from opd_verl.algorithms.teachers import (
+    label_log_probs,
+    mean_logit_label_log_probs,
+    mix_log_probs,
+    mix_teacher_logits,
+    mixture_label_log_probs,
+    route_rows,
+    teacher_mixture_at,
+)
+from opd_verl.verl_ext.distill_actor_loss import (
+    DISTILL_KEY,
+    TEACHER_LABEL_KEY,
+    alignment_statistics,
+    check_alignment,
+    distill_token_values,
+    opd_actor_loss,
+    packed_logits,
+    packed_rollout_temperature,
+    rollout_temperature,
+    sampled_distill_loss_matrix,
+    shared_vocab,
+)
 
 OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
+F64 = torch.float64
 
 
-def test_packed_logits_right_padded_rows_and_temperature():
+def nested(rows):
+    return torch.nested.nested_tensor(rows, layout=torch.jagged)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packed layout and temperatures
+# ----------------------------------------------------------------------------------------------------------
+def test_packed_logits_right_padded_rows_are_raw():
     lengths = [3, 1, 2]
-    ids = torch.nested.nested_tensor([torch.arange(n) for n in lengths], layout=torch.jagged)
-    logits = torch.randn(3, 4, 5, dtype=torch.float64)
-    temperature = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    ids = nested([torch.arange(n) for n in lengths])
+    logits = torch.randn(3, 4, 5, dtype=F64)
+    temperature = torch.tensor([1.0, 2.0, 0.5], dtype=F64)
     packed = packed_logits(logits, {"input_ids": ids}, {"temperature": temperature})
-    expected = torch.cat([logits[i, :n] / temperature[i] for i, n in enumerate(lengths)])
-    assert torch.equal(packed, expected)
+    assert torch.equal(packed, torch.cat([logits[i, :n] for i, n in enumerate(lengths)]))  # no temperature
+    per_row = packed_rollout_temperature({"input_ids": ids}, {"temperature": temperature})
+    assert torch.equal(per_row, torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5, 0.5]))
 
 
 def test_packed_logits_remove_padding_layout():
     logits = torch.randn(1, 6, 5)
-    temps = torch.full((6,), 2.0)
-    out = packed_logits(logits, {"input_ids": None}, {"temperature_rmpad": temps})
-    assert torch.allclose(out, logits[0] / 2.0)
+    out = packed_logits(logits, {"input_ids": None}, {"temperature_rmpad": torch.full((6,), 0.7)})
+    assert torch.equal(out, logits[0])
+    assert packed_rollout_temperature({}, {"temperature_rmpad": torch.full((6,), 0.7)}) == pytest.approx(0.7)
+
+
+def test_rollout_temperature_of_a_micro_batch():
+    ids = nested([torch.arange(2), torch.arange(3)])
+    assert rollout_temperature({"input_ids": ids, "temperature": 0.7}, 5) == pytest.approx(0.7)
+    assert rollout_temperature({"input_ids": ids}, 5) == 1.0
+    per_row = rollout_temperature({"input_ids": ids, "temperature": torch.tensor([0.5, 2.0])}, 7)
+    assert torch.equal(per_row, torch.tensor([0.5, 0.5, 2.0, 2.0, 2.0, 1.0, 1.0]))  # engine pad rows: 1
 
 
 def test_shared_vocab_drops_padded_rows_of_the_larger_model():
@@ -39,8 +86,8 @@ def test_shared_vocab_drops_padded_rows_of_the_larger_model():
 @pytest.mark.parametrize("support", ["full", "topk"])
 def test_distill_token_values_full_and_topk(support):
     g = torch.Generator().manual_seed(0)
-    zs = torch.randn(5, 6, generator=g, dtype=torch.float64)
-    zt = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    zs = torch.randn(5, 6, generator=g, dtype=F64)
+    zt = torch.randn(5, 6, generator=g, dtype=F64)
     opd = {**OPD, "support": support, "divergence": "reverse_kl", "topk": 6}
     values, mass = distill_token_values(zs, zt, opd)
     ps, pt = torch.softmax(zs, -1), torch.softmax(zt, -1)
@@ -51,21 +98,156 @@ def test_distill_token_values_full_and_topk(support):
 
 
 def test_topk_mass_is_the_teachers_topk_probability():
-    zt = torch.tensor([[3.0, 1.0, 0.0, -1.0]], dtype=torch.float64)
-    _, mass = distill_token_values(torch.zeros(1, 4, dtype=torch.float64), zt, {**OPD, "support": "topk", "topk": 2})
+    zt = torch.tensor([[3.0, 1.0, 0.0, -1.0]], dtype=F64)
+    _, mass = distill_token_values(torch.zeros(1, 4, dtype=F64), zt, {**OPD, "support": "topk", "topk": 2})
     p = torch.softmax(zt, -1)
     assert abs(float(mass[0]) - float(p[0, 0] + p[0, 1])) < 1e-6
 
 
 def test_sampled_k1_loss_has_the_score_function_gradient():
-    s = torch.tensor([-0.5, -1.5, -2.0], dtype=torch.float64, requires_grad=True)
-    q = torch.tensor([-1.0, -0.5, -3.0], dtype=torch.float64)
+    s = torch.tensor([-0.5, -1.5, -2.0], dtype=F64, requires_grad=True)
+    q = torch.tensor([-1.0, -0.5, -3.0], dtype=F64)
     loss_mat = sampled_distill_loss_matrix(s, q, "k1")
     assert torch.allclose(loss_mat.detach(), s.detach() - q)  # value: the k1 estimate
     (grad,) = torch.autograd.grad(loss_mat.sum(), s)
     assert torch.allclose(grad, s.detach() - q)  # gradient: (s - q) * d s
 
 
+def test_sampled_k1_baseline_loss_subtracts_the_other_sequences_mean():
+    s = torch.tensor([[-0.5, -1.5], [-2.0, -1.0]], dtype=F64, requires_grad=True)
+    q = torch.tensor([[-1.0, -0.5], [-3.0, -9.0]], dtype=F64)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss_mat = sampled_distill_loss_matrix(s, q, "k1_baseline", mask)
+    k1 = s.detach() - q
+    assert torch.allclose(loss_mat.detach(), k1)  # value: the k1 estimate (the reported KL)
+    (grad,) = torch.autograd.grad((loss_mat * mask).sum(), s)
+    baseline = torch.tensor([[float(k1[1, 0])] * 2, [float(k1[0].mean())] * 2], dtype=F64)
+    assert torch.allclose(grad, (k1 - baseline) * mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verl's engine pieces on tiny real models
+# ----------------------------------------------------------------------------------------------------------
+VOCAB = 13
+
+
+def tiny_model(seed, dtype=F64, vocab=VOCAB, hidden=16, layers=1, logit_scale=1.0, attn="eager"):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2, attn_implementation=attn)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    return model.to(dtype).eval()
+
+
+def bare_engine(module, autocast_dtype=torch.float32):
+    """verl's FSDPEngineWithLMHead holding only what prepare_model_inputs / prepare_model_outputs read."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    engine = object.__new__(FSDPEngineWithLMHead)
+    engine.module = module
+    engine.use_ulysses_sp = False
+    engine.ulysses_sequence_parallel_size = 1
+    engine.pad_to_length = False
+    engine._autocast_dtype = autocast_dtype
+    engine.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False,
+                                           use_fused_kernels=False)
+    return engine
+
+
+def micro_batch(prompt_lens, response_lens, temperature, remove_padding, seed=0, vocab=VOCAB):
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, vocab, (p + r,), generator=g) for p, r in zip(prompt_lens, response_lens)]
+    batch = TensorDict(
+        {
+            "input_ids": nested(ids),
+            "position_ids": nested([torch.arange(len(x)) for x in ids]),
+            "prompts": nested([x[:p] for x, p in zip(ids, prompt_lens)]),
+            "responses": nested([x[p:] for x, p in zip(ids, prompt_lens)]),
+            "response_mask": nested([torch.ones(r) for r in response_lens]),
+        },
+        batch_size=[len(ids)],
+    )
+    tu.assign_non_tensor(batch, temperature=temperature, use_remove_padding=remove_padding,
+                         distillation_use_topk=True, calculate_entropy=False, pad_token_id=0)
+    return batch
+
+
+def raw_forward(engine, batch):
+    """The model's raw packed logits [nnz, V] (no temperature) and verl's packed labels."""
+    inputs, output_args = engine.prepare_model_inputs(micro_batch=batch)
+    with torch.no_grad():
+        logits = engine.module(**inputs, use_cache=False).logits
+    return packed_logits(logits, batch, output_args), output_args["input_ids_rmpad_rolled"].reshape(-1)
+
+
+def opd_worker(teacher_models, opd, mode="mean_prob", weights=None):
+    from opd_verl.verl_ext.teacher_worker import OPDWorker
+
+    worker = object.__new__(OPDWorker)
+    worker.teachers = [SimpleNamespace(engine=bare_engine(m)) for m in teacher_models]
+    worker.teacher_entries = [{"weight": w} for w in (weights or [1.0] * len(teacher_models))]
+    worker.opd_options = {**opd, "multi_teacher_mode": mode}
+    return worker
+
+
+def student_model_outputs(student, batch, opd, worker):
+    """verl's student pass of the loss-level mode: prepare_model_inputs, the model, prepare_model_outputs with
+    our actor loss as the logits processor (it gets the student's logits divided by the rollout temperature)."""
+    engine = bare_engine(student)
+    inputs, output_args = engine.prepare_model_inputs(micro_batch=batch)
+    output = engine.module(**inputs, use_cache=False)
+    processor = partial(opd_actor_loss, config=None, opd=opd, teacher_logits_fn=worker.teacher_logits)
+    return engine.prepare_model_outputs(output, output_args, batch, processor)
+
+
+def reference_teacher_logp(raw_teachers, weights, mode, tau):
+    """log πt at τ in float64 from the teachers' raw logits, by definition of each mixture."""
+    w = torch.tensor(weights, dtype=F64)
+    w = w / w.sum()
+    if len(raw_teachers) == 1:
+        return torch.log_softmax(raw_teachers[0].double() / tau, -1)
+    if mode == "mean_logit":
+        return torch.log_softmax(sum(wk * z.double() for wk, z in zip(w, raw_teachers)) / tau, -1)
+    return torch.log(sum(wk * torch.softmax(z.double() / tau, -1) for wk, z in zip(w, raw_teachers)))
+
+
+@pytest.mark.parametrize("remove_padding", [True, False])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("teachers,mode", [(1, "mean_prob"), (2, "mean_prob"), (2, "mean_logit")])
+@pytest.mark.parametrize("support,divergence", [("full", "jsd"), ("full", "reverse_kl"), ("topk", "forward_kl")])
+def test_loss_temperature_is_not_compounded_with_the_rollout_temperature(remove_padding, tau, teachers, mode,
+                                                                        support, divergence):
+    """Rollout temperature 0.7: verl divides the student's logits by it before our loss sees them, and the
+    teachers' logits are packed the same way. The per-token divergence must be the one of raw logits / τ."""
+    opd = {**OPD, "support": support, "divergence": divergence, "temperature": tau, "topk": VOCAB, "beta": 0.3}
+    batch = micro_batch([3, 2, 4], [2, 5, 1], temperature=0.7, remove_padding=remove_padding)
+    student = tiny_model(0, logit_scale=3.0)
+    teacher_models = [tiny_model(1 + k, logit_scale=3.0) for k in range(teachers)]
+    weights = [3.0, 1.0][:teachers]
+    model_output = student_model_outputs(student, batch, opd, opd_worker(teacher_models, opd, mode, weights))
+    ours = model_output[DISTILL_KEY].values().double()
+
+    zs, _ = raw_forward(bare_engine(student), batch)
+    zt = [raw_forward(bare_engine(m), batch)[0] for m in teacher_models]
+    lt = reference_teacher_logp(zt, weights, mode, tau)
+    beta = opd["beta"] if divergence == "jsd" else 0.5
+    expected = full_divergence(zs.double() / tau, lt, divergence, beta, 1.0)  # topk with k = V is the full one
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max() < 1e-6, (ours, expected)
+    compounded = full_divergence(zs.double() / (0.7 * tau), lt, divergence, beta, 1.0)
+    assert (compounded - expected).abs().max() > 1e-3  # the test can tell the two apart
+
+
+# ----------------------------------------------------------------------------------------------------------
+# multi-teacher mixtures: one mixture for the reference pass and the loss
+# ----------------------------------------------------------------------------------------------------------
 def test_multi_teacher_mean_prob_of_sampled_token():
     a, b = torch.log(torch.tensor([0.2, 0.5])), torch.log(torch.tensor([0.6, 0.1]))
     out = mix_log_probs([a, b], [1.0, 3.0])
@@ -74,50 +256,189 @@ def test_multi_teacher_mean_prob_of_sampled_token():
 
 
 def test_multi_teacher_logit_combinations():
-    a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    a, b = torch.randn(3, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
     mean_logit = mix_teacher_logits([a, b], [1.0, 1.0], "mean_logit")
-    assert torch.allclose(mean_logit, (0.5 * a + 0.5 * b).float(), atol=1e-6)
+    assert torch.allclose(mean_logit.double(), 0.5 * a + 0.5 * b, atol=1e-6)
     mean_prob = mix_teacher_logits([a, b], [1.0, 1.0], "mean_prob")
     expected = 0.5 * torch.softmax(a, -1) + 0.5 * torch.softmax(b, -1)
     assert torch.allclose(torch.softmax(mean_prob.double(), -1), expected, atol=1e-6)
 
 
-def _micro_batch(prompt_lens, response_lens, teacher_logits, labels):
-    """A micro-batch in verl's no-padding layout whose ref_log_prob comes from `teacher_logits` at `labels`."""
-    from tensordict import TensorDict
-
-    nested = lambda rows: torch.nested.nested_tensor(rows, layout=torch.jagged)  # noqa: E731
-    logp = torch.log_softmax(teacher_logits, -1).gather(-1, labels.view(-1, 1)).squeeze(-1)
-    refs, start = [], 0
-    for p, r in zip(prompt_lens, response_lens):
-        # the log-prob of response token j is predicted at position p - 1 + j
-        refs.append(logp[start + p - 1 : start + p - 1 + r])
-        start += p + r
-    ids = [torch.arange(p + r) for p, r in zip(prompt_lens, response_lens)]
-    return TensorDict(
-        {
-            "prompts": nested([torch.zeros(p, dtype=torch.long) for p in prompt_lens]),
-            "responses": nested([torch.zeros(r, dtype=torch.long) for r in response_lens]),
-            "input_ids": nested(ids),
-            "ref_log_prob": nested(refs),
-            "response_mask": nested([torch.ones(r) for r in response_lens]),
-        },
-        batch_size=[len(prompt_lens)],
-    )
+def test_mean_logit_label_log_probs_float64_brute_force():
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(7, 6, generator=g, dtype=F64) * 3 for _ in range(3)]
+    weights = [1.0, 2.0, 5.0]
+    labels = torch.randint(0, 6, (7,), generator=g)
+    temperature = 0.7
+    out = mean_logit_label_log_probs(logits, weights, labels, temperature, dtype=F64, chunk_size=3)
+    for i in range(7):
+        mixed = [sum(w / 8.0 * float(z[i, v]) for w, z in zip(weights, logits)) / temperature for v in range(6)]
+        log_z = math.log(sum(math.exp(m) for m in mixed))
+        assert abs(float(out[i]) - (mixed[int(labels[i])] - log_z)) < 1e-12
+    # logits that come divided already (verl's first teacher): one divisor per teacher
+    pre = [logits[0] / temperature, logits[1], logits[2]]
+    again = mean_logit_label_log_probs(pre, weights, labels, [1.0, temperature, temperature], dtype=F64)
+    assert (again - out).abs().max() < 1e-12
+    # and it is not the mean of the probabilities (what the reference pass used before)
+    mean_prob = mixture_label_log_probs(logits, weights, "mean_prob", labels, temperature, dtype=F64)
+    assert (mean_prob - out).abs().max() > 1e-2
 
 
-def test_alignment_check_passes_aligned_and_catches_a_shift():
-    from opd_verl.verl_ext.distill_actor_loss import check_alignment
+@pytest.mark.parametrize("mode", ["mean_prob", "mean_logit", "route"])
+def test_reference_and_loss_use_one_mixture(mode):
+    """The sampled token's log-prob the reference pass returns (mixture_label_log_probs at T) is the log-prob
+    of the loss-level teacher (teacher_mixture_at) at the same temperature, for every multi-teacher mode."""
+    g = torch.Generator().manual_seed(4)
+    logits = [torch.randn(6, 5, generator=g, dtype=F64) * 3 for _ in range(2)]
+    weights, labels, t = [3.0, 1.0], torch.randint(0, 5, (6,), generator=g), 0.7
+    lengths, sample_teacher = torch.tensor([2, 4]), torch.tensor([1, 0])
+    route = mode == "route"
+    ref = mixture_label_log_probs(logits, weights, mode, labels, t, sample_teacher if route else None, lengths,
+                                  dtype=F64)
+    if route:
+        mixed, divisor = route_rows(logits, sample_teacher, lengths), t
+    else:
+        mixed, divisor = teacher_mixture_at(logits, weights, mode, t)
+    loss_teacher = torch.log_softmax(mixed.double() / divisor, -1).gather(-1, labels.view(-1, 1)).squeeze(-1)
+    assert (ref - loss_teacher).abs().max() < 1e-12
+    assert torch.allclose(label_log_probs(logits[0], labels, t, dtype=F64),
+                          torch.log_softmax(logits[0] / t, -1).gather(-1, labels.view(-1, 1)).squeeze(-1))
 
-    prompt_lens, response_lens = [2, 3], [3, 1]
-    nnz = sum(prompt_lens) + sum(response_lens)
+
+@pytest.mark.parametrize("remove_padding", [True, False])
+def test_mean_logit_reference_processor_returns_the_mean_logit_teacher(remove_padding):
+    """OPDWorker's reference pass under mean_logit: verl's engine hands the first teacher's logits (divided by
+    T = 0.7) to our processor, which runs the other teachers: log_softmax(Σ w z / T) at the sampled token."""
+    from opd_verl.verl_ext.teacher_worker import MEAN_LOGIT_REF_KEY
+
+    batch = micro_batch([3, 2], [4, 3], temperature=0.7, remove_padding=remove_padding, seed=2)
+    models = [tiny_model(5, logit_scale=3.0), tiny_model(6, logit_scale=3.0)]
+    worker = opd_worker(models, {**OPD, "chunk_size": 2}, "mean_logit", [3.0, 1.0])
+    first = worker.teachers[0].engine
+    inputs, output_args = first.prepare_model_inputs(micro_batch=batch)
+    with torch.no_grad():
+        output = first.module(**inputs, use_cache=False)
+        model_output = first.prepare_model_outputs(output, output_args, batch, worker._mean_logit_processor())
+    ours = model_output[MEAN_LOGIT_REF_KEY].values()
+    raw = [raw_forward(bare_engine(m), batch) for m in models]
+    labels = raw[0][1]
+    mixed = (0.75 * raw[0][0].double() + 0.25 * raw[1][0].double()) / 0.7
+    expected = torch.log_softmax(mixed, -1).gather(-1, labels.view(-1, 1)).squeeze(-1)
+    assert (ours.double() - expected).abs().max() < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# alignment check
+# ----------------------------------------------------------------------------------------------------------
+def _padded(rows, width):
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in rows])
+
+
+def test_alignment_statistics_pass_aligned_and_catch_a_shift_and_a_swap():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(nnz, 7, generator=g) * 3
-    labels = torch.randint(0, 7, (nnz,), generator=g)
-    batch = _micro_batch(prompt_lens, response_lens, logits, labels)
-    assert check_alignment(logits, labels, batch) < 1e-5
+    lengths = [5, 3, 6]
+    rows = [-torch.rand(n, generator=g, dtype=F64) * 5 for n in lengths]
+    ref, mask = _padded(rows, 6), _padded([torch.ones(n) for n in lengths], 6)
+    res = torch.full_like(ref, 1e-6)
+    stats = check_alignment(ref + 1e-7, ref, mask, res)
+    assert stats["seq_median_max"] < 1e-6 and stats["tolerance"] == pytest.approx(1e-3)
+    shifted = _padded([torch.roll(r, 1) for r in rows], 6)
     with pytest.raises(RuntimeError, match="disagree with the reference pass"):
-        check_alignment(torch.roll(logits, 1, dims=0), labels, batch)
+        check_alignment(shifted, ref, mask, res)
+    swapped = _padded([rows[0], rows[2][:3], rows[1].repeat(2)], 6)  # sequences 2 and 3 mixed up
+    with pytest.raises(RuntimeError, match="disagree with the reference pass"):
+        check_alignment(swapped, ref, mask, res)
+    # a few outliers (one token of each sequence) do not move the per-sequence median
+    noisy = ref.clone()
+    noisy[:, 0] += 0.5
+    assert check_alignment(noisy, ref, mask, res)["max_abs"] == pytest.approx(0.5)
+
+
+def _bf16_label_logp(model, sequences, prompt_len, batched):
+    """Teacher log-probs of each sequence's response tokens, in bf16, either one sequence at a time or as one
+    right-padded batch of all sequences (another batching: the reference pass vs the loss pass)."""
+    out = []
+    with torch.no_grad():
+        if batched:
+            width = max(len(s) for s in sequences)
+            ids = _padded([s for s in sequences], width).long()
+            attn = _padded([torch.ones(len(s), dtype=torch.long) for s in sequences], width)
+            logits = model(input_ids=ids, attention_mask=attn).logits
+            rows = [logits[i, : len(s)] for i, s in enumerate(sequences)]
+        else:
+            rows = [model(input_ids=s.view(1, -1).long()).logits[0] for s in sequences]
+    absmax = []
+    for s, z in zip(sequences, rows):
+        pos = torch.arange(prompt_len - 1, len(s) - 1)
+        out.append(label_log_probs(z[pos], s[pos + 1]))
+        absmax.append(z[pos].float().abs().amax(-1))
+    return out, absmax
+
+
+def test_alignment_check_passes_bf16_batching_noise_and_catches_a_shift():
+    """A tiny real transformers model in bf16, batch of 1 vs a batch of 8 padded sequences: the log-probs differ
+    (bf16 is not batch-invariant; the old max-|Δ| ≤ 1e-3 check raised on this), the new statistic passes; the
+    same logits one position off must raise."""
+    # sdpa (verl's attention on CPU): its masked (padded batch) and unmasked kernels round differently in bf16
+    model = tiny_model(0, dtype=torch.bfloat16, vocab=64, hidden=64, layers=2, logit_scale=8.0, attn="sdpa")
+    g = torch.Generator().manual_seed(1)
+    prompt_len = 4
+    sequences = [torch.randint(0, 64, (prompt_len + n,), generator=g) for n in (12, 3, 9, 16, 1, 7, 14, 5)]
+    ref_rows, _ = _bf16_label_logp(model, sequences, prompt_len, batched=False)
+    our_rows, absmax = _bf16_label_logp(model, sequences, prompt_len, batched=True)
+    width = max(len(r) for r in ref_rows)
+    ref, ours = _padded(ref_rows, width), _padded(our_rows, width)
+    mask = _padded([torch.ones(len(r)) for r in ref_rows], width)
+    resolution = torch.finfo(torch.bfloat16).eps * _padded(absmax, width)
+    stats = check_alignment(ours, ref, mask, resolution)
+    assert stats["max_abs"] > 1e-3, stats  # real bf16 batching noise, beyond the old tolerance
+    assert stats["seq_median_max"] <= stats["tolerance"]
+    assert all(math.isfinite(v) for v in stats.values())
+    shifted = _padded([torch.roll(r, 1) for r in our_rows], width)
+    with pytest.raises(RuntimeError, match="disagree with the reference pass"):
+        check_alignment(shifted, ref, mask, resolution)
+    with pytest.raises(RuntimeError, match="disagree with the reference pass"):  # samples mixed up
+        check_alignment(torch.roll(ours, 1, dims=0), ref, mask, resolution)
+
+
+def test_alignment_is_checked_and_logged_by_the_loss():
+    """The whole micro-batch path: the processor call returns the teacher's sampled-token log-probs at T, the loss
+    call compares them with ref_log_prob (verl's reference pass) and logs opd/teacher_alignment_*; a reference
+    one token off raises."""
+    from verl.utils import tensordict_utils as tu
+
+    opd = {**OPD, "temperature": 2.0, "lambda_rl": 0.0, "lambda_distill": 1.0}
+    batch = micro_batch([3, 2, 4], [2, 5, 1], temperature=0.7, remove_padding=True, seed=5)
+    teacher = tiny_model(1, logit_scale=3.0)
+    model_output = student_model_outputs(tiny_model(0), batch, opd, opd_worker([teacher], opd))
+    # verl's reference pass at T = 0.7, in the padded response layout
+    zt, labels = raw_forward(bare_engine(teacher), batch)
+    logp = label_log_probs(zt, labels, 0.7, dtype=F64)
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    ref = no_padding_2_padding(logp, batch)
+    lengths = batch["responses"].offsets().diff().tolist()
+    batch["ref_log_prob"] = nested([ref[i, :n].float() for i, n in enumerate(lengths)])
+    assert (no_padding_2_padding(model_output[TEACHER_LABEL_KEY], batch) - ref).abs().max() < 1e-5
+    tu.assign_non_tensor(batch, dp_size=1, batch_num_tokens=sum(lengths), global_batch_size=3)
+    config = SimpleNamespace(global_batch_info={}, loss_agg_mode="token-mean", loss_scale_factor=None)
+    _, metrics = opd_actor_loss(config, opd, None, model_output=model_output, data=batch)
+    values = {k: m.aggregate() for k, m in metrics.items() if k.startswith("opd/teacher_alignment_")}
+    assert set(values) == {f"opd/teacher_alignment_{k}" for k in ("seq_median_max", "median_abs", "max_abs",
+                                                                   "tolerance")}
+    assert values["opd/teacher_alignment_seq_median_max"] < 1e-5
+    batch["ref_log_prob"] = nested([torch.roll(ref[i, :n].float(), 1) for i, n in enumerate(lengths)])
+    with pytest.raises(RuntimeError, match="disagree with the reference pass"):
+        opd_actor_loss(config, opd, None, model_output=model_output, data=batch)
+
+
+def test_alignment_statistics_tolerance_scales_with_dtype_resolution():
+    ref = torch.zeros(1, 4, dtype=F64)
+    mask = torch.ones(1, 4)
+    bf16 = torch.full_like(ref, torch.finfo(torch.bfloat16).eps * 20.0)  # logits of ~20 in bf16
+    assert alignment_statistics(ref, ref, mask, bf16)["tolerance"] == pytest.approx(4 * 0.0078125 * 20)
+    fp32 = torch.full_like(ref, torch.finfo(torch.float32).eps * 20.0)
+    assert alignment_statistics(ref, ref, mask, fp32)["tolerance"] == pytest.approx(1e-3)
 
 
 def test_route_rows_takes_each_samples_rows_from_its_own_teacher():

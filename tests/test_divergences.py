@@ -15,6 +15,8 @@ from opd_verl.algorithms.divergences import (
     chunked_divergence_from_hidden,
     chunked_full_divergence,
     full_divergence,
+    leave_one_out_baseline,
+    sampled_kl_surrogate,
     sampled_reverse_kl,
     sanitize_teacher_logp,
     topk_divergence,
@@ -135,12 +137,12 @@ def test_sampled_reverse_kl_vs_reference(estimator):
     for i in range(4):
         for j in range(9):
             si, qi = s[i, j].item(), q[i, j].item()
-            ref = si - qi if estimator == "k1" else math.exp(qi - si) - (qi - si) - 1.0
+            ref = si - qi if estimator != "k3" else math.exp(qi - si) - (qi - si) - 1.0
             assert abs(out[i, j].item() - ref) <= 1e-12
     # gradient w.r.t. the student: k1' = 1, k3' = 1 - exp(q - s)
     w = torch.randn(4, 9, generator=g, dtype=F64)
     gs = _grad(lambda x: sampled_reverse_kl(x, q, estimator), s, w)
-    ref_g = w if estimator == "k1" else w * (1.0 - torch.exp(q - s))
+    ref_g = w if estimator != "k3" else w * (1.0 - torch.exp(q - s))
     assert _maxerr(gs, ref_g) <= 1e-12
 
 
@@ -151,7 +153,7 @@ def test_sampled_reverse_kl_invalid_teacher_is_finite():
         out = sampled_reverse_kl(s, q, est, floor=-50.0)
         assert torch.isfinite(out).all(), (est, out)
         d = -50.0 - (-0.5)
-        expect = (-0.5 + 50.0) if est == "k1" else math.exp(d) - d - 1.0
+        expect = (-0.5 + 50.0) if est != "k3" else math.exp(d) - d - 1.0
         assert abs(out[0].item() - expect) <= 1e-4
     s.requires_grad_(True)
     (g,) = torch.autograd.grad(sampled_reverse_kl(s, q, "k3").sum(), s)
@@ -184,8 +186,127 @@ def test_k1_k3_unbiased_monte_carlo():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# what each sampled estimator optimises: E_{x~πs}[∇θ loss(x)] by exact enumeration (float64, V = 6)
+# ----------------------------------------------------------------------------------------------------------
+V6 = 6
+
+
+def _exact_kl_grads(theta: torch.Tensor, q_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇θ KL(πs‖πt) and ∇θ KL(πt‖πs) for πs = softmax(θ), πt = exp(q_all), by autograd on the exact sums."""
+    th = theta.detach().clone().requires_grad_(True)
+    ls = torch.log_softmax(th, -1)
+    pt = q_all.exp()
+    (g_rev,) = torch.autograd.grad((ls.exp() * (ls - q_all)).sum(), th)
+    th2 = theta.detach().clone().requires_grad_(True)
+    (g_fwd,) = torch.autograd.grad((pt * (q_all - torch.log_softmax(th2, -1))).sum(), th2)
+    return g_rev, g_fwd
+
+
+def _expected_surrogate_grad(theta, q_all, estimator, others=()):
+    """Σ_x πs(x)·∇θ loss(x): the loss of a micro-batch whose first sequence is the token x ~ πs and whose other
+    sequences are the fixed tokens ``others`` (one token each); only the first sequence's loss is differentiated
+    at x, the expectation over the others' tokens is taken below where needed."""
+    ps = torch.softmax(theta, -1)
+    total = torch.zeros_like(theta)
+    for x in range(V6):
+        th = theta.detach().clone().requires_grad_(True)
+        ls = torch.log_softmax(th, -1)
+        tokens = torch.tensor([x, *others])
+        s = ls[tokens].view(-1, 1)  # [sequences, 1 token]
+        q = q_all[tokens].view(-1, 1)
+        loss = sampled_kl_surrogate(s, q, estimator, torch.ones_like(s))[0, 0]
+        (g,) = torch.autograd.grad(loss, th)
+        total = total + ps[x] * g
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_gradient_k1_is_reverse_kl_and_k3_is_forward_kl(seed):
+    """k1's score-function gradient optimises KL(πs‖πt); the pathwise k3 loss optimises KL(πt‖πs)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(V6, generator=g, dtype=F64) * 1.5
+    q_all = torch.log_softmax(torch.randn(V6, generator=g, dtype=F64) * 1.5, -1)
+    g_rev, g_fwd = _exact_kl_grads(theta, q_all)
+    assert _maxerr(g_rev, g_fwd) > 1e-2  # the two KLs have different gradients here
+    assert _maxerr(_expected_surrogate_grad(theta, q_all, "k1"), g_rev) <= 1e-12
+    k3 = _expected_surrogate_grad(theta, q_all, "k3")
+    assert _maxerr(k3, g_fwd) <= 1e-12
+    assert _maxerr(k3, g_rev) > 1e-2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_gradient_k1_baseline_is_reverse_kl(seed):
+    """k1_baseline: (s − q − b)·∇s with b the leave-one-out mean over the other sequences. Exactly ∇ KL(πs‖πt)
+    for any fixed other tokens (b does not depend on x), and for the joint enumeration of two sequences."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(V6, generator=g, dtype=F64) * 1.5
+    q_all = torch.log_softmax(torch.randn(V6, generator=g, dtype=F64) * 1.5, -1)
+    g_rev, _ = _exact_kl_grads(theta, q_all)
+    for others in [(), (0,), (3, 5), (1, 1, 4)]:
+        assert _maxerr(_expected_surrogate_grad(theta, q_all, "k1_baseline", others), g_rev) <= 1e-12
+    # joint: both sequences sampled from πs, the whole micro-batch loss differentiated: 2·∇ KL
+    ps = torch.softmax(theta, -1)
+    total = torch.zeros_like(theta)
+    for x0 in range(V6):
+        for x1 in range(V6):
+            th = theta.detach().clone().requires_grad_(True)
+            ls = torch.log_softmax(th, -1)
+            tokens = torch.tensor([x0, x1])
+            loss = sampled_kl_surrogate(ls[tokens].view(2, 1), q_all[tokens].view(2, 1), "k1_baseline").sum()
+            (gr,) = torch.autograd.grad(loss, th)
+            total = total + ps[x0] * ps[x1] * gr
+    assert _maxerr(total, 2 * g_rev) <= 1e-12
+
+
+def test_k1_baseline_lowers_the_gradient_variance_when_kl_is_large():
+    """Exact second moments (enumeration): with a teacher far from the student, subtracting b ≈ KL shrinks
+    E‖(s − q − b)∇s‖² well below k1's E‖(s − q)∇s‖²."""
+    g = torch.Generator().manual_seed(5)
+    theta = torch.randn(V6, generator=g, dtype=F64)
+    q_all = torch.log_softmax(torch.randn(V6, generator=g, dtype=F64) * 4, -1)
+    ls = torch.log_softmax(theta, -1)
+    ps = ls.exp()
+    kl = float((ps * (ls - q_all)).sum())
+    assert kl > 1.0
+    score = torch.eye(V6, dtype=F64) - ps  # ∇θ log πs(x), row x
+    k1 = sum(float(ps[x]) * float((ls[x] - q_all[x]) ** 2 * score[x].pow(2).sum()) for x in range(V6))
+    base = sum(float(ps[x]) * float((ls[x] - q_all[x] - kl) ** 2 * score[x].pow(2).sum()) for x in range(V6))
+    assert base < 0.7 * k1, (base, k1)
+
+
+def test_leave_one_out_baseline_and_surrogate_values():
+    v = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0], [6.0, 8.0, 10.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    b = leave_one_out_baseline(v, mask)
+    assert torch.allclose(b[:, 0], torch.tensor([28.0 / 4, 27.0 / 5, 7.0 / 3], dtype=F64))
+    assert torch.equal(leave_one_out_baseline(v[:1], mask[:1]), torch.zeros(1, 3, dtype=F64))  # one sequence: 0
+    s = -torch.rand(3, 3, dtype=F64)
+    q = -torch.rand(3, 3, dtype=F64)
+    for est in KL_ESTIMATORS:
+        assert torch.allclose(sampled_kl_surrogate(s, q, est, mask), sampled_reverse_kl(s, q, est))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # full support
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau,teacher_tau", [(0.5, 1.0), (2.0, 0.7), (1.0, 3.0)])
+def test_teacher_temperature_scales_the_teacher_only(tau, teacher_tau):
+    """full_divergence / chunked_full_divergence with a separate teacher divisor: values and gradient equal the
+    same divergence on pre-scaled logits (student z/τ, teacher z/τt at temperature 1)."""
+    zs, zt = _logits(5, 7, seed=41)
+    for div, beta in [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)]:
+        ref = full_divergence(zs / tau, zt / teacher_tau, div, beta, 1.0)
+        for fn in (full_divergence, lambda *a, **k: chunked_full_divergence(*a, chunk_size=2, **k)):
+            x = zs.clone().requires_grad_(True)
+            out = fn(x, zt, div, beta, tau, teacher_temperature=teacher_tau)
+            assert _maxerr(out, ref) <= 1e-12
+            w = torch.randn(5, dtype=F64)
+            (gx,) = torch.autograd.grad((out * w).sum(), x)
+            x2 = zs.clone().requires_grad_(True)
+            (gr,) = torch.autograd.grad((full_divergence(x2 / tau, zt / teacher_tau, div, beta) * w).sum(), x2)
+            assert _maxerr(gx, gr) <= 1e-10
+
+
 @pytest.mark.parametrize("divergence,beta", CASES)
 @pytest.mark.parametrize("tau", [1.0, 0.7, 2.5])
 def test_full_divergence_vs_reference(divergence, beta, tau):

@@ -4,7 +4,8 @@ Notation for a response token t: s_t = log πs(x_t | x_<t), q_t = log πt(x_t | 
 
 Supports of the divergence:
 
-* ``sampled``: only the sampled token's log-probs (`sampled_reverse_kl`, estimators k1 / k3).
+* ``sampled``: only the sampled token's log-probs (`sampled_reverse_kl`: the value; `sampled_kl_surrogate`: the
+  per-token loss whose gradient each estimator uses, see "What each sampled estimator optimises" below).
 * ``topk``: the teacher's top-k tokens plus one tail bucket holding the remaining mass (`topk_divergence`).
 * ``full``: the whole vocabulary (`full_divergence`, and the memory-bounded `chunked_full_divergence` /
   `chunked_divergence_from_hidden`).
@@ -17,6 +18,19 @@ Conventions: a term p·(log p − log r) is 0 where p = 0 (masked vocabulary ent
 no NaN). A KL whose first distribution puts mass where the second has none is +inf, as in the math
 (e.g. reverse KL when only the teacher masks a token the student can emit); its gradient is then not
 finite either. The teacher is always a constant (detached). Values are computed in at least float32.
+
+What each sampled estimator optimises (x ~ πs, r = πt(x)/πs(x), s = log πs(x), q = log πt(x)); every value is an
+unbiased estimate of KL(πs‖πt), but the gradients differ (checked by exact enumeration in tests/test_divergences.py):
+
+* ``k1``: value s − q, score-function gradient (s − q)·∇s. E[(s − q)·∇s] = ∇ KL(πs‖πt): reverse KL.
+* ``k3``: value r − 1 − log r (≥ 0, low variance), pathwise gradient (1 − r)·∇s. E[(1 − r)·∇s] = −Σ πt·∇ log πs
+  = ∇ KL(πt‖πs): this optimises FORWARD KL (mass-covering), not reverse KL, although its value estimates reverse
+  KL. (verl's k3 KL *loss* has the same property.)
+* ``k1_baseline``: value s − q, gradient (s − q − b)·∇s with b a baseline that does not depend on the token
+  (the mean of s − q over the *other* sequences of the micro-batch, leave-one-out, detached; 0 for a single
+  sequence). E[b·∇s] = 0, so the expected gradient is ∇ KL(πs‖πt) exactly, with lower variance than k1 when
+  the per-token KL is far from 0. (k3 with its full gradient, score-function plus pathwise, has per-sample
+  gradient (s − q)·∇s: k1's; no variance is gained that way.)
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from torch import Tensor
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 SUPPORTS = ("sampled", "topk", "full")
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k3", "k1_baseline")
 
 # Smallest tail mass of the top-k support: keeps log(tail) finite when the top-k covers (numerically) all mass.
 _TAIL_FLOOR = 1e-12
@@ -51,9 +65,11 @@ def sanitize_teacher_logp(teacher_logp: Tensor, floor: float = -50.0) -> tuple[T
 def sampled_reverse_kl(
     student_logp: Tensor, teacher_logp: Tensor, estimator: str = "k1", *, floor: float = -50.0
 ) -> Tensor:
-    """Per-token estimate of KL(πs‖πt) from the sampled token (x_t ~ πs).
+    """Per-token estimate of KL(πs‖πt) from the sampled token (x_t ~ πs): the value only (for the gradient each
+    estimator uses, see `sampled_kl_surrogate`).
 
-    k1 = s − q (unbiased, can be negative); k3 = exp(q − s) − (q − s) − 1 (unbiased, ≥ 0, lower variance).
+    k1 = s − q (unbiased, can be negative); k3 = exp(q − s) − (q − s) − 1 (unbiased, ≥ 0, lower variance);
+    k1_baseline has k1's value.
     The teacher log-prob is sanitized first (−inf/NaN → ``floor``), so the result has no NaN for any finite
     student log-prob. k3 can overflow to +inf in float32 when q − s > ~88. Differentiable w.r.t.
     ``student_logp``; the teacher is detached.
@@ -63,11 +79,43 @@ def sampled_reverse_kl(
     dtype = torch.promote_types(student_logp.dtype, torch.float32)
     s = student_logp.to(dtype)
     q, _ = sanitize_teacher_logp(teacher_logp.detach().to(dtype), floor)
-    if estimator == "k1":
+    if estimator in ("k1", "k1_baseline"):
         return s - q
     d = q - s
     # expm1(d) - d avoids the cancellation of exp(d) - 1 for small |d|; clamp removes rounding below 0.
     return (torch.expm1(d) - d).clamp_min(0.0)
+
+
+def leave_one_out_baseline(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-sequence baseline for ``values [..., T]`` (leading dims = sequences, last = tokens): for each sequence
+    the mean of ``values`` over the masked tokens of all *other* sequences (0 where there are none), detached,
+    broadcast over its tokens. It does not depend on the sequence's own tokens."""
+    v = values.detach()
+    m = torch.ones_like(v) if mask is None else mask.to(v.dtype)
+    v = torch.where(m > 0, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    rows_v, rows_n = v.sum(-1, keepdim=True), m.sum(-1, keepdim=True)
+    others_n = rows_n.sum() - rows_n
+    others_v = rows_v.sum() - rows_v
+    baseline = torch.where(others_n > 0, others_v / others_n.clamp_min(1.0), torch.zeros_like(others_v))
+    return baseline.expand_as(v)
+
+
+def sampled_kl_surrogate(
+    student_logp: Tensor, teacher_logp: Tensor, estimator: str = "k1", mask: Tensor | None = None,
+    *, floor: float = -50.0
+) -> Tensor:
+    """Per-token loss of the sampled support: its value is `sampled_reverse_kl`'s, its gradient w.r.t.
+    ``student_logp`` the estimator's (module docstring): k1 (s − q)·∇s, k3 (1 − r)·∇s (pathwise; forward KL in
+    expectation), k1_baseline (s − q − b)·∇s with b = `leave_one_out_baseline` over ``mask`` (shape
+    ``[..., T]``, leading dims = sequences)."""
+    values = sampled_reverse_kl(student_logp, teacher_logp, estimator, floor=floor)
+    if estimator == "k3":
+        return values
+    s = student_logp.to(values.dtype)
+    advantage = values.detach()
+    if estimator == "k1_baseline":
+        advantage = advantage - leave_one_out_baseline(advantage, mask)
+    return values.detach() + advantage * (s - s.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,6 +176,13 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _teacher_temperature(temperature: float, teacher_temperature: float | None) -> float:
+    """The teacher's divisor: ``temperature`` unless given (e.g. logits already scaled, or scaled differently)."""
+    tt = temperature if teacher_temperature is None else float(teacher_temperature)
+    _check_temperature(tt)
+    return tt
+
+
 # ----------------------------------------------------------------------------------------------------------
 # full support
 # ----------------------------------------------------------------------------------------------------------
@@ -137,21 +192,24 @@ def full_divergence(
     divergence: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
 ) -> Tensor:
     """Exact per-token divergence over the vocabulary for logits ``[..., V]`` → values ``[...]``.
 
-    log πs = log_softmax(student_logits / τ), log πt = log_softmax(teacher_logits / τ); then
+    log πs = log_softmax(student_logits / τ), log πt = log_softmax(teacher_logits / τt) (τt =
+    ``teacher_temperature``, default τ: the two differ when the inputs come scaled differently); then
     reverse_kl = Σ πs (log πs − log πt), forward_kl = Σ πt (log πt − log πs),
     jsd = β·KL(πt‖m) + (1−β)·KL(πs‖m) with log m = logsumexp(log β + log πt, log(1−β) + log πs).
     Plain autograd (materializes several ``[..., V]`` tensors); differentiable w.r.t. ``student_logits``.
     """
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
+    tt = _teacher_temperature(temperature, teacher_temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     dtype = _compute_dtype(student_logits.dtype)
     ls = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    lt = torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits.detach().to(dtype) / tt, dim=-1)
     return _divergence_from_logp(ls, lt, kind, beta)
 
 
@@ -248,10 +306,13 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool
+        ctx, zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool,
+        teacher_temperature: float,
     ) -> Tensor:
-        ctx.cfg = (kind, beta, temperature, chunk)
-        out, ctx.unscaled_grad = _chunked_values_and_grad(zs, zt, *ctx.cfg, need_grad)
+        ctx.cfg = (kind, beta, temperature, chunk, teacher_temperature)
+        out, ctx.unscaled_grad = _chunked_values_and_grad(
+            zs, zt, kind, beta, temperature, chunk, need_grad, teacher_temperature
+        )
         ctx.save_for_backward(zs, zt)
         return out
 
@@ -262,22 +323,25 @@ class _ChunkedLogitsDivergence(torch.autograd.Function):
             grad_zs, ctx.unscaled_grad = ctx.unscaled_grad, None
         else:  # a further backward through the same graph: recompute
             zs, zt = ctx.saved_tensors
-            _, grad_zs = _chunked_values_and_grad(zs, zt, *ctx.cfg, True)
-        return grad_zs.mul_(grad_out.unsqueeze(-1).to(grad_zs.dtype)), None, None, None, None, None, None
+            _, grad_zs = _chunked_values_and_grad(zs, zt, *ctx.cfg[:4], True, ctx.cfg[4])
+        return grad_zs.mul_(grad_out.unsqueeze(-1).to(grad_zs.dtype)), None, None, None, None, None, None, None
 
 
 def _chunked_values_and_grad(
-    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool
+    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool,
+    teacher_temperature: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-row values ``[T]`` and (if ``need_grad``) the unscaled gradient ``[T, V]`` (dtype of ``zs``), chunk by
-    chunk from one set of softmaxes each."""
+    chunk from one set of softmaxes each. The teacher's logits are divided by ``teacher_temperature`` (default
+    ``temperature``)."""
+    tt = temperature if teacher_temperature is None else teacher_temperature
     dtype = _compute_dtype(zs.dtype)
     out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
     grad = torch.empty_like(zs) if need_grad else None
     for a in range(0, zs.shape[0], chunk):
         b = min(a + chunk, zs.shape[0])
         out[a:b], g = _value_and_grad(
-            _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, temperature), kind, beta, temperature, need_grad
+            _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, tt), kind, beta, temperature, need_grad
         )
         if need_grad:
             grad[a:b] = g
@@ -292,8 +356,10 @@ def chunked_full_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    teacher_temperature: float | None = None,
 ) -> Tensor:
-    """Same values as `full_divergence` for logits ``[T, V]`` (or ``[..., V]``), ``chunk_size`` rows at a time.
+    """Same values as `full_divergence` for logits ``[T, V]`` (or ``[..., V]``), ``chunk_size`` rows at a time
+    (``teacher_temperature`` as there).
 
     A custom autograd Function: each chunk's softmaxes are computed once, giving the values and (when a
     gradient is needed) the analytic gradient, which is kept until backward: memory beyond the inputs is the
@@ -303,6 +369,7 @@ def chunked_full_divergence(
     """
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
+    tt = _teacher_temperature(temperature, teacher_temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if student_logits.shape != teacher_logits.shape:
@@ -317,6 +384,7 @@ def chunked_full_divergence(
         float(temperature),
         int(chunk_size),
         torch.is_grad_enabled() and student_logits.requires_grad,
+        tt,
     )
     return out.reshape(lead)
 

@@ -1,7 +1,9 @@
 """Several teachers as one (pure torch, no verl import): the weighted mixtures and per-sample routing.
 
 The same functions serve the reference pass (log-probs of the sampled tokens, ``[nnz]``) and the loss-level pass
-(logits over the vocabulary, ``[nnz, V]``).
+(logits over the vocabulary, ``[nnz, V]``). One mixture for both: under mean_logit the reference pass returns the
+sampled token's log-prob under log_softmax(Σ w_k z_k / T) (`mean_logit_label_log_probs`), the same teacher the
+loss-level pass distils from (`teacher_mixture_at`); under mean_prob both use the mean of the probabilities.
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ def mix_log_probs(log_probs: list[Tensor], weights: list[float], dtype: torch.dt
     return torch.logsumexp(stacked + log_w, dim=0).to(log_probs[0].dtype)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def mean_logits(logits: list[Tensor], weights: list[float]) -> Tensor:
-    """Σ_k w_k·logits_k in float32, weights normalised (multi_teacher_mode=mean_logit)."""
+    """Σ_k w_k·logits_k in (at least) float32, weights normalised (multi_teacher_mode=mean_logit)."""
     w = torch.tensor(weights, dtype=torch.float64)
     w = (w / w.sum()).tolist()
-    return sum(wk * lk.float() for wk, lk in zip(w, logits))
+    dtype = _at_least_float32(logits[0].dtype)
+    return sum(wk * lk.to(dtype) for wk, lk in zip(w, logits))
 
 
 def mix_teacher_logits(logits: list[Tensor], weights: list[float], mode: str) -> Tensor:
@@ -39,6 +46,84 @@ def mix_teacher_logits(logits: list[Tensor], weights: list[float], mode: str) ->
     if mode == "mean_logit":
         return mean_logits(logits, weights)
     return mix_log_probs([torch.log_softmax(lk.float(), dim=-1) for lk in logits], weights, dtype=torch.float32)
+
+
+def teacher_mixture_at(logits: list[Tensor], weights: list[float], mode: str, temperature: float):
+    """The teachers' mixture at ``temperature`` as ``(logits, divisor)``: softmax(logits / divisor) is the mixed
+    teacher distribution at that temperature. One teacher: ``(z, τ)`` (no copy); mean_logit: ``(Σ w_k z_k, τ)``
+    (at least float32); mean_prob: ``(log Σ w_k softmax(z_k / τ), 1)`` (log-probs, at least float32: the
+    probabilities are mixed *at* τ, not mixed at 1 and then tempered)."""
+    if len(logits) == 1:
+        return logits[0], float(temperature)
+    if mode == "mean_logit":
+        return mean_logits(logits, weights), float(temperature)
+    dtype = _at_least_float32(logits[0].dtype)
+    logps = [torch.log_softmax(lk.to(dtype) / temperature, dim=-1) for lk in logits]
+    return mix_log_probs(logps, weights, dtype=dtype), 1.0
+
+
+def label_log_probs(
+    logits: Tensor, labels: Tensor, temperature: float | Tensor = 1.0, dtype: torch.dtype = torch.float32,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """log_softmax(logits / temperature)[label] per row of ``logits [n, V]`` (``labels [n]``), computed in
+    ``dtype`` ``chunk_size`` rows at a time (no ``[n, V]`` temporary). ``temperature``: a number or per row ``[n]``."""
+    labels = labels.reshape(-1).long()
+    out = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+    per_row = isinstance(temperature, Tensor)
+    for a in range(0, logits.shape[0], chunk_size):
+        b = min(a + chunk_size, logits.shape[0])
+        z = logits[a:b].to(dtype)
+        if per_row:
+            z = z / temperature[a:b].to(device=z.device, dtype=dtype).unsqueeze(-1)
+        elif float(temperature) != 1.0:
+            z = z / float(temperature)
+        out[a:b] = z.gather(-1, labels[a:b].view(-1, 1).to(z.device)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return out
+
+
+def mean_logit_label_log_probs(
+    logits: list[Tensor], weights: list[float], labels: Tensor, temperature: float | Tensor = 1.0,
+    dtype: torch.dtype = torch.float32, chunk_size: int = 1024,
+) -> Tensor:
+    """log_softmax(Σ_k w_k z_k / T)[label] (weights normalised): the sampled token's log-prob under the
+    mean_logit teacher, the same mixture the loss-level pass uses. Computed in ``dtype`` row chunk by chunk.
+    ``temperature``: T (a number or per row ``[n]``), or a list of one divisor per teacher (logits that come
+    divided already: z_k / d_k is used in place of z_k / T)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    divisors = temperature if isinstance(temperature, (list, tuple)) else [temperature] * len(logits)
+
+    def scaled(z: Tensor, d, a: int, b: int) -> Tensor:
+        z = z[a:b].to(dtype)
+        if isinstance(d, Tensor):
+            return z / d[a:b].to(device=z.device, dtype=dtype).unsqueeze(-1)
+        return z if float(d) == 1.0 else z / float(d)
+
+    out = torch.empty(logits[0].shape[0], dtype=dtype, device=logits[0].device)
+    for a in range(0, logits[0].shape[0], chunk_size):
+        b = min(a + chunk_size, logits[0].shape[0])
+        mixed = sum(wk * scaled(lk, dk, a, b) for wk, lk, dk in zip(w, logits, divisors))
+        out[a:b] = label_log_probs(mixed, labels.reshape(-1)[a:b], 1.0, dtype, chunk_size)
+    return out
+
+
+def mixture_label_log_probs(
+    logits: list[Tensor], weights: list[float], mode: str, labels: Tensor, temperature: float | Tensor = 1.0,
+    sample_teacher: Tensor | None = None, lengths: Tensor | None = None, dtype: torch.dtype = torch.float32,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """The sampled token's log-prob under the teachers' mixture at ``temperature`` (what verl's reference pass
+    returns through compute_ref_log_prob): one teacher, route (``sample_teacher``, ``lengths``), mean_prob (log of
+    the mean of the probabilities of the token) or mean_logit (the token under log_softmax(Σ w z / T))."""
+    if len(logits) > 1 and sample_teacher is None and mode == "mean_logit":
+        return mean_logit_label_log_probs(logits, weights, labels, temperature, dtype, chunk_size)
+    per_teacher = [label_log_probs(lk, labels, temperature, dtype, chunk_size) for lk in logits]
+    if len(per_teacher) == 1:
+        return per_teacher[0]
+    if sample_teacher is not None:
+        return route_rows(per_teacher, sample_teacher, lengths)
+    return mix_log_probs(per_teacher, weights).to(dtype)
 
 
 def route_rows(per_teacher: list[Tensor], sample_teacher: Tensor, lengths: Tensor) -> Tensor:

@@ -5,11 +5,22 @@ verl's FSDP engine calls an actor loss twice per micro-batch when the micro-batc
 `distillation_use_topk=True`: first as a logits processor with the student's packed logits [1, nnz, V]
 (returning per-token tensors that become model outputs), then as the loss with the model outputs. The teacher's
 logits are recomputed here, in the same process, per micro-batch: no T x V tensor crosses processes.
+
+Temperatures. verl hands the loss the student's logits divided by the rollout temperature T (FSDPEngineWithLMHead.
+prepare_model_outputs, `temperature_rmpad` / `temperature`). The divergence is on logits / opd.temperature (τ)
+whatever T is: the student's are taken at τ/T (that is z/T divided by τ/T), the teacher's raw logits at τ.
+The reference pass (verl's ref_log_prob, like old_log_prob) and so the advantage path are at T.
+
+Alignment. Each micro-batch, the teachers' log-prob of the sampled token at T from this pass is compared with
+verl's reference pass (ref_log_prob): the worst per-sequence median |Δ| must stay within a tolerance scaled to
+the logits' resolution (dtype eps x max |logit|), which passes bf16 batching noise and catches shifts and
+padding mix-ups (O(1) nats on most tokens). The statistics are logged as opd/teacher_alignment_*.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from verl.trainer.ppo.core_algos import agg_loss
@@ -19,50 +30,162 @@ from verl.utils.torch_functional import masked_mean
 from verl.workers.utils.padding import no_padding_2_padding
 
 from opd_verl.algorithms.advantages import distill_loss_mix
-from opd_verl.algorithms.divergences import chunked_full_divergence, sampled_reverse_kl, topk_divergence
+from opd_verl.algorithms.divergences import chunked_full_divergence, sampled_kl_surrogate, topk_divergence
+from opd_verl.algorithms.teachers import mixture_label_log_probs, route_rows, teacher_mixture_at
 
 DISTILL_KEY = "opd_divergence"
 TOPK_MASS_KEY = "opd_topk_mass"
+TEACHER_LABEL_KEY = "opd_teacher_label_logp"  # the teachers' log-prob of the sampled token at T, this pass
+TEACHER_RESOLUTION_KEY = "opd_teacher_logit_resolution"  # eps(compute dtype) * max |logit / T|, per token
 
 
 def packed_logits(logits: torch.Tensor, micro_batch, output_args: Mapping) -> torch.Tensor:
-    """A model's logits in the engine's packed layout [nnz, V], temperature-scaled as verl scales the student's.
+    """A model's raw logits (no temperature) in the engine's packed layout [nnz, V].
 
     Mirrors FSDPEngineWithLMHead.prepare_model_outputs (verl 0.9.1): with remove-padding the logits are already
     packed [1, nnz, V]; without it they are [bsz, max_len, V], right-padded, and each row's first len tokens count.
     """
     if "temperature_rmpad" in output_args:  # remove-padding layout
-        return logits.squeeze(0) / output_args["temperature_rmpad"].clamp(min=1e-8).unsqueeze(-1).to(logits.dtype)
-    temperature = output_args["temperature"]  # [bsz]
-    logits = logits / temperature.clamp(min=1e-8).to(logits.dtype).view(-1, 1, 1)
+        return logits.squeeze(0)
     lengths = micro_batch["input_ids"].offsets().diff().tolist()
     return torch.cat([logits[i, :n] for i, n in enumerate(lengths)])
 
 
-ALIGNMENT_TOLERANCE = 1e-3
+def _uniform(temperature: torch.Tensor) -> float | torch.Tensor:
+    """A number when every row has the same temperature (the usual case: one rollout temperature)."""
+    if temperature.numel() == 0:
+        return 1.0
+    first = float(temperature.reshape(-1)[0])
+    return first if bool((temperature == first).all()) else temperature
 
 
-def check_alignment(teacher_logits: torch.Tensor, labels: torch.Tensor, micro_batch) -> float:
-    """The teacher's packed logits must reproduce, at the sampled tokens, the log-probs of verl's reference pass.
+def packed_rollout_temperature(micro_batch, output_args: Mapping) -> float | torch.Tensor:
+    """The rollout temperature T verl divided these packed rows by: a number, or per row [nnz(+pad)]."""
+    if "temperature_rmpad" in output_args:
+        return _uniform(output_args["temperature_rmpad"].reshape(-1).float().clamp(min=1e-8))
+    temperature = output_args["temperature"].float().clamp(min=1e-8)
+    lengths = micro_batch["input_ids"].offsets().diff()
+    return _uniform(torch.repeat_interleave(temperature.to(lengths.device), lengths))
 
-    Catches off-by-one shifts and padding mix-ups between the two code paths; raises on a mismatch.
+
+def rollout_temperature(micro_batch, rows: int) -> float | torch.Tensor:
+    """T of the micro-batch (verl puts the rollout temperature in each micro-batch as `temperature`: a number or
+    one per sample), per packed row [rows] when it varies (rows past the sequences, engine padding, get 1)."""
+    try:
+        temperature = micro_batch["temperature"]
+    except KeyError:
+        return 1.0
+    if not isinstance(temperature, torch.Tensor):
+        return max(float(temperature), 1e-8)
+    if temperature.numel() == 1:
+        return max(float(temperature), 1e-8)
+    lengths = micro_batch["input_ids"].offsets().diff()
+    per_row = torch.repeat_interleave(temperature.float().clamp(min=1e-8).to(lengths.device), lengths)
+    if rows > per_row.numel():
+        per_row = torch.cat([per_row, per_row.new_ones(rows - per_row.numel())])
+    return _uniform(per_row)
+
+
+def student_at_loss_temperature(student_logits: torch.Tensor, rollout_t: float | torch.Tensor, tau: float):
+    """(logits, divisor) with softmax(logits / divisor) = softmax(z / τ), given verl's z / T: the rollout
+    temperature is undone, not compounded. One T: divisor τ / T (no copy); per-row T: logits rescaled, divisor 1."""
+    if isinstance(rollout_t, torch.Tensor):
+        scale = (rollout_t.to(device=student_logits.device, dtype=torch.float32) / tau).unsqueeze(-1)
+        return student_logits.float() * scale, 1.0
+    return student_logits, tau / float(rollout_t)
+
+
+@dataclass
+class TeacherPass:
+    """The teachers' part of one micro-batch of the loss-level pass (OPDWorker.teacher_logits).
+
+    logits [nnz, V]: softmax(logits / temperature) is the teacher (mixture) at the loss temperature τ.
+    label_log_prob [nnz]: the mixture's log-prob of the sampled token at the rollout temperature T (what verl's
+    reference pass computes), for the alignment check; resolution [nnz]: eps(compute dtype) * max |logit / T|.
     """
-    if "ref_log_prob" not in micro_batch:
-        return 0.0
-    nnz = int(micro_batch["input_ids"].offsets()[-1])  # drops sequence-parallel padding at the end, if any
-    logits, labels = teacher_logits[:nnz].float(), labels.reshape(-1)[:nnz].long()
-    label_logp = logits.gather(-1, labels.view(-1, 1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    ours = no_padding_2_padding(label_logp, micro_batch)
-    padded = micro_batch.select("ref_log_prob", "response_mask").to_padded_tensor()
-    mask = padded["response_mask"].bool()
-    diff = (ours - padded["ref_log_prob"].to(ours.dtype)).abs()[mask]
-    worst = float(diff.max()) if diff.numel() else 0.0
-    if worst > ALIGNMENT_TOLERANCE:
+
+    logits: torch.Tensor
+    temperature: float
+    label_log_prob: torch.Tensor | None = None
+    resolution: torch.Tensor | None = None
+
+
+def _row_absmax(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for a in range(0, logits.shape[0], chunk_size):
+        out[a:a + chunk_size] = logits[a:a + chunk_size].float().abs().amax(-1)
+    return out
+
+
+def coarsest_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype with the largest eps (bf16 > fp16 > fp32 > fp64)."""
+    return max((d for d in dtypes if d is not None and d.is_floating_point), key=lambda d: torch.finfo(d).eps)
+
+
+def teacher_pass(
+    raw_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    rollout_t: float | torch.Tensor,
+    tau: float,
+    weights: list[float],
+    mode: str,
+    sample_teacher: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+    chunk_size: int = 1024,
+) -> TeacherPass:
+    """The teachers' raw packed logits (one tensor per teacher) → the loss-level teacher at τ and the
+    alignment inputs at T. ``compute_dtype``: the teachers' forward precision (coarsest with the logits' dtype)."""
+    if sample_teacher is not None:
+        logits, divisor = route_rows(raw_logits, sample_teacher, lengths), float(tau)
+    else:
+        logits, divisor = teacher_mixture_at(raw_logits, weights, mode, tau)
+    label_logp = mixture_label_log_probs(raw_logits, weights, mode, labels, rollout_t, sample_teacher, lengths,
+                                         chunk_size=chunk_size)
+    absmax = torch.stack([_row_absmax(z, chunk_size) for z in raw_logits]).amax(0)
+    t = rollout_t.to(absmax.device) if isinstance(rollout_t, torch.Tensor) else rollout_t
+    eps = torch.finfo(coarsest_dtype(compute_dtype, *[z.dtype for z in raw_logits])).eps
+    return TeacherPass(logits, divisor, label_logp, eps * absmax / t)
+
+
+ALIGNMENT_FLOOR = 1e-3  # nats: the tolerance in float32 (batching noise there is ~1e-6)
+ALIGNMENT_ULPS = 4.0  # the tolerance in units of the logits' resolution eps(dtype) * max |logit|
+
+
+def alignment_statistics(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, resolution: torch.Tensor) -> dict:
+    """|Δ| = |ours − ref| over the response tokens (padded [bsz, T] tensors): the statistic checked is the worst
+    per-sequence median |Δ|, against max(ALIGNMENT_FLOOR, ALIGNMENT_ULPS * max resolution). A one-position shift
+    or a padding mix-up moves most tokens of a sequence by O(1) nats; bf16 batching noise moves few by ~1 ulp."""
+    mask = mask.bool()
+    diff = (ours.double() - ref.to(ours.device).double()).abs()
+    rows = mask.any(-1)
+    if not bool(rows.any()):
+        zero = 0.0
+        return {"seq_median_max": zero, "median_abs": zero, "max_abs": zero, "tolerance": ALIGNMENT_FLOOR}
+    nan = torch.full_like(diff, float("nan"))
+    per_seq = torch.where(mask, diff, nan)[rows].nanmedian(-1).values
+    tokens = diff[mask]
+    res = float(resolution.to(ours.device).double()[mask].max())
+    return {
+        "seq_median_max": float(per_seq.max()),
+        "median_abs": float(tokens.median()),
+        "max_abs": float(tokens.max()),
+        "tolerance": max(ALIGNMENT_FLOOR, ALIGNMENT_ULPS * res),
+    }
+
+
+def check_alignment(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, resolution: torch.Tensor) -> dict:
+    """`alignment_statistics`, raising when the statistic exceeds its tolerance (token alignment or padding of
+    the loss pass differs from verl's reference pass)."""
+    stats = alignment_statistics(ours, ref, mask, resolution)
+    if stats["seq_median_max"] > stats["tolerance"]:
         raise RuntimeError(
-            f"opd_verl: teacher logits in the actor loss disagree with the reference pass by {worst:.3g} nats at the "
-            "sampled tokens (token alignment or padding mismatch); please report this with your verl version"
+            "opd_verl: teacher logits in the actor loss disagree with the reference pass: the median |Δ log p| of "
+            f"a sequence's sampled tokens is {stats['seq_median_max']:.3g} nats (tolerance {stats['tolerance']:.3g}, "
+            f"max over tokens {stats['max_abs']:.3g}): token alignment or padding mismatch between the two passes; "
+            "please report this with your verl version"
         )
-    return worst
+    return stats
 
 
 def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
@@ -72,30 +195,51 @@ def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     return student_logits[..., :vocab], teacher_logits[..., :vocab]
 
 
-def distill_token_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, opd: Mapping):
-    """Per-token divergence over opd.support (topk or full) and the teacher's top-k mass (1 for full)."""
+def distill_token_values(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    opd: Mapping,
+    student_temperature: float | None = None,
+    teacher_temperature: float | None = None,
+):
+    """Per-token divergence over opd.support (topk or full) and the teacher's top-k mass (1 for full).
+
+    The distributions are softmax(student_logits / student_temperature) and softmax(teacher_logits /
+    teacher_temperature); both divisors default to opd.temperature (inputs that are raw logits)."""
     divergence, beta, tau = opd["divergence"], float(opd["beta"]), float(opd["temperature"])
+    ts = tau if student_temperature is None else float(student_temperature)
+    tt = tau if teacher_temperature is None else float(teacher_temperature)
     if opd["support"] == "full":
-        values = chunked_full_divergence(student_logits, teacher_logits, divergence, beta, tau, int(opd["chunk_size"]))
+        values = chunked_full_divergence(
+            student_logits, teacher_logits, divergence, beta, ts, int(opd["chunk_size"]), teacher_temperature=tt
+        )
         return values, torch.ones_like(values.detach())
-    teacher_logp = torch.log_softmax(teacher_logits.float() / tau, dim=-1)
+    teacher_logp = torch.log_softmax(teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)) / tt,
+                                     dim=-1)
     k = min(int(opd["topk"]), teacher_logp.shape[-1])
     topk_logp, topk_ids = teacher_logp.topk(k, dim=-1)
-    values = topk_divergence(student_logits, topk_ids, topk_logp, divergence, beta, tau)
+    values = topk_divergence(student_logits, topk_ids, topk_logp, divergence, beta, ts)
     return values, topk_logp.exp().sum(-1)
 
 
-def sampled_distill_loss_matrix(log_prob: torch.Tensor, teacher_log_prob: torch.Tensor, estimator: str):
-    """Per-token reverse KL from the sampled tokens, with a gradient that is right on the student's own samples.
+def sampled_distill_loss_matrix(log_prob: torch.Tensor, teacher_log_prob: torch.Tensor, estimator: str,
+                                mask: torch.Tensor | None = None):
+    """Per-token loss of support=sampled ([bsz, T]; value: the estimate of KL(student||teacher)); its gradient is
+    the estimator's (opd_verl.algorithms.divergences.sampled_kl_surrogate): k1 and k1_baseline are reverse KL in
+    expectation, k3 (pathwise, as verl's low-variance KL loss) is FORWARD KL in expectation."""
+    return sampled_kl_surrogate(log_prob, teacher_log_prob, estimator, mask)
 
-    k1: the value s - q with the score-function gradient (s - q) * grad s, which is grad KL(student||teacher) in
-    expectation (the plain gradient of s - q has expectation 0). k3: its value with the pathwise gradient, as
-    verl's low-variance KL loss.
-    """
-    values = sampled_reverse_kl(log_prob, teacher_log_prob, estimator)
-    if estimator == "k1":
-        return values.detach() * (1.0 + log_prob - log_prob.detach())
-    return values
+
+def _alignment_metrics(model_output, data, padded, mask) -> dict:
+    """opd/teacher_alignment_* of this micro-batch (raises on a misalignment); {} without a reference pass."""
+    if TEACHER_LABEL_KEY not in model_output or "ref_log_prob" not in padded:
+        return {}
+    ours = no_padding_2_padding(model_output[TEACHER_LABEL_KEY], data)
+    resolution = no_padding_2_padding(model_output[TEACHER_RESOLUTION_KEY], data)
+    stats = check_alignment(ours, padded["ref_log_prob"], mask, resolution)
+    aggregation = {"seq_median_max": AggregationType.MAX, "median_abs": AggregationType.MEAN,
+                   "max_abs": AggregationType.MAX, "tolerance": AggregationType.MIN}
+    return {f"opd/teacher_alignment_{k}": Metric(value=v, aggregation=aggregation[k]) for k, v in stats.items()}
 
 
 def opd_actor_loss(
@@ -110,9 +254,17 @@ def opd_actor_loss(
 ):
     """Logits-processor call (student_logits given): per-token divergences. Loss call: the weighted sum."""
     if student_logits is not None:
-        student, teacher = shared_vocab(student_logits.squeeze(0), teacher_logits_fn(data).to(student_logits.device))
-        values, mass = distill_token_values(student, teacher, opd)
-        return {DISTILL_KEY: values.unsqueeze(0), TOPK_MASS_KEY: mass.unsqueeze(0)}
+        zs = student_logits.squeeze(0)
+        tau = float(opd["temperature"])
+        zs, student_divisor = student_at_loss_temperature(zs, rollout_temperature(data, zs.shape[0]), tau)
+        teacher: TeacherPass = teacher_logits_fn(data)
+        student, teacher_z = shared_vocab(zs, teacher.logits.to(zs.device))
+        values, mass = distill_token_values(student, teacher_z, opd, student_divisor, teacher.temperature)
+        outputs = {DISTILL_KEY: values.unsqueeze(0), TOPK_MASS_KEY: mass.unsqueeze(0)}
+        if teacher.label_log_prob is not None:
+            outputs[TEACHER_LABEL_KEY] = teacher.label_log_prob.to(zs.device).unsqueeze(0)
+            outputs[TEACHER_RESOLUTION_KEY] = teacher.resolution.to(zs.device).unsqueeze(0)
+        return outputs
 
     lambda_rl, lambda_distill = float(opd["lambda_rl"]), float(opd["lambda_distill"])
     if lambda_rl > 0:
@@ -129,11 +281,12 @@ def opd_actor_loss(
     mask = padded["response_mask"].to(bool)
     if opd["support"] == "sampled":
         log_prob = no_padding_2_padding(model_output["log_probs"], data)
-        loss_mat = sampled_distill_loss_matrix(log_prob, padded["ref_log_prob"], opd["kl_estimator"])
+        loss_mat = sampled_distill_loss_matrix(log_prob, padded["ref_log_prob"], opd["kl_estimator"], mask)
         mass = torch.ones_like(log_prob.detach())
     else:
         loss_mat = no_padding_2_padding(model_output[DISTILL_KEY], data)
         mass = no_padding_2_padding(model_output[TOPK_MASS_KEY], data)
+        metrics.update(_alignment_metrics(model_output, data, padded, mask))
     distill = agg_loss(loss_mat=loss_mat, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info)
     metrics["opd/distill_loss"] = Metric(value=distill.detach(), aggregation=AggregationType.SUM)
     metrics["opd/divergence_per_token"] = Metric(

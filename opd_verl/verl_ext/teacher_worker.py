@@ -9,6 +9,7 @@ the worker group has no such method).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack, nullcontext
 from copy import deepcopy
 from functools import partial
 
@@ -20,7 +21,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig, TrainingWorkerConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
-from opd_verl.algorithms.teachers import mix_log_probs, mix_teacher_logits, route_rows
+from opd_verl.algorithms.teachers import mean_logit_label_log_probs, mix_log_probs, route_rows
 from opd_verl.checks.options import DISTILL_LOSS_MODES, route_table, route_teacher_indices
 from opd_verl.plugin import require_plugin_loaded
 
@@ -122,12 +123,16 @@ class OPDWorker(ActorRolloutRefWorker):
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="ref"))
     def compute_ref_log_prob(self, data):
-        """The teachers' log-probs of the sampled tokens: one teacher, the weighted mean of the teachers'
-        probabilities, or (route) each sample's own teacher. With several teachers every teacher scores the whole
-        batch, so the FSDP collectives stay in step across data-parallel ranks."""
+        """The teachers' log-probs of the sampled tokens (at the rollout temperature, as verl's reference pass):
+        one teacher, the weighted mean of the teachers' probabilities (mean_prob), the token under the mean of
+        their logits (mean_logit: the same mixture the loss-level pass distils from), or (route) each sample's own
+        teacher. With several teachers every teacher scores the whole batch, so the FSDP collectives stay in step
+        across data-parallel ranks."""
         if len(self.teachers) == 1:
             output = self.ref.infer_batch(data=data)
             return output.cpu() if output is not None else None
+        if self.opd_options.get("multi_teacher_mode") == "mean_logit":
+            return self._mean_logit_ref_log_prob(data)
         sample_teacher = self._sample_teachers(data)
         outputs = [teacher.infer_batch(data=data) for teacher in self.teachers]
         if outputs[0] is None:
@@ -149,29 +154,125 @@ class OPDWorker(ActorRolloutRefWorker):
         output = self.actor.train_mini_batch(data=data)
         return output.cpu() if output is not None else None
 
-    def teacher_logits(self, micro_batch) -> torch.Tensor:
-        """Teacher logits [nnz, V] at the same packed positions as the student's logits of this micro-batch."""
+    @staticmethod
+    def _teacher_forward(teacher, micro_batch):
+        """One teacher's raw packed logits [nnz, V] of a micro-batch (no temperature) and the engine's output_args.
+        Runs at the teacher engine's own precision (its autocast dtype, as its reference pass in verl's
+        FSDPEngineWithLMHead.forward_step), not under the caller's (the actor's) autocast."""
         from opd_verl.verl_ext.distill_actor_loss import packed_logits
 
-        logits = []
-        for teacher in self.teachers:
-            engine = teacher.engine
-            model_inputs, output_args = engine.prepare_model_inputs(micro_batch=micro_batch)
-            with torch.no_grad():
-                output = engine.module(**model_inputs, use_cache=False)
-            logits.append(packed_logits(output.logits, micro_batch, output_args))
-        sample_teacher = self._sample_teachers(micro_batch)
-        if sample_teacher is not None:
-            combined = route_rows(logits, sample_teacher, micro_batch["input_ids"].offsets().diff())
-        else:
-            weights = [t["weight"] for t in self.teacher_entries]
-            combined = mix_teacher_logits(logits, weights, self.opd_options["multi_teacher_mode"])
-        if not getattr(self, "_alignment_checked", False) and self.opd_options["multi_teacher_mode"] != "mean_logit":
-            from opd_verl.verl_ext.distill_actor_loss import check_alignment
+        engine = teacher.engine
+        model_inputs, output_args = engine.prepare_model_inputs(micro_batch=micro_batch)
+        with torch.no_grad(), _engine_autocast(engine):
+            output = engine.module(**model_inputs, use_cache=False)
+        return packed_logits(output.logits, micro_batch, output_args), output_args
 
-            check_alignment(combined, output_args["input_ids_rmpad_rolled"], micro_batch)
-            self._alignment_checked = True
-        return combined
+    def teacher_logits(self, micro_batch):
+        """The teachers of this micro-batch (a distill_actor_loss.TeacherPass): the loss-level teacher at
+        opd.temperature over the student's packed positions, and its sampled-token log-probs at the rollout
+        temperature for the alignment check against verl's reference pass."""
+        from opd_verl.verl_ext.distill_actor_loss import coarsest_dtype, packed_rollout_temperature, teacher_pass
+
+        raw, output_args = [], None
+        for teacher in self.teachers:
+            logits, output_args = self._teacher_forward(teacher, micro_batch)
+            raw.append(logits)
+        return teacher_pass(
+            raw,
+            labels=output_args["input_ids_rmpad_rolled"],
+            rollout_t=packed_rollout_temperature(micro_batch, output_args),
+            tau=float(self.opd_options["temperature"]),
+            weights=[t["weight"] for t in self.teacher_entries],
+            mode=self.opd_options["multi_teacher_mode"],
+            sample_teacher=self._sample_teachers(micro_batch),
+            lengths=micro_batch["input_ids"].offsets().diff(),
+            compute_dtype=coarsest_dtype(*[_engine_dtype(t.engine) for t in self.teachers]),
+            chunk_size=int(self.opd_options.get("chunk_size", 1024)),
+        )
+
+    def _mean_logit_processor(self):
+        """verl logits processor for the first teacher's reference pass under mean_logit: given its packed logits
+        (divided by T by verl) and the micro-batch, run the other teachers on the micro-batch and return
+        {MEAN_LOGIT_REF_KEY: log_softmax(Σ w_k z_k / T) at the sampled tokens [1, nnz]}."""
+        from opd_verl.verl_ext.distill_actor_loss import packed_rollout_temperature
+
+        others = self.teachers[1:]
+        weights = [t["weight"] for t in self.teacher_entries]
+        chunk = int(self.opd_options.get("chunk_size", 1024))
+
+        def mean_logit_processor(student_logits=None, data=None, model_output=None, **kwargs):
+            if student_logits is None:  # the engine's loss call: the reference pass optimises nothing
+                return torch.zeros(()), {}
+            rest = [self._teacher_forward(teacher, data) for teacher in others]
+            output_args = rest[0][1]
+            rollout_t = packed_rollout_temperature(data, output_args)
+            logits = [student_logits.squeeze(0)] + [z for z, _ in rest]
+            mixed = mean_logit_label_log_probs(
+                logits, weights, output_args["input_ids_rmpad_rolled"], [1.0] + [rollout_t] * len(rest),
+                chunk_size=chunk,
+            )
+            return {MEAN_LOGIT_REF_KEY: mixed.unsqueeze(0)}
+
+        return mean_logit_processor
+
+    def _mean_logit_ref_log_prob(self, data):
+        """Reference pass of multi_teacher_mode=mean_logit: log_softmax(Σ w_k z_k / T) at the sampled tokens.
+
+        verl's engine returns log-probs of one model only; the mixture needs every teacher's logits at once. The
+        first teacher's infer_batch runs with a logits processor (verl's `distillation_use_topk` hook, which hands
+        it the packed logits, divided by T, per micro-batch); the processor runs the other teachers' forwards on
+        the same micro-batch (as the loss-level pass does) and returns the mixture's log-probs as a model output.
+        Micro-batching, dynamic batch sizes and the output layout stay verl's."""
+        first, others = self.teachers[0], self.teachers[1:]
+        mean_logit_processor = self._mean_logit_processor()
+
+        flags = {"compute_loss": True, "distillation_use_topk": True, "distillation_only": False}
+        previous = {key: tu.get(data, key) for key in flags}
+        tu.assign_non_tensor(data, **flags)
+        saved_loss_fn, first.loss_fn = first.loss_fn, mean_logit_processor
+        try:
+            with ExitStack() as stack:
+                for teacher in others:
+                    stack.enter_context(teacher.engine.eval_mode())
+                output = first.infer_batch(data=data)
+        finally:
+            first.loss_fn = saved_loss_fn
+            for key, value in previous.items():
+                if value is None:
+                    tu.pop(data, key)
+                else:
+                    tu.assign_non_tensor(data, **{key: value})
+        if output is None:
+            return None
+        if MEAN_LOGIT_REF_KEY not in output.keys():
+            raise RuntimeError(
+                "opd_verl: multi_teacher_mode=mean_logit needs the teachers' logits in the reference pass, which "
+                "verl's engine does not materialise with use_fused_kernels=True; set "
+                "actor_rollout_ref.model.use_fused_kernels=False or opd.multi_teacher_mode=mean_prob"
+            )
+        output["log_probs"] = output.pop(MEAN_LOGIT_REF_KEY)
+        return output.cpu()
+
+
+MEAN_LOGIT_REF_KEY = "opd_mean_logit_log_prob"
+
+
+def _engine_dtype(engine) -> torch.dtype | None:
+    """The dtype an FSDP engine computes its forward in (mixed_precision.param_dtype; verl 0.9.1 keeps it as
+    `_autocast_dtype`)."""
+    return getattr(engine, "_autocast_dtype", None)
+
+
+def _engine_autocast(engine):
+    """The autocast an engine's own forward_step uses (none for fp32), also disabling an enclosing one."""
+    dtype = _engine_dtype(engine)
+    if dtype is None:
+        return nullcontext()
+    from verl.utils.device import get_device_name
+
+    if dtype == torch.float32:
+        return torch.autocast(device_type=get_device_name(), enabled=False)
+    return torch.autocast(device_type=get_device_name(), dtype=dtype)
 
 
 def make_worker_class(opd_options: dict, teacher_entries: list[dict]) -> type[OPDWorker]:

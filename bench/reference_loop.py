@@ -1,0 +1,202 @@
+"""The demo recipe's OPD as a plain PyTorch + transformers loop (no verl): the reference main_opd is compared with.
+
+    .venv/bin/python bench/reference_loop.py --mode sampled --seed 0 --steps 30    # prints one JSON line per step
+
+It mirrors recipes/demo_cpu.yaml plus verl 0.9.1's defaults, setting by setting:
+* data: the demo's train parquet in verl's order, torch.randperm(len, generator seeded with data.seed) (verl's
+  create_rl_sampler with shuffle=True), 32 prompts a step, each sampled n=4 times; the prompt = the chat template
+  with add_generation_prompt, as verl's dataset renders it.
+* rollout: temperature 1, top_p 1, top_k off (verl: -1), max 32 new tokens, stop at the tokenizer's EOS
+  (<|im_end|>); the response keeps its EOS token and every token after it is masked (verl's response_mask).
+* advantage (sampled): A_t = clip(q_t - s_t, -5, 5) with s the student's log-prob before the update (verl's
+  old_log_probs) and q the teacher's; loss = token-mean over the batch's response tokens of -A_t * ratio_t, with
+  ratio = exp(s - s_old) = 1 (one optimizer step per batch); verl's loss_agg_mode=token-mean.
+* full vocabulary (ppo_plus_distill, lambda_rl=0, support=full, reverse_kl): loss = token-mean of
+  KL(pi_s || pi_t) over the vocabulary at every response token (opd_verl.algorithms.divergences.full_divergence).
+* optimizer: torch AdamW(lr 3e-4, betas (0.9, 0.999), eps 1e-8, weight_decay 0); verl's constant schedule with
+  lr_warmup_steps=5: update k (1-based) uses lr * min(1, (k-1)/5) (the first update has lr 0); grad-norm clip 1.
+* logging as verl does: step k's opd/kl_per_token = mean over response tokens of s_old - q on step k's batch
+  (before update k); the greedy validation (all val prompts, 32 tokens, opd_verl.rewards) at step 0 and after
+  every test_freq-th update and the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+VAL_KEY = "val-core/openai/gsm8k/acc/mean@1"  # the key verl logs for the demo's val split
+
+
+@dataclass
+class LoopConfig:
+    mode: str = "sampled"  # sampled | full
+    seed: int = 0
+    steps: int = 30
+    test_freq: int = 5
+    prompts: int = 32  # data.train_batch_size
+    n: int = 4  # rollout.n
+    max_new_tokens: int = 32  # data.max_response_length
+    temperature: float = 1.0
+    lr: float = 3e-4
+    warmup_steps: int = 5
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adv_clip: tuple = (-5.0, 5.0)
+
+
+# ---- the math (tested in tests/test_bench_parity.py) ---------------------------------------------------------
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including each row's first EOS, 0 after it (all 1 for a row that never ends)."""
+    is_eos = (responses == eos_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
+
+
+def opd_advantage(q: torch.Tensor, s_old: torch.Tensor, mask: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return (q - s_old).clamp(lo, hi) * mask
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sampled_opd_loss(s: torch.Tensor, q: torch.Tensor, mask: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Importance-sampling loss with ratio exp(s - s_old), s_old = s before the (only) update: token-mean -A*ratio."""
+    s_old = s.detach()
+    return token_mean(-opd_advantage(q, s_old, mask, lo, hi) * torch.exp(s - s_old), mask)
+
+
+def full_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from opd_verl.algorithms.divergences import full_divergence
+
+    return token_mean(full_divergence(student_logits, teacher_logits, "reverse_kl"), mask)
+
+
+def warmup_factor(update: int, warmup_steps: int) -> float:
+    """verl's get_constant_schedule_with_warmup as LambdaLR applies it: update k (1-based) gets (k-1)/warmup."""
+    return min(1.0, (update - 1) / max(1.0, warmup_steps))
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------
+
+
+def logits_and_logprobs(model, seqs, attn, width: int):
+    """Logits at the positions predicting the response tokens [B, R, V] and the log-probs of those tokens."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens, as verl's
+    logits = model(input_ids=seqs, attention_mask=attn, position_ids=pos).logits[:, width - 1 : -1].float()
+    labels = seqs[:, width:]
+    return logits, torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
+    """Train the demo's student for cfg.steps steps; returns {step: metrics} under verl's metric names."""
+    import pyarrow.parquet as pq
+
+    from opd_verl.demo.build import build, pick_threads
+    from opd_verl.evaluate import greedy_accuracy, load_model, load_rows, render_prompts
+    from opd_verl.rewards import compute_score
+
+    torch.set_num_threads(pick_threads())  # 1 on a busy machine: spinning OpenMP threads make a step 10x slower
+    built = built or build()
+    student, tok = load_model(built.student)
+    teacher, _ = load_model(built.teacher)
+    train = pq.read_table(built.data["train"]).to_pylist()
+    val_rows = load_rows(built.data["val"])
+    prompt_ids = render_prompts(tok, [list(r["prompt"]) for r in train])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_factor(i + 1, cfg.warmup_steps))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(cfg.seed)
+    metrics: dict[int, dict[str, float]] = {}
+
+    def validate(step):
+        rng = torch.get_rng_state()  # opd_verl.evaluate reseeds the global RNG; keep the sampling stream
+        metrics.setdefault(step, {})[VAL_KEY] = greedy_accuracy(student, tok, val_rows, cfg.max_new_tokens)
+        torch.set_rng_state(rng)
+
+    validate(0)
+    for step in range(1, cfg.steps + 1):
+        t0 = time.monotonic()
+        idx = [i for i in order[(step - 1) * cfg.prompts : step * cfg.prompts] for _ in range(cfg.n)]
+        width = max(len(prompt_ids[i]) for i in idx)
+        seqs = torch.full((len(idx), width), pad)
+        attn = torch.zeros_like(seqs)
+        for row, i in enumerate(idx):
+            seqs[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+            attn[row, width - len(prompt_ids[i]) :] = 1
+        student.eval()
+        with torch.no_grad():
+            out = student.generate(input_ids=seqs, attention_mask=attn, do_sample=True, temperature=cfg.temperature,
+                                   top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                                   pad_token_id=pad)
+        resp = out[:, width:]
+        mask = response_mask(resp, eos)
+        full_attn = torch.cat([attn, mask], dim=1)
+        with torch.no_grad():
+            t_logits, q = logits_and_logprobs(teacher, out, full_attn, width)
+        student.train()
+        s_logits, s = logits_and_logprobs(student, out, full_attn, width)
+        mf = mask.float()
+        if cfg.mode == "sampled":
+            loss = sampled_opd_loss(s, q, mf, *cfg.adv_clip)
+        else:
+            loss = full_opd_loss(s_logits, t_logits, mf)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+        lr_used = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        texts = tok.batch_decode([r[m.bool()] for r, m in zip(resp, mask)], skip_special_tokens=True)
+        scores = [compute_score(train[i]["data_source"], t, train[i]["reward_model"]["ground_truth"]) for i, t in zip(idx, texts)]
+        m = metrics.setdefault(step, {})
+        m.update({
+            "opd/kl_per_token": token_mean(s.detach() - q, mf).item(),
+            "critic/score/mean": sum(scores) / len(scores),
+            "response_length/mean": mf.sum(-1).mean().item(),
+            "response_length/clip_ratio": (mf.sum(-1) == cfg.max_new_tokens).float().mean().item(),
+            "actor/pg_loss": loss.item(),
+            "actor/grad_norm": grad_norm.item(),
+            "actor/lr": sched.get_last_lr()[0],  # as verl logs it: after the scheduler's step (the next update's)
+            "actor/lr_used": lr_used,
+            "timing_s/step": time.monotonic() - t0,
+        })
+        if cfg.mode == "full":
+            m["opd/divergence_per_token"] = loss.item()
+        if step % cfg.test_freq == 0 or step == cfg.steps:
+            validate(step)
+        log(json.dumps({"step": step, **{k: round(v, 5) for k, v in m.items()}}))
+    return metrics
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in ("mode", "seed", "steps", "test_freq", "lr"):
+        default = getattr(LoopConfig, f)
+        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--json", help="write {step: metrics} here")
+    args = p.parse_args(argv)
+    cfg = LoopConfig(mode=args.mode, seed=args.seed, steps=args.steps, test_freq=args.test_freq, lr=args.lr)
+    metrics = run(cfg)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "metrics_by_step": metrics}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
