@@ -217,6 +217,14 @@ def sigkill_run(proc: subprocess.Popen, wait: float = 30) -> list[str]:
     return survivors
 
 
+def run_ok(w: Workdir, name: str, overrides: list[str], timeout: float) -> dict[int, dict[str, float]]:
+    """run_main into W/NAME.log; asserts it neither hung nor failed; returns its console metrics per step."""
+    result = run_main(overrides, w.root / f"{name}.log", timeout=timeout)
+    assert not result.timed_out, f"{name} hung; log: {w.root / f'{name}.log'}"
+    assert result.returncode == 0, result.log[-4000:]
+    return console_metrics(result.log)
+
+
 def console_metrics(text: str) -> dict[int, dict[str, float]]:
     """{step: {metric: value}} from verl's console output (what a run printed)."""
     steps: dict[int, dict[str, float]] = {}

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from cpu_run import console_metrics, grpo_overrides, prepare_workdir, run_main, write_model
+from cpu_run import grpo_overrides, prepare_workdir, run_ok, write_model
 
 pytestmark = pytest.mark.e2e
 
@@ -44,10 +44,7 @@ def _loss_level(w, name, steps, **extra):
 
 
 def _run(w, name, overrides):
-    result = run_main(overrides, w.root / f"{name}.log", timeout=TIMEOUT)
-    assert not result.timed_out, f"{name} hung; log: {w.root / f'{name}.log'}"
-    assert result.returncode == 0, result.log[-4000:]
-    return console_metrics(result.log)
+    return run_ok(w, name, overrides, TIMEOUT)
 
 
 def test_bf16_full_jsd_at_rollout_temperature_0_7(workdir):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from cpu_run import console_metrics, grpo_overrides, prepare_workdir, run_main, write_dataset, write_model
+from cpu_run import console_metrics, grpo_overrides, prepare_workdir, run_main, run_ok, write_dataset, write_model
 
 pytestmark = pytest.mark.e2e
 
@@ -41,10 +41,7 @@ def _opd(w, name, steps=2, **extra):
 
 
 def _run(w, name, overrides):
-    result = run_main(overrides, w.root / f"{name}.log", timeout=TIMEOUT)
-    assert not result.timed_out, f"{name} hung; log: {w.root / f'{name}.log'}"
-    assert result.returncode == 0, result.log[-4000:]
-    return console_metrics(result.log)
+    return run_ok(w, name, overrides, TIMEOUT)
 
 
 def test_teacher_equal_to_student_gives_zero_kl(workdir):
