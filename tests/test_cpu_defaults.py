@@ -208,6 +208,17 @@ def test_existing_ray_cluster_is_not_checked():
     assert sel(cfg, "ray_kwargs.ray_init.num_cpus") == 2
 
 
+def test_joining_a_ray_cluster_passes_no_resources_to_ray_init(monkeypatch):
+    """ray.init(address=...) refuses num_cpus/num_gpus: the cluster's nodes bring their own."""
+    cfg, _, printed = _apply(["trainer.device=cpu", "trainer.nnodes=2", "+ray_kwargs.ray_init.address=127.0.0.1:6379"])
+    assert sel(cfg, "ray_kwargs.ray_init.num_cpus") is None
+    assert sel(cfg, "ray_kwargs.ray_init.num_gpus") is None and sel(cfg, "ray_kwargs.ray_init.include_dashboard") is None
+    assert "num_cpus" not in printed
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    cfg, _, _ = _apply(["trainer.device=cpu"])
+    assert sel(cfg, "ray_kwargs.ray_init.num_cpus") is None
+
+
 def _main_opd(*args, timeout=240):
     env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
     return subprocess.run(

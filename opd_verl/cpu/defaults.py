@@ -200,20 +200,27 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     # -- Ray and TransferQueue: fake GPUs for verl's placement groups, logical CPUs for its actors
     a.prefer("transfer_queue.backend.SimpleStorage.num_data_storage_units", 1, 8)
     n_gpus = int(a.get("trainer.n_gpus_per_node")) * int(a.get("trainer.nnodes") or 1)
-    need = required_ray_cpus(config)
-    a.prefer("ray_kwargs.ray_init.num_cpus", max(DEFAULT_RAY_CPUS, need), None)
-    a.prefer("ray_kwargs.ray_init.num_gpus", n_gpus, None)
-    # Ray's dashboard starts ~10 processes; on 2 cores it slows every start-up.
-    a.prefer("ray_kwargs.ray_init.include_dashboard", False, None)
+    # Joining a running cluster: its nodes bring their own resources (ray.init refuses num_cpus/num_gpus then).
+    if not joins_ray_cluster(config):
+        need = required_ray_cpus(config)
+        a.prefer("ray_kwargs.ray_init.num_cpus", max(DEFAULT_RAY_CPUS, need), None)
+        a.prefer("ray_kwargs.ray_init.num_gpus", n_gpus, None)
+        # Ray's dashboard starts ~10 processes; on 2 cores it slows every start-up.
+        a.prefer("ray_kwargs.ray_init.include_dashboard", False, None)
     check_ray_resources(config)
     return a.changes
 
 
+def joins_ray_cluster(config) -> bool:
+    """The driver connects to a running Ray cluster (ray_kwargs.ray_init.address or $RAY_ADDRESS)."""
+    return bool(OmegaConf.select(config, "ray_kwargs.ray_init.address", default=None) or os.environ.get("RAY_ADDRESS"))
+
+
 def check_ray_resources(config) -> None:
     """Raise OPDConfigError when Ray would start with fewer CPUs/GPUs than verl's placement groups need."""
-    ray_init = OmegaConf.select(config, "ray_kwargs.ray_init", default=None) or {}
-    if ray_init.get("address") or os.environ.get("RAY_ADDRESS"):
+    if joins_ray_cluster(config):
         return  # an existing cluster: its resources are not known here
+    ray_init = OmegaConf.select(config, "ray_kwargs.ray_init", default=None) or {}
     need = required_ray_cpus(config)
     num_cpus = ray_init.get("num_cpus")
     if num_cpus is not None and int(num_cpus) < need:
