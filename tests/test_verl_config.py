@@ -51,7 +51,9 @@ def test_missing_mandatory_value_is_named():
          r"ppo_mini_batch_size x actor_rollout_ref.rollout.n = 3 x 2 is not divisible by the 8"),
         (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"],
          r"per-GPU mini-batch .* = 8\) is not divisible by actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"),
-        (["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=3"],
+        (["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2", "actor_rollout_ref.model.use_remove_padding=False"],
+         r"ulysses_sequence_parallel_size=2 needs actor_rollout_ref.model.use_remove_padding=True"),
+        (["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=3", "actor_rollout_ref.model.use_remove_padding=True"],
          r"fsdp_config.ulysses_sequence_parallel_size=3 does not divide the 8 GPUs"),
         (["actor_rollout_ref.rollout.tensor_model_parallel_size=3"],
          r"tensor_model_parallel_size x data_parallel_size x pipeline_model_parallel_size = 3 does not divide the 8"),
@@ -66,7 +68,17 @@ def test_batch_arithmetic_errors_name_the_keys(overrides, message):
 
 def test_sequence_parallel_divides_the_data_parallel_size():
     # 8 GPUs / sp 2 = 4 data-parallel ranks: 16 x 4 / 4 = 16 per rank, micro 4 divides it
-    check_batch_arithmetic(_compose("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"))
+    check_batch_arithmetic(_compose("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+                                    "actor_rollout_ref.model.use_remove_padding=True"))
+
+
+def test_sequence_parallel_on_cpu_stops_before_ray():
+    """A CPU run forces use_remove_padding=False (no flash attention), which verl's Ulysses needs."""
+    result = run_main_opd("trainer.device=cpu", "trainer.n_gpus_per_node=2",
+                          "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
+                          "actor_rollout_ref.model.path=/nonexistent", "--cfg", "job")
+    assert result.returncode != 0
+    assert "needs actor_rollout_ref.model.use_remove_padding=True" in result.stderr, result.stderr[-2000:]
 
 
 def test_poll_interval():

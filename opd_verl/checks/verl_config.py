@@ -57,6 +57,11 @@ def check_batch_arithmetic(config: DictConfig) -> None:
         raise OPDConfigError(
             f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size={sp} does not divide the {world} GPUs "
             "(trainer.n_gpus_per_node x trainer.nnodes); choose a divisor")
+    if sp > 1 and not _sel(config, "actor_rollout_ref.model.use_remove_padding"):
+        raise OPDConfigError(
+            f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size={sp} needs actor_rollout_ref.model.use_remove_padding="
+            "True (verl asserts it once the models load); on CPU remove-padding is off (it needs flash attention), "
+            "so sequence parallel runs on GPUs only")
     dp = world // sp
     n = int(_sel(config, f"{ROLLOUT}.n"))
     train, mini = int(_sel(config, "data.train_batch_size")), int(_sel(config, f"{ACTOR}.ppo_mini_batch_size"))
