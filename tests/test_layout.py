@@ -1,5 +1,5 @@
-"""The import graph says what the layout says: the training core never imports the CPU support or the demo, the
-math imports no verl, and the CPU support is loaded only where a CPU run is possible."""
+"""The import graph says what the layout says: the training core and the patches of every platform never import the
+CPU support or the demo, the math imports no verl, and the CPU support is loaded only where a CPU run is possible."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "opd_verl"
 CORE = ("algorithms", "verl_ext", "checks")
+EVERY_PLATFORM = (*CORE, "patches")  # what a GPU run imports (opd_verl/patches: the patches of every platform)
 STDLIB_OK = {"__future__", "math", "typing", "collections", "dataclasses", "functools", "itertools"}
 
 
 def _imports(path: Path) -> list[str]:
-    """Every module imported anywhere in the file (function-level imports too)."""
+    """Every module imported anywhere in the file (function-level imports too; relative ones made absolute)."""
+    package = list(path.relative_to(PACKAGE.parent).parent.parts)  # e.g. ["opd_verl", "patches"]
     names = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            names.append(".".join([*base, *([node.module] if node.module else [])]))
     return names
 
 
@@ -28,8 +31,8 @@ def _modules(folder: str) -> list[Path]:
     return sorted((PACKAGE / folder).glob("*.py"))
 
 
-@pytest.mark.parametrize("path", [p for f in CORE for p in _modules(f)], ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_training_core_never_imports_cpu_support_or_demo(path):
+@pytest.mark.parametrize("path", [p for f in EVERY_PLATFORM for p in _modules(f)], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_training_core_and_patches_never_import_cpu_support_or_demo(path):
     bad = [m for m in _imports(path) if m.split(".")[:2] in (["opd_verl", "cpu"], ["opd_verl", "demo"])]
     assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: the GPU path must not touch CPU/demo code"
 
@@ -42,7 +45,7 @@ def test_algorithms_are_pure_torch(path):
 
 
 def test_each_core_folder_has_modules():
-    for folder in (*CORE, "cpu", "demo"):
+    for folder in (*EVERY_PLATFORM, "cpu", "cpu/patches", "demo"):
         assert _modules(folder), folder
 
 

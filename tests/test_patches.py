@@ -1,6 +1,7 @@
-"""Every patch in opd_verl/cpu/patches/ (the mechanism in __init__.py, the patches in its topic modules: vllm_cpu,
-distributed, weight_sync): the upstream code it relies on is unchanged (pinned source hashes and the exact lines used),
-and, where cheap, the patch does what it claims on CPU. Also the CPU platform.
+"""Every patch: the mechanism and the patches of every platform in opd_verl/patches/ (weight_sync), the CPU ones in
+opd_verl/cpu/patches/ (vllm_cpu, distributed): the upstream code each relies on is unchanged (pinned source hashes
+and the exact lines used), and, where cheap, the patch does what it claims, on CPU and, for the patches of every
+platform, on an emulated GPU platform too. Also the CPU platform.
 
 When an upstream pin fails after a verl/vLLM upgrade: read the new upstream code, check whether the patch is still
 needed and still right, then update the hash in the patch's topic module (PATCHES[name].pins; the failure names it).
@@ -9,16 +10,25 @@ needed and still right, then update the hash in the patch's topic module (PATCHE
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import os
 import socket
 import subprocess
 import sys
+import types
+
+from pathlib import Path
 
 import pytest
+from weight_sync_paths import socket_paths
 
 import verl  # noqa: F401  (loads the opd_verl plugin, which installs the patches)
-from opd_verl.cpu import patches
-from opd_verl.cpu.patches import vllm_cpu, weight_sync
+from opd_verl import patches
+from opd_verl.cpu import patches as cpu_patches
+from opd_verl.cpu.patches import vllm_cpu
+from opd_verl.patches import weight_sync
+
+EVERY_PLATFORM = ("weight_sync_fail_fast", "weight_sync_socket_per_ray_session")
 
 ALL_PINS = [(name, target, sha) for name, p in patches.PATCHES.items() for target, sha in p.pins.items()]
 
@@ -45,9 +55,14 @@ def test_every_patch_names_a_version_and_reason():
         "weight_sync_socket_per_ray_session",
     ]
     assert list(patches.PATCHES) == expected
-    assert list(patches.ORDER) == expected, "every patch is listed in patches.ORDER"
+    assert list(patches.ORDER) == expected, "every patch is listed in patches.ORDER or opd_verl.cpu.patches.ORDER"
+    assert list(cpu_patches.ORDER) + list(EVERY_PLATFORM) == expected
     for p in patches.PATCHES.values():
         assert p.package in ("verl", "vllm-cpu") and p.version and p.reason and p.pins
+        # the patches of every platform live in opd_verl.patches and are strict; the CPU ones in opd_verl.cpu.patches
+        every_platform = p.name in EVERY_PLATFORM
+        assert p.apply.__module__.startswith("opd_verl.patches." if every_platform else "opd_verl.cpu.patches."), p.name
+        assert p.strict == every_platform, p.name
 
 
 @pytest.mark.parametrize("name,target,sha", ALL_PINS, ids=[f"{n}:{t.split(':')[1]}" for n, t, _ in ALL_PINS])
@@ -61,7 +76,7 @@ def test_upstream_source_is_the_patched_version(name, target, sha):
 
 def test_installed_versions_are_the_targeted_ones():
     assert metadata.version("verl") == patches.VERL_VERSION
-    assert metadata.version("vllm-cpu") == patches.VLLM_CPU_VERSION
+    assert metadata.version("vllm-cpu") == cpu_patches.VLLM_CPU_VERSION
     for p in patches.PATCHES.values():
         assert metadata.version(p.package).split("+")[0] == p.version, p.name
 
@@ -277,71 +292,50 @@ def test_weight_sync_patch_installed():
     assert getattr(vllm_rollout.ServerAdapter._execute_method, patches._MARK, False)
 
 
-def _weight_sync_socket_paths(monkeypatch, session_name: str, job_id: str = "01000000", patched: bool = True):
-    """(sender path, receiver path) as verl 0.9.1 builds them in a Ray cluster with this session name and job id.
+def _emulate_gpu_platform(monkeypatch):
+    """What every "on CPU?" check of verl and opd_verl reads (get_platform().device_name) says "cuda" from now on."""
+    from verl.plugin.platform import platform_manager
+    from verl.plugin.platform.platform_cuda import PlatformCUDA
 
-    The sender is a real ServerAdapter, the receiver path comes from the real vLLMColocateWorkerExtension._get_zmq_handle
-    with the environment a real vLLMHttpServer.__init__ leaves for its engine; only Ray's runtime context is faked.
-    """
-    import types
+    monkeypatch.setattr(platform_manager, "_current_platform", PlatformCUDA())
+    from verl.plugin.platform import get_platform
 
-    import ray
+    assert get_platform().device_name == "cuda"
 
-    from verl.utils.device import get_visible_devices_keyword
-    from verl.workers.rollout.vllm_rollout import utils as vllm_utils
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_weight_sync_sender_fails_fast_on_every_platform(monkeypatch, platform):
+    from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
+
+    if platform == "cuda":
+        _emulate_gpu_platform(monkeypatch)
+    path = f"/tmp/opd-verl-test-sender-{os.getpid()}.sock"
+    sender = BucketedWeightSender(zmq_handle=f"ipc://{path}")
+    sender._init_socket()
+    try:
+        assert isinstance(sender.socket, weight_sync._FailFastSocket)
+    finally:
+        sender.socket.close(linger=0)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_weight_sync_socket_unique_per_ray_session(monkeypatch, platform):
+    """On every platform: sender and receiver use the same path, and two Ray clusters (both job 01000000) differ."""
     from verl.workers.rollout.vllm_rollout import vllm_async_server, vllm_rollout
 
-    context = types.SimpleNamespace(get_job_id=lambda: job_id, get_session_name=lambda: session_name)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
-    # set here so that monkeypatch restores what the server's __init__ writes into os.environ
-    for key in ("RANK", "RAY_LOCAL_WORLD_SIZE", "VERL_REPLICA_RANK", "VERL_RAY_JOB_ID", get_visible_devices_keyword()):
-        monkeypatch.setenv(key, "0")
-    monkeypatch.setenv("RAY_LOCAL_WORLD_SIZE", "1")
-    monkeypatch.delenv("VERL_ZMQ_BASE_TRAINER_RANK", raising=False)
-    config = types.SimpleNamespace(
-        tensor_model_parallel_size=1,
-        data_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        disaggregation=None,
-        layered_summon=False,
-        full_determinism=False,
-        profiler=None,
-    )
-
-    adapter_init = vllm_rollout.ServerAdapter.__init__
-    server_init = vllm_async_server.vLLMHttpServer.__init__
-    if not patched:
-        adapter_init, server_init = adapter_init.__wrapped__, server_init.__wrapped__
-
-    class Adapter(vllm_rollout.ServerAdapter):
-        __init__ = adapter_init
-
-    class Server(vllm_async_server.vLLMHttpServer):
-        __init__ = server_init
-
-        def _validate_configs(self):  # needs a real HF config; irrelevant here
-            pass
-
-    sender = Adapter(config, types.SimpleNamespace(), None).zmq_handle
-    # node_rank=1: no ports are opened
-    Server(config, types.SimpleNamespace(), None, [], replica_rank=0, node_rank=1, gpus_per_node=1, nnodes=1, cuda_visible_devices="")
-    worker = types.SimpleNamespace(local_rank=0, model_runner=None)  # vLLM's worker: no Ray, only the environment
-    receiver = vllm_utils.vLLMColocateWorkerExtension._get_zmq_handle(worker)
-    return sender, receiver
-
-
-def test_weight_sync_socket_unique_per_ray_session(monkeypatch):
-    from verl.workers.rollout.vllm_rollout import vllm_async_server, vllm_rollout
-
+    if platform == "cuda":
+        _emulate_gpu_platform(monkeypatch)
     assert patches.PATCHES["weight_sync_socket_per_ray_session"].applied
     assert getattr(vllm_rollout.ServerAdapter.__init__, patches._MARK, False)
     assert getattr(vllm_async_server.vLLMHttpServer.__init__, patches._MARK, False)
 
     session_a = "session_2026-11-29_13-00-00_123456_4242"
     session_b = "session_2026-11-29_13-00-01_654321_4343"
-    sender_a, receiver_a = _weight_sync_socket_paths(monkeypatch, session_a)
-    sender_b, receiver_b = _weight_sync_socket_paths(monkeypatch, session_b)
-    again_a, _ = _weight_sync_socket_paths(monkeypatch, session_a)
+    sender_a, receiver_a = socket_paths(monkeypatch, session_a)
+    sender_b, receiver_b = socket_paths(monkeypatch, session_b)
+    again_a, _ = socket_paths(monkeypatch, session_a)
     assert sender_a == receiver_a and sender_b == receiver_b, "both ends of the socket must use the same path"
     assert sender_a != sender_b, "two Ray clusters (same job id 01000000) must not share the socket"
     assert again_a == sender_a, "the path depends only on the Ray session and the job id"
@@ -353,19 +347,83 @@ def test_weight_sync_socket_unique_per_ray_session(monkeypatch):
 
 def test_weight_sync_socket_unpatched_is_shared_by_ray_sessions(monkeypatch):
     """Why the patch exists: upstream's path depends on the job id only, which every fresh Ray cluster numbers 01000000."""
-    sender_a, receiver_a = _weight_sync_socket_paths(monkeypatch, "session_a", patched=False)
-    sender_b, receiver_b = _weight_sync_socket_paths(monkeypatch, "session_b", patched=False)
+    sender_a, receiver_a = socket_paths(monkeypatch, "session_a", patched=False)
+    sender_b, receiver_b = socket_paths(monkeypatch, "session_b", patched=False)
     assert sender_a == receiver_a == sender_b == receiver_b == "ipc:///tmp/rl-colocate-zmq-01000000-replica-0-rank-0.sock"
 
 
-def test_weight_sync_socket_unchanged_off_cpu(monkeypatch):
-    monkeypatch.setattr(patches, "_on_cpu_platform", lambda: False)
-    sender, receiver = _weight_sync_socket_paths(monkeypatch, "session_a")
-    assert sender == receiver == "ipc:///tmp/rl-colocate-zmq-01000000-replica-0-rank-0.sock"
+def test_weight_sync_socket_session_from_older_ray(monkeypatch):
+    """Ray < late 2025 has no RuntimeContext.get_session_name (verl 0.9.1 allows Ray >= 2.41): the same name from
+    the attribute it returns."""
+    import ray
+
+    node = types.SimpleNamespace(session_name="session_old_ray")
+    monkeypatch.setattr(ray._private.worker.global_worker, "node", node, raising=False)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_job_id=lambda: "01000000"))
+    assert weight_sync._ray_job_and_session() == ("01000000", "session_old_ray")
+
+
+# A fresh interpreter that sees a CUDA build of torch (VERL_PLATFORM unset): the plugin loads no CPU support there,
+# as on a GPU machine. A vLLM distribution stands in for the GPU build (vllm-cpu installs its module as "vllm-cpu").
+_GPU_PROCESS = r"""
+import json, os, sys
+
+import pytest
+import torch
+
+torch.version.cuda = "12.4"  # what opd_verl.plugin.cpu_support_wanted reads: a CUDA build of torch
+import verl  # noqa: F401  (loads the plugin)
+from verl.plugin.platform import get_platform
+from verl.workers.rollout.vllm_rollout import vllm_async_server, vllm_rollout  # noqa: F401
+
+from opd_verl import patches
+from weight_sync_paths import socket_paths
+
+report = {
+    "platform": get_platform().device_name,
+    "cpu_support": sorted(m for m in sys.modules if m.startswith("opd_verl.cpu")),
+    "patches": {n: [p.applied, p.error] for n, p in patches.PATCHES.items()},
+}
+with pytest.MonkeyPatch.context() as mp:
+    report["a"] = socket_paths(mp, "session_2026-11-29_13-00-00_123456_4242")
+with pytest.MonkeyPatch.context() as mp:
+    report["b"] = socket_paths(mp, "session_2026-11-29_13-00-01_654321_4343")
+from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
+
+path = f"/tmp/opd-verl-test-gpu-sender-{os.getpid()}.sock"
+sender = BucketedWeightSender(zmq_handle="ipc://" + path)
+sender._init_socket()
+report["sender_socket"] = type(sender.socket).__name__
+sender.socket.close(linger=0)
+os.remove(path)
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_weight_sync_socket_patched_where_no_cpu_run_is_possible(tmp_path):
+    """The plugin installs the patches of every platform in a process that loads no CPU support (a GPU machine)."""
+    dist = tmp_path / f"vllm-{metadata.version('vllm-cpu')}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {metadata.version('vllm-cpu')}+cpu\n")
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", patches.DISABLE_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(tests), *filter(None, [env.get("PYTHONPATH")])])
+    out = subprocess.run([sys.executable, "-c", _GPU_PROCESS], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.split("REPORT ", 1)[1])
+    assert report["platform"] == "cuda"
+    assert report["cpu_support"] == [], "no CPU support where no CPU run is possible"
+    assert report["patches"] == {name: [True, None] for name in EVERY_PLATFORM}
+    (sender_a, receiver_a), (sender_b, receiver_b) = report["a"], report["b"]
+    assert sender_a == receiver_a and sender_b == receiver_b, "both ends of the socket must use the same path"
+    assert sender_a != sender_b, "two Ray clusters (same job id 01000000) must not share the socket"
+    suffix = weight_sync.colocate_zmq_job_id("01000000", "session_2026-11-29_13-00-00_123456_4242").split("-")[1]
+    assert sender_a == f"ipc:///tmp/rl-colocate-zmq-01000000-{suffix}-replica-0-rank-0.sock"
+    assert report["sender_socket"] == "_FailFastSocket"
 
 
 def test_disabled_patches_env():
-    code = "import verl; from opd_verl.cpu import patches; print(sorted(n for n, p in patches.PATCHES.items() if n in patches.disabled_patches()))"
+    code = "import verl; from opd_verl import patches; print(sorted(n for n, p in patches.PATCHES.items() if n in patches.disabled_patches()))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -431,6 +489,35 @@ def test_no_patch_failed_to_apply():
     failed = {n: p.error for n, p in patches.PATCHES.items() if p.error}
     assert not failed, failed
     assert all(p.applied for p in patches.PATCHES.values()), {n: p.applied for n, p in patches.PATCHES.items()}
+
+
+def test_a_strict_patch_is_not_applied_on_changed_upstream_code(monkeypatch):
+    """A patch of every platform runs on GPU too: on other upstream code it is skipped (verl's own behaviour)."""
+    calls = []
+    pins = {"verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.__init__": "0" * 64}
+    patch = patches.Patch("test_strict", "json", "verl", patches.VERL_VERSION, "test", pins, calls.append, strict=True)
+    monkeypatch.setitem(patches.PATCHES, "test_strict", patch)
+    patches._apply("test_strict", sys.modules["json"])
+    assert not patch.applied and not calls
+    assert "upstream changed, not applied" in patch.error and "ServerAdapter.__init__" in patch.error
+    # the same patch on the pinned code is applied
+    target = next(iter(pins))
+    patch.pins, patch.error = {target: patches.upstream_sha(target)}, None
+    patches._apply("test_strict", sys.modules["json"])
+    assert patch.applied and calls == [sys.modules["json"]] and patch.error is None
+
+
+def test_apply_is_idempotent_before_the_import(monkeypatch):
+    """The plugin applies twice where a CPU run is possible (opd_verl.cpu.activate, then the plugin): one hook."""
+    module = "opd_verl_test_module_never_imported"
+    patch = patches.Patch("test_hook_once", module, "verl", patches.VERL_VERSION, "test", {}, lambda m: None)
+    monkeypatch.setitem(patches.PATCHES, "test_hook_once", patch)
+    try:
+        patches.apply_import_time_patches()
+        patches.apply_import_time_patches()
+        assert patch.scheduled and len(patches._HOOKS[module]) == 1
+    finally:
+        patches._HOOKS.pop(module, None)
 
 
 def test_a_failing_patch_does_not_break_the_import(monkeypatch):

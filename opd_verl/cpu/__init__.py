@@ -4,8 +4,10 @@ defaults applied to the config. Loaded only where a CPU run is possible (see `op
 
 
 def activate() -> None:
-    """Install the patches (post-import hooks; each acts only on the CPU platform) and register the platform."""
-    from opd_verl.cpu import patches
+    """Register the CPU patches (each acts only on the CPU platform) ahead of those of every platform, install
+    every registered patch (post-import hooks, idempotent) and register the platform."""
+    from opd_verl import patches
+    from opd_verl.cpu import patches as cpu_patches  # noqa: F401  (registers the CPU patches)
 
     patches.apply_import_time_patches()
     from opd_verl.cpu import platform  # noqa: F401  (registers the "cpu" platform)

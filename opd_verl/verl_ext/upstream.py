@@ -3,7 +3,7 @@
 A mirrored function is our copy of verl's logic with a change (e.g. our trainer's `_compute_advantage` is verl's
 with the teacher's and the student's log-probs passed on). When verl changes the original, the copy is stale:
 tests/test_upstream_pins.py recomputes each hash from the installed verl and fails, naming the copy to revisit.
-The CPU patches (opd_verl.cpu.patches) pin their targets the same way, with these functions.
+The verl/vLLM patches (opd_verl.patches, opd_verl.cpu.patches) pin their targets the same way, with these functions.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from . import _MARK, _on_cpu_platform, _register, _wrap_once
+from opd_verl.patches import _MARK, _register, _wrap_once
+
+from . import _on_cpu_platform
 
 
 # --- verl 0.9.1: the process group backend. `initialize_global_process_group_ray` builds

