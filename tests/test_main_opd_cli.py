@@ -65,3 +65,8 @@ def test_missing_teacher_directory_is_reported(tmp_path):
         "algorithm.adv_estimator=opd", f"opd.teacher.path={tmp_path}/nope", "actor_rollout_ref.model.path=Qwen/Qwen2-0.5B"
     )
     _assert_one_line_error(result, f"opd.teacher.path={tmp_path}/nope does not exist")
+
+
+def test_removed_param_offload_is_reported_before_hydra_composes():
+    result = run_main_opd(*OPD, "opd.teacher.param_offload=true", "--cfg", "job")  # hydra alone: "Key not found"
+    _assert_one_line_error(result, "opd.teacher.param_offload was removed", "forward-only engine", "nothing to set")

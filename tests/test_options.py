@@ -221,3 +221,67 @@ def test_options_the_mode_reads_are_accepted(composed_config, estimator, loss_mo
         cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = loss_mode
     cfg["opd"].update(setting)
     validate_config(cfg)
+
+
+REMOVED_OFFLOAD = (r"opd.teacher.param_offload was removed: verl 0.9.1 always keeps a forward-only engine's "
+                   r"parameters \(the teacher's\) offloaded to CPU between passes; nothing to set")
+
+
+@pytest.mark.parametrize("override", ["opd.teacher.param_offload=true", "+opd.teacher.param_offload=false"])
+def test_removed_param_offload_override_says_why(override):
+    assert "param_offload" not in opd_defaults()["teacher"]
+    with pytest.raises(OPDConfigError, match=REMOVED_OFFLOAD):
+        check_override_keys([override])
+
+
+def test_removed_param_offload_in_a_composed_config_says_why(composed_config):
+    cfg = _opd_config(composed_config)
+    cfg["opd"]["teacher"]["param_offload"] = True  # e.g. from an old recipe YAML
+    with pytest.raises(OPDConfigError, match=REMOVED_OFFLOAD):
+        validate_config(cfg)
+    cfg = _opd_config(composed_config, teachers=[{"path": "/a", "param_offload": True}, {"path": "/b"}])
+    with pytest.raises(OPDConfigError, match=r"opd.teachers\[0\].param_offload was removed"):
+        validate_config(cfg)
+
+
+def test_teacher_model_options(composed_config):
+    cfg = _opd_config(composed_config)
+    cfg["opd"]["teacher"]["model"] = {"override_config": {"rope_theta": 1e6}, "trust_remote_code": True}
+    validate_config(cfg)
+    assert teacher_entries(cfg["opd"])[0]["model"] == cfg["opd"]["teacher"]["model"]
+    cfg["opd"]["teacher"]["model"] = {"use_ligr": True}
+    with pytest.raises(OPDConfigError, match=r"unknown key 'opd.teacher.model.use_ligr' \(not a verl HFModelConfig"):
+        validate_config(cfg)
+    cfg["opd"]["teacher"]["model"] = {"use_remove_padding": False}
+    with pytest.raises(OPDConfigError, match=r"opd.teacher.model.use_remove_padding cannot be set for a teacher: it "
+                                             r"follows actor_rollout_ref.model.use_remove_padding"):
+        validate_config(cfg)
+    cfg = _opd_config(composed_config, teachers=[{"path": "/a", "model": {"use_liger": True}},
+                                                 {"path": "/b", "model": {"lora_rank": 8}}])
+    with pytest.raises(OPDConfigError, match=r"opd.teachers\[1\].model.lora_rank cannot be set .* frozen"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("override,error", [
+    ("+opd.teacher.model.use_liger=true", None),
+    ("+opd.teacher.model.override_config.rope_theta=1e6", None),
+    ("+opd.teacher.model.use_remove_padding=false", "follows actor_rollout_ref.model.use_remove_padding"),
+    ("+opd.teacher.model.use_ligr=true", "unknown key 'opd.teacher.model.use_ligr'"),
+])
+def test_teacher_model_override_keys(override, error):
+    if error is None:
+        check_override_keys([override])
+    else:
+        with pytest.raises(OPDConfigError, match=re.escape(error)):
+            check_override_keys([override])
+
+
+def test_fused_kernels_teacher_is_an_error_where_its_logits_are_needed(composed_config):
+    cfg = _opd_config(composed_config, support="full")
+    cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "ppo_plus_distill"
+    cfg["opd"]["teacher"]["model"] = {"use_fused_kernels": True}
+    with pytest.raises(OPDConfigError, match=r"opd.teacher.model.use_fused_kernels=true: opd.support=full needs the "
+                                             r"teacher's logits"):
+        validate_config(cfg)
+    cfg["opd"]["support"] = "sampled"  # the reference pass needs the sampled tokens' log-probs only
+    validate_config(cfg)

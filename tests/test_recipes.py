@@ -69,7 +69,6 @@ SEEDS: dict[str, dict] = {
     "deepmath_qwen3_8b_base_from_qwen3_32b": {
         STUDENT: "Qwen/Qwen3-8B-Base",
         TEACHER: "Qwen/Qwen3-32B",
-        "opd.teacher.param_offload": True,
         "actor_rollout_ref.model.lora_rank": 128,
         "actor_rollout_ref.model.target_modules": "all-linear",
         N: 4,

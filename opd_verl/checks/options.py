@@ -6,7 +6,7 @@ Every check raises OPDConfigError with one line that names the key and the fix.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -21,7 +21,28 @@ DISTILL_LOSS_MODE = "ppo_plus_distill"
 DEPRECATED_DISTILL_LOSS_MODES = ("opd_distill",)
 DISTILL_LOSS_MODES = (DISTILL_LOSS_MODE, *DEPRECATED_DISTILL_LOSS_MODES)
 MULTI_TEACHER_MODES = ("mean_prob", "mean_logit", "route")
-TEACHER_ENTRY_KEYS = ("path", "weight", "data_source", "tokenizer_path")
+TEACHER_ENTRY_KEYS = ("path", "weight", "data_source", "tokenizer_path", "model")
+
+#: removed opd keys -> why (a one-line error before Hydra composes, and on a composed config, e.g. from a recipe)
+REMOVED_KEYS = {
+    "teacher.param_offload": "verl 0.9.1 always keeps a forward-only engine's parameters (the teacher's) offloaded to "
+    "CPU between passes; nothing to set, drop it",
+}
+#: HFModelConfig keys a teacher's `model:` may not set -> why
+_FROZEN = "the teacher is frozen (no LoRA): give it a merged model directory"
+_DERIVED = "verl derives it from the teacher's path"
+TEACHER_MODEL_FIXED = {
+    "use_remove_padding": "it follows actor_rollout_ref.model.use_remove_padding: the teacher scores the student's "
+    "packed tokens in the student's layout",
+    "path": "set the teacher's path (opd.teacher.path, or path: in its opd.teachers entry)",
+    "tokenizer_path": "set the teacher's tokenizer_path (opd.teacher.tokenizer_path, or in its opd.teachers entry)",
+    "model_type": "the teacher is a language model",
+    "mtp": "the teacher only scores tokens (MTP is off)",
+    **dict.fromkeys(("lora_rank", "lora_alpha", "lora", "lora_adapter_path", "target_modules", "target_parameters",
+                     "exclude_modules"), _FROZEN),
+    **dict.fromkeys(("local_path", "local_hf_config_path", "local_tokenizer_path", "hf_config", "generation_config",
+                     "tokenizer", "processor", "architectures"), _DERIVED),
+}
 
 
 class OPDConfigError(ValueError):
@@ -44,6 +65,8 @@ def _flat_keys(section: Mapping, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(key: str) -> OPDConfigError:
+    if key in REMOVED_KEYS:
+        return OPDConfigError(f"opd.{key} was removed: {REMOVED_KEYS[key]}")
     valid = ", ".join(k for k in _flat_keys(opd_defaults()))
     return OPDConfigError(f"unknown key 'opd.{key}'; valid opd keys: {valid}")
 
@@ -62,6 +85,9 @@ def check_override_keys(overrides: list[str]) -> None:
         # opd.teachers.0.path style keys address list entries of `teachers`
         if key.startswith("teachers."):
             continue
+        if key.startswith("teacher.model."):  # opd.teacher.model.<HFModelConfig key>[.<sub key>]
+            check_teacher_model({key.split(".")[2]: None}, "opd.teacher.model")
+            continue
         if key not in valid:
             raise _unknown_key_error(key)
 
@@ -72,6 +98,8 @@ def check_unknown_keys(section: Mapping, schema: Mapping | None = None, prefix: 
     for key, value in section.items():
         if key not in schema:
             raise _unknown_key_error(prefix + str(key))
+        if prefix + key == "teacher.model":  # verl's model keys, checked by check_teacher_model
+            continue
         if isinstance(schema[key], Mapping) and isinstance(value, Mapping):
             check_unknown_keys(value, schema[key], prefix + key + ".")
 
@@ -81,8 +109,44 @@ def _choice(opd: Mapping, key: str, choices: tuple[str, ...]) -> None:
         raise OPDConfigError(f"opd.{key}={opd[key]!r} is not one of {', '.join(choices)}; set opd.{key}=<one of them>")
 
 
+def _plain(value: Any) -> Any:
+    """A plain dict/list copy of a (possibly OmegaConf) mapping or list."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_teacher_model(model: Mapping, key: str) -> None:
+    """A teacher's `model:` mapping: verl's HFModelConfig keys, but none of TEACHER_MODEL_FIXED."""
+    if not model:
+        return
+    import dataclasses
+
+    from verl.workers.config.model import HFModelConfig
+
+    valid = {f.name for f in dataclasses.fields(HFModelConfig)}
+    for name in model:
+        if name in TEACHER_MODEL_FIXED:
+            raise OPDConfigError(f"{key}.{name} cannot be set for a teacher: {TEACHER_MODEL_FIXED[name]}")
+        if name not in valid:
+            settable = ", ".join(sorted(valid - set(TEACHER_MODEL_FIXED)))
+            raise OPDConfigError(f"unknown key '{key}.{name}' (not a verl HFModelConfig key); valid: {settable}")
+
+
+def _teacher_model(model: Any, key: str) -> dict[str, Any]:
+    if model is None:
+        return {}
+    if not isinstance(model, Mapping):
+        raise OPDConfigError(f"{key} must be a mapping of verl model keys, e.g. {{override_config: {{...}}}}")
+    check_teacher_model(model, key)
+    return _plain(model)
+
+
 def teacher_entries(opd: Mapping) -> list[dict[str, Any]]:
-    """The configured teachers as a list of {path, weight, data_source, tokenizer_path} (empty if none)."""
+    """The configured teachers as a list of {path, weight, data_source, tokenizer_path, model} (empty if none);
+    `model` is the teacher's own verl model options (checked by check_teacher_model)."""
     if opd.get("teachers"):
         entries = []
         for i, entry in enumerate(opd["teachers"]):
@@ -91,6 +155,10 @@ def teacher_entries(opd: Mapping) -> list[dict[str, Any]]:
             if not isinstance(entry, Mapping) or not entry.get("path"):
                 raise OPDConfigError(f"opd.teachers[{i}] has no path; write each teacher as {{path: ..., weight: 1.0}}")
             extra = set(entry) - set(TEACHER_ENTRY_KEYS)
+            if "param_offload" in extra:
+                raise OPDConfigError(
+                    f"opd.teachers[{i}].param_offload was removed: {REMOVED_KEYS['teacher.param_offload']}"
+                )
             if extra:
                 raise OPDConfigError(
                     f"opd.teachers[{i}] has unknown key(s) {sorted(extra)}; valid: {', '.join(TEACHER_ENTRY_KEYS)}"
@@ -101,6 +169,7 @@ def teacher_entries(opd: Mapping) -> list[dict[str, Any]]:
                     "weight": float(entry.get("weight", 1.0)),
                     "data_source": entry.get("data_source"),
                     "tokenizer_path": entry.get("tokenizer_path"),
+                    "model": _teacher_model(entry.get("model"), f"opd.teachers[{i}].model"),
                 }
             )
         return entries
@@ -112,6 +181,7 @@ def teacher_entries(opd: Mapping) -> list[dict[str, Any]]:
                 "weight": 1.0,
                 "data_source": None,
                 "tokenizer_path": teacher.get("tokenizer_path"),
+                "model": _teacher_model(teacher.get("model"), "opd.teacher.model"),
             }
         ]
     return []
@@ -286,6 +356,16 @@ def validate_config(config: Mapping) -> None:
         )
     check_unread_options(config)
     check_support_combinations(opd)
+    # verl's fused kernels return log-probs only, no logits: not for the loss-level pass over topk|full (which also
+    # covers the mean_logit mixture, valid only there)
+    if uses_distill_loss(config) and opd["support"] != "sampled":
+        for i, entry in enumerate(teacher_entries(opd)):
+            if entry["model"].get("use_fused_kernels"):
+                key = f"opd.teachers[{i}].model" if opd.get("teachers") else "opd.teacher.model"
+                raise OPDConfigError(
+                    f"{key}.use_fused_kernels=true: opd.support={opd['support']} needs the teacher's logits, which "
+                    f"fused kernels never materialise; drop {key}.use_fused_kernels"
+                )
     model = config["actor_rollout_ref"]["model"]
     lora_rank = model.get("lora_rank") or (model.get("lora") or {}).get("rank") or 0
     if (lora_rank > 0 or model.get("lora_adapter_path")) and any(

@@ -99,7 +99,8 @@ def run_preflight(config: Mapping) -> list[str]:
             reports.append(f"preflight: {teacher['path']} is not local; vocabulary and template checks are skipped")
             continue
         student_tok = student_tok or _load_tokenizer(student_tok_path, trust)
-        teacher_tok = _load_tokenizer(teacher.get("tokenizer_path") or teacher["path"], trust)
+        teacher_trust = bool(teacher["model"].get("trust_remote_code", False))  # the teacher's own (opd.teacher.model)
+        teacher_tok = _load_tokenizer(teacher.get("tokenizer_path") or teacher["path"], teacher_trust)
         problem = compare_vocabularies(student_tok, teacher_tok, student_path, teacher["path"])
         if problem:
             raise OPDConfigError(problem)

@@ -1,47 +1,47 @@
 """The teacher in the reference role of verl's actor/rollout/ref worker (verl extension point: the worker class).
 
 Targets verl 0.9.1 `verl/workers/engine_workers.py::ActorRolloutRefWorker`. verl builds the reference from a
-deep copy of the actor's model config; this subclass builds it from the teacher's instead, colocated in the same
-worker group (no separate pool). Overridden worker methods carry verl's `@register` markers again (without them
-the worker group has no such method).
+deep copy of the actor's model config; this subclass builds it from the teacher's own (teacher_model_config) instead,
+colocated in the same worker group (no separate pool). Overridden worker methods carry verl's decorators again, in
+verl's order: `@register` (without it the worker group has no such method), the profiler's `DistProfiler.annotate`
+and the MoE router-replay flag `_with_routing_replay_flag`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import ExitStack, nullcontext
-from copy import deepcopy
 from functools import partial
+from importlib import resources
 
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
 from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
-from verl.workers.config import ActorConfig, TrainingWorkerConfig
-from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+from verl.utils.profiler import DistProfiler
+from verl.workers.config import ActorConfig, HFModelConfig, TrainingWorkerConfig
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker, _with_routing_replay_flag
 
 from opd_verl.algorithms.teachers import mean_logit_label_log_probs, mix_log_probs, route_rows
 from opd_verl.checks.options import DISTILL_LOSS_MODES, route_table, route_teacher_indices
 from opd_verl.plugin import require_plugin_loaded
 
 
-def teacher_model_config(model_config, teacher: dict):
-    """The student's model config (OmegaConf) with the teacher's path and no LoRA: the teacher is frozen."""
-    cfg = deepcopy(model_config)
-    with open_dict(cfg):
-        cfg.path = teacher["path"]
-        cfg.tokenizer_path = teacher.get("tokenizer_path") or teacher["path"]
-        cfg.lora_rank = 0
-        cfg.lora = {}
-        cfg.lora_adapter_path = None
-        cfg.local_path = None
-        cfg.hf_config_path = None
-        cfg.local_hf_config_path = None
-        cfg.local_tokenizer_path = None
-    model = omega_conf_to_dataclass(cfg)
-    model.mtp = dataclasses.replace(model.mtp, enable=False)
-    return model
+def teacher_model_config(model_config, teacher: dict) -> HFModelConfig:
+    """The teacher's HFModelConfig: verl's defaults (the hf_model section verl composes the student's from), what
+    the teacher shares with the student (`model_config`, OmegaConf), then the teacher's own `model:` options.
+
+    Shared: use_remove_padding (the reference pass and the loss-level pass feed the teacher the student's packed
+    layout), and override_config.attn_implementation unless the teacher sets it (the attention must handle that
+    layout; the CPU defaults set sdpa on the student). Nothing else of the student's carries over (its
+    override_config, use_liger, use_fused_kernels, custom_chat_template, trust_remote_code, LoRA, MTP, ...)."""
+    defaults = OmegaConf.load(resources.files("verl.trainer.config").joinpath("model/hf_model.yaml"))
+    shared = {"use_remove_padding": model_config.get("use_remove_padding", True)}
+    attn = OmegaConf.select(model_config, "override_config.attn_implementation", default=None)
+    if attn is not None:
+        shared["override_config"] = {"attn_implementation": attn}
+    own = {"path": teacher["path"], "tokenizer_path": teacher.get("tokenizer_path") or teacher["path"]}
+    return omega_conf_to_dataclass(OmegaConf.merge(defaults, shared, own, teacher.get("model") or {}))
 
 
 class OPDWorker(ActorRolloutRefWorker):
@@ -66,8 +66,6 @@ class OPDWorker(ActorRolloutRefWorker):
             self._ref_keys_renamed = True
         ref_config: ActorConfig = omega_conf_to_dataclass(self.config.ref)
         ref_config.model_config = teacher_model_config(self.config.model, teacher)
-        if self.opd_options.get("teacher", {}).get("param_offload"):
-            ref_config.engine.param_offload = True
         training_config = TrainingWorkerConfig(
             model_type=ref_config.model_config.get("model_type", "language_model"),
             model_config=ref_config.model_config,
@@ -122,6 +120,8 @@ class OPDWorker(ActorRolloutRefWorker):
         return torch.tensor(route_teacher_indices(sources, route_table(self.teacher_entries)))
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="ref"))
+    @DistProfiler.annotate(color="olive", role="ref_compute_log_prob")
+    @_with_routing_replay_flag(enabled=False)
     def compute_ref_log_prob(self, data):
         """The teachers' log-probs of the sampled tokens (at the rollout temperature, as verl's reference pass):
         one teacher, the weighted mean of the teachers' probabilities (mean_prob), the token under the mean of
@@ -147,6 +147,8 @@ class OPDWorker(ActorRolloutRefWorker):
         return outputs[0].cpu()
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    @DistProfiler.annotate(color="red", role="actor_update", scheduled=True)
+    @_with_routing_replay_flag(enabled=True)
     def update_actor(self, data):
         if self._uses_distill_loss() and self.opd_options["support"] in ("topk", "full"):
             # verl calls the loss as a logits processor (with the student's logits) only under this flag.
@@ -219,9 +221,11 @@ class OPDWorker(ActorRolloutRefWorker):
         """Reference pass of multi_teacher_mode=mean_logit: log_softmax(Σ w_k z_k / T) at the sampled tokens.
 
         verl's engine returns log-probs of one model only; the mixture needs every teacher's logits at once. The
-        first teacher's infer_batch runs with a logits processor (verl's `distillation_use_topk` hook, which hands
-        it the packed logits, divided by T, per micro-batch); the processor runs the other teachers' forwards on
-        the same micro-batch (as the loss-level pass does) and returns the mixture's log-probs as a model output.
+        first teacher's infer_batch runs with a logits processor (verl's `distillation_use_topk` hook: infer_batch
+        passes the loss_fn on under compute_loss, and FSDPEngineWithLMHead.prepare_model_outputs hands it the packed
+        logits, divided by T, per micro-batch; both pinned in upstream.MIRRORS); the processor runs the other
+        teachers' forwards on the same micro-batch (as the loss-level pass does) and returns the mixture's log-probs
+        as a model output.
         Micro-batching, dynamic batch sizes and the output layout stay verl's."""
         first, others = self.teachers[0], self.teachers[1:]
         mean_logit_processor = self._mean_logit_processor()
@@ -247,8 +251,8 @@ class OPDWorker(ActorRolloutRefWorker):
         if MEAN_LOGIT_REF_KEY not in output.keys():
             raise RuntimeError(
                 "opd_verl: multi_teacher_mode=mean_logit needs the teachers' logits in the reference pass, which "
-                "verl's engine does not materialise with use_fused_kernels=True; set "
-                "actor_rollout_ref.model.use_fused_kernels=False or opd.multi_teacher_mode=mean_prob"
+                "verl's engine does not materialise with use_fused_kernels=True; drop the first teacher's "
+                "model.use_fused_kernels, or set opd.multi_teacher_mode=mean_prob"
             )
         output["log_probs"] = output.pop(MEAN_LOGIT_REF_KEY)
         return output.cpu()

@@ -27,6 +27,24 @@ MIRRORS = {
     "opd_verl.verl_ext.distill_actor_loss:packed_logits": (
         "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.prepare_model_outputs",
         "06c245b398a0a84f51e9c78943d6000d9b9a102ba1360206a31f423a1999ea41"),
+    # verl's decorators (register, DistProfiler.annotate, _with_routing_replay_flag) are part of the pinned source
+    "opd_verl.verl_ext.teacher_worker:OPDWorker.compute_ref_log_prob": (
+        "verl.workers.engine_workers:ActorRolloutRefWorker.compute_ref_log_prob",
+        "cacc385584fe9ccdcd6377f73e243c46bf50ca6e6f13f54c52c6455d3fde43d0"),
+    "opd_verl.verl_ext.teacher_worker:OPDWorker.update_actor": (
+        "verl.workers.engine_workers:ActorRolloutRefWorker.update_actor",
+        "b1e5116ae95cea37a6e1721e43c136dbf0be07df5942b2083727e04e248e00e2"),
+    # the mean_logit reference pass rides verl's `distillation_use_topk` logits-processor hook: infer_batch hands
+    # the loss_fn (compute_loss) to the engine, whose prepare_model_outputs calls it with the packed logits
+    "opd_verl.verl_ext.teacher_worker:OPDWorker._mean_logit_ref_log_prob": (
+        "verl.workers.engine_workers:TrainingWorker.infer_batch",
+        "41993faddd1d61776c983606fb455c626dddd218a69c35bd3a351c6c0c06792f"),
+    "opd_verl.verl_ext.teacher_worker:OPDWorker._mean_logit_processor": (
+        "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.prepare_model_outputs",
+        "06c245b398a0a84f51e9c78943d6000d9b9a102ba1360206a31f423a1999ea41"),
+    "opd_verl.verl_ext.teacher_worker:OPDWorker._teacher_forward": (
+        "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.forward_step",
+        "dc1a472be40ea7b8e6da4be553dfb3881e15d60dc5e098c809dfe6ea7725643b"),
 }
 
 
