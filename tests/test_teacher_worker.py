@@ -137,3 +137,18 @@ def test_worker_methods_keep_verls_profiler_and_routing_replay_decorators(method
     recorder = _Recorder()
     getattr(OPDWorker, method)(_worker(recorder, routing_replay=False), _data())
     assert recorder.flags == [None]
+
+
+def test_the_teacher_is_profiled_as_verls_reference(composed_config):
+    """verl 0.9.1 builds its reference worker's profiler config from actor_rollout_ref.ref.profiler; the teacher's
+    TrainingWorker gets the same (it had profiler_config=None)."""
+    from verl.utils.profiler import ProfilerConfig
+
+    from opd_verl.verl_ext.teacher_worker import ref_profiler_config
+
+    ref = OmegaConf.create(composed_config()["actor_rollout_ref"]["ref"])
+    assert ref.get("profiler"), "verl's config has a ref.profiler section"
+    config = ref_profiler_config(ref)
+    assert isinstance(config, ProfilerConfig)
+    assert config.tool == ref.profiler.tool
+    assert ref_profiler_config(OmegaConf.create({})) is None

@@ -44,6 +44,13 @@ def teacher_model_config(model_config, teacher: dict) -> HFModelConfig:
     return omega_conf_to_dataclass(OmegaConf.merge(defaults, shared, own, teacher.get("model") or {}))
 
 
+def ref_profiler_config(ref_section):
+    """The reference role's profiler config (`actor_rollout_ref.ref.profiler`) as verl 0.9.1's init_model builds it
+    for its reference worker, so the teacher is profiled where verl's reference would be."""
+    section = ref_section.get("profiler", {})
+    return omega_conf_to_dataclass(section) if section else None
+
+
 class OPDWorker(ActorRolloutRefWorker):
     """ActorRolloutRefWorker whose reference is the teacher (or several), and whose actor loss may distil."""
 
@@ -72,7 +79,7 @@ class OPDWorker(ActorRolloutRefWorker):
             engine_config=ref_config.engine,
             optimizer_config=ref_config.optim,
             checkpoint_config=ref_config.checkpoint,
-            profiler_config=None,
+            profiler_config=ref_profiler_config(self.config.ref),
         )
         training_config.engine_config.use_dynamic_bsz = self.config.ref.use_dynamic_bsz
         training_config.engine_config.infer_max_token_len_per_gpu = self.config.ref.ppo_max_token_len_per_gpu
