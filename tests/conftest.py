@@ -1,11 +1,21 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests never contact the Hugging Face hub and never read the user's cache: the preflight reads hub names'
+# tokenizers (opd_verl.checks.preflight), so hub names in tests (Qwen/Qwen2-7B, ...) resolve offline against an empty
+# cache and are skipped. Set before anything imports huggingface_hub (it reads these once), inherited by subprocesses.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = EMPTY_HF_HUB_CACHE = tempfile.mkdtemp(prefix="opd_verl_tests_hf_hub_")
+atexit.register(shutil.rmtree, EMPTY_HF_HUB_CACHE, ignore_errors=True)
 
 
 def run_main_opd(*overrides: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Teacher-vs-student checks before any model loads (opd_verl.checks.preflight), on tiny tokenizers and model dirs."""
+"""Teacher-vs-student checks before any model loads (opd_verl.checks.preflight, and its CLI opd_verl.preflight), on
+tiny tokenizers: model dirs, and hub names in a Hugging Face cache built here (offline; no hub is ever contacted)."""
 
 import pytest
 
@@ -95,3 +96,223 @@ def test_main_opd_stops_on_a_vocabulary_mismatch_before_training(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("opd_verl: error:")]
     assert len(errors) == 1 and "different vocabularies" in errors[0] and teacher in errors[0], result.stderr
     assert "ray init" not in result.stdout
+
+
+# ---- hub names (issue 13): read from the Hugging Face cache (tokenizer files and config.json only), else skipped ----
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+OTHER_VOCAB = "0123456789 +-=\n"
+
+
+def _cache_hub_model(hub_cache, name, tokenizer=None, vocab_multiple=64):
+    """`name` as huggingface_hub caches it (models--org--name/refs/main -> snapshots/<rev>/), with the tokenizer
+    files and config.json only: no weights, so a preflight that needed them would fail."""
+    repo = hub_cache / ("models--" + name.replace("/", "--"))
+    snapshot = repo / "snapshots" / REV
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(REV)
+    tokenizer = tokenizer or build_tokenizer()
+    tokenizer.save_pretrained(snapshot)
+    build_qwen2(tokenizer, hidden_size=64, num_layers=1, vocab_multiple=vocab_multiple).config.save_pretrained(snapshot)
+    assert not [f for f in snapshot.iterdir() if f.suffix in (".safetensors", ".bin")]
+    return name
+
+
+def _hub_env(tmp_path):
+    """A subprocess that is offline with tmp_path/hf as its Hugging Face home and cache."""
+    (tmp_path / "hf" / "hub").mkdir(parents=True, exist_ok=True)
+    return {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1"}
+
+
+def _preflight_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith(("opd_verl: preflight:", "opd_verl: error:"))]
+
+
+def test_the_suite_is_offline_on_an_empty_hub_cache():
+    """conftest makes every test offline (no hub contact) and hides the user's cache (hub names resolve to nothing)."""
+    from huggingface_hub import constants
+
+    from conftest import EMPTY_HF_HUB_CACHE
+
+    assert constants.HF_HUB_OFFLINE and constants.HF_HUB_CACHE == EMPTY_HF_HUB_CACHE
+
+
+def test_hub_names_from_the_cache_are_checked_before_training(tmp_path):
+    """main_opd with hub names (as every GPU recipe has) reads their tokenizers from the HF cache: a vocabulary
+    mismatch stops the run, offline and without weights."""
+    from conftest import run_main_opd
+
+    env = _hub_env(tmp_path)
+    hub = tmp_path / "hf" / "hub"
+    student = _cache_hub_model(hub, "tiny-org/student")
+    teacher = _cache_hub_model(hub, "tiny-org/teacher-other-vocab", build_tokenizer(vocab_chars=OTHER_VOCAB))
+    result = run_main_opd(
+        "algorithm.adv_estimator=opd",
+        f"actor_rollout_ref.model.path={student}",
+        f"opd.teacher.path={teacher}",
+        "--cfg",
+        "job",
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = _preflight_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("opd_verl: error:"), result.stderr
+    assert "different vocabularies" in lines[0] and student in lines[0] and teacher in lines[0]
+
+
+def test_each_hub_teacher_is_checked_with_its_tokenizer_path(tmp_path):
+    """opd.teachers: every teacher is checked; a teacher's tokenizer_path (a hub name too) is the tokenizer used."""
+    from conftest import run_main_opd
+
+    env = _hub_env(tmp_path)
+    hub = tmp_path / "hf" / "hub"
+    student = _cache_hub_model(hub, "tiny-org/student")
+    same = _cache_hub_model(hub, "tiny-org/teacher", vocab_multiple=256)
+    other = _cache_hub_model(hub, "tiny-org/teacher-other-vocab", build_tokenizer(vocab_chars=OTHER_VOCAB))
+    teachers = f"opd.teachers=[{{path:'{same}'}},{{path:'{other}',tokenizer_path:'{same}'}}]"
+    result = run_main_opd(
+        "algorithm.adv_estimator=opd", f"actor_rollout_ref.model.path={student}", teachers, "--cfg", "job", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = _preflight_lines(result.stderr)
+    assert f"opd_verl: preflight: teacher {same} matches the student's vocabulary and chat template" in lines, lines
+    assert f"opd_verl: preflight: teacher {other} matches the student's vocabulary and chat template" in lines, lines
+    assert any("embedding sizes differ (student 128, teacher 256)" in line for line in lines), lines
+    teachers = f"opd.teachers=[{{path:'{same}'}},{{path:'{other}'}}]"  # without its tokenizer_path: caught
+    result = run_main_opd(
+        "algorithm.adv_estimator=opd", f"actor_rollout_ref.model.path={student}", teachers, "--cfg", "job", env=env
+    )
+    assert result.returncode == 2 and f"teacher {other} and student {student} have different" in result.stderr
+
+
+def test_uncached_hub_name_offline_is_one_skip_line_with_the_command(tmp_path):
+    """Offline (conftest) with an empty cache: not an error; one line with the reason and the command that runs
+    the checks, which carries the teacher's tokenizer_path and trust_remote_code."""
+    student = _model_dir(tmp_path / "s")
+    reports = run_preflight(_config(student, "nobody/uncached-teacher"))
+    assert len(reports) == 1, reports
+    line = reports[0]
+    assert "checks of teacher nobody/uncached-teacher against student" in line and "skipped" in line, line
+    assert "offline (HF_HUB_OFFLINE=1)" in line and "not in the Hugging Face cache" in line, line
+    assert line.endswith(f"python -m opd_verl.preflight --teacher nobody/uncached-teacher --student {student}"), line
+    config = _config(student, "nobody/uncached-teacher")
+    config["opd"]["teacher"].update(tokenizer_path="nobody/tok", model={"trust_remote_code": True})
+    (line,) = run_preflight(config)
+    assert line.endswith(
+        f"python -m opd_verl.preflight --teacher nobody/uncached-teacher --student {student} "
+        "--teacher-tokenizer nobody/tok --trust-remote-code"
+    ), line
+
+
+def test_unreachable_or_unknown_hub_names_are_skipped_with_the_reason(tmp_path, monkeypatch):
+    """Online but the hub cannot be reached / has no such repository: skipped with that reason (the request is
+    faked: nothing leaves this machine)."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    not_found = httpx.Response(404, request=httpx.Request("HEAD", "https://huggingface.co/nobody/teacher"))
+    errors = iter([httpx.ConnectError("[Errno -2] Name or service not known"), RepositoryNotFoundError("404", response=not_found)])
+
+    def head(url, *args, **kwargs):
+        raise next(errors)
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", head)
+    student = _model_dir(tmp_path / "s")
+    (line,) = run_preflight(_config(student, "nobody/teacher"))
+    assert "skipped: the hub cannot be reached for nobody/teacher (ConnectError: [Errno -2]" in line, line
+    (line,) = run_preflight(_config(student, "nobody/teacher"))
+    assert "skipped: nobody/teacher is not on the hub, or is private and this machine has no token for it" in line
+
+
+def test_hub_names_use_each_models_tokenizer_and_trust_remote_code(tmp_path, monkeypatch):
+    """The student's model.trust_remote_code and tokenizer_path, the teacher's own (opd.teacher.model): hub names are
+    loaded with them (the loads are faked here)."""
+    from opd_verl.checks import preflight
+
+    calls = []
+
+    def load_tokenizer(path, trust_remote_code):
+        calls.append((path, trust_remote_code))
+        return build_tokenizer()
+
+    monkeypatch.setattr(preflight, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(preflight, "vocab_size", lambda path: 128)
+    config = _config("org/student", "org/teacher")
+    config["actor_rollout_ref"]["model"].update(tokenizer_path="org/student-tok", trust_remote_code=False)
+    config["opd"]["teacher"].update(tokenizer_path="org/teacher-tok", model={"trust_remote_code": True})
+    reports = run_preflight(config)
+    assert reports == ["preflight: teacher org/teacher matches the student's vocabulary and chat template"]
+    assert calls == [("org/student-tok", False), ("org/teacher-tok", True)]
+
+
+def _run_cli(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    return subprocess.run(
+        [sys.executable, "-m", "opd_verl.preflight", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_cli_match_on_hub_names_from_the_cache(tmp_path):
+    env = _hub_env(tmp_path)
+    hub = tmp_path / "hf" / "hub"
+    student, teacher = _cache_hub_model(hub, "tiny-org/student"), _cache_hub_model(hub, "tiny-org/teacher")
+    result = _run_cli("--teacher", teacher, "--student", student, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"opd_verl: preflight: teacher {teacher} matches the student's vocabulary and chat template"
+    ], result.stdout
+    assert "opd_verl: error" not in result.stderr
+
+
+def test_cli_mismatch_is_one_error_line_and_a_nonzero_exit(tmp_path):
+    other = build_tokenizer()
+    other.chat_template = CHAT_TEMPLATE.replace("<|im_start|>assistant", "<|im_start|>bot")
+    student, teacher = _model_dir(tmp_path / "s"), _model_dir(tmp_path / "t", other)
+    result = _run_cli("--teacher", teacher, "--student", student)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("opd_verl: error:")]
+    assert len(errors) == 1 and "render the same prompt differently" in errors[0], result.stderr
+    assert errors[0].endswith("set --allow-template-mismatch if that is intended"), errors[0]
+    assert "matches" not in result.stdout
+
+
+def test_cli_allow_template_mismatch_and_tokenizer_flags(tmp_path, capsys):
+    from opd_verl.preflight import main
+
+    other = build_tokenizer()
+    other.chat_template = CHAT_TEMPLATE.replace("<|im_start|>assistant", "<|im_start|>bot")
+    student, teacher = _model_dir(tmp_path / "s"), _model_dir(tmp_path / "t", other)
+    capsys.readouterr()
+    assert main(["--teacher", teacher, "--student", student, "--allow-template-mismatch"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "opd_verl: preflight: chat templates differ (allowed by --allow-template-mismatch)", out
+    assert out[-1].endswith("matches the student's vocabulary and chat template")
+    assert main(["--teacher", teacher, "--student", student, "--teacher-tokenizer", student]) == 0  # its tokenizer
+    capsys.readouterr()
+
+
+def test_cli_cannot_run_offline_without_the_files(tmp_path, capsys):
+    from opd_verl.preflight import EXIT_UNAVAILABLE, main
+
+    student = _model_dir(tmp_path / "s")
+    capsys.readouterr()
+    assert main(["--teacher", "nobody/uncached", "--student", student]) == EXIT_UNAVAILABLE
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert line.startswith("opd_verl: error: preflight could not run: offline (HF_HUB_OFFLINE=1)"), line
+    assert "not in the Hugging Face cache" in line and not captured.out

@@ -1,13 +1,19 @@
 """Checks of teacher against student before any model loads: paths, vocabularies, chat templates.
 
-Only tokenizers and config.json files are read. Each failure is one line naming both models and the fix.
+Only tokenizers and config.json files are read (never weights): from a local directory, or for a hub name
+(`Qwen/Qwen2-7B-Instruct`) through transformers from the Hugging Face cache, else downloaded from the hub.
+When a hub model's files cannot be had (offline and not cached, hub unreachable, not found), the checks of that
+teacher are skipped with one line saying why and the command that runs them (`python -m opd_verl.preflight`).
+Each failure is one line naming both models and the fix.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import shlex
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from opd_verl.checks.options import OPDConfigError, teacher_entries
 
@@ -15,6 +21,13 @@ PROBE_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is 12 + 30? Answer after ####."},
 ]
+#: what to set to allow templates that render differently, in the trainer's config (the CLI says its flag)
+ALLOW_TEMPLATE_MISMATCH = "opd.preflight.allow_template_mismatch=true"
+CLI = "python -m opd_verl.preflight"
+
+
+class FilesUnavailable(Exception):
+    """A hub model's tokenizer or config.json cannot be had here; the message is the reason (one line)."""
 
 
 def _is_local_model_path(path: str) -> bool:
@@ -23,7 +36,7 @@ def _is_local_model_path(path: str) -> bool:
 
 
 def check_model_path(path: str, key: str) -> None:
-    """A local model path must be a readable directory with a config.json (hub names are checked on load)."""
+    """A local model path must be a readable directory with a config.json (hub names are read by the preflight)."""
     if not _is_local_model_path(path):
         return
     path = os.path.expanduser(path)
@@ -33,19 +46,105 @@ def check_model_path(path: str, key: str) -> None:
         raise OPDConfigError(f"{key}={path} has no readable config.json; point it at a Hugging Face model directory")
 
 
-def _vocab_size(path: str) -> int | None:
-    config_file = os.path.join(os.path.expanduser(path), "config.json")
-    if not os.path.isfile(config_file):
+def check_tokenizer_path(path: str | None, key: str) -> None:
+    """A local tokenizer path must be a directory."""
+    if path and _is_local_model_path(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise OPDConfigError(f"{key}={path} does not exist; point it at a tokenizer directory")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
+    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_unreachable(name: str, filename: str) -> str | None:
+    """Why `name` cannot be fetched from the hub (one HEAD request, no retries), or None when it can."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(name, filename))
+    except EntryNotFoundError:  # the repository is there (this one file is not): let transformers decide
         return None
-    with open(config_file) as f:
-        config = json.load(f)
-    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    except GatedRepoError as err:
+        return f"{name} is gated on the hub and this machine has no access ({_first_line(err)})"
+    except RepositoryNotFoundError:
+        return f"{name} is not on the hub, or is private and this machine has no token for it"
+    except Exception as err:  # noqa: BLE001 - a network error of any kind (httpx, OSError, ...)
+        return f"the hub cannot be reached for {name} ({_first_line(err)})"
+    return None
 
 
-def _load_tokenizer(path: str, trust_remote_code: bool):
+def _from_hub(name: str, what: str, filename: str, load: Callable[[bool], Any]) -> Any:
+    """`load(local_files_only)` from the Hugging Face cache, else from the hub (unless offline); FilesUnavailable
+    with the reason when neither has the files."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        raise FilesUnavailable(f"{name} is neither a local directory nor a hub name") from None
+    try:
+        return load(True)  # the cache: no network at all
+    except OSError:
+        pass
+    if _offline():
+        raise FilesUnavailable(
+            f"offline (HF_HUB_OFFLINE=1) and the {what} of {name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        )
+    reason = _hub_unreachable(name, filename)
+    if reason:
+        raise FilesUnavailable(reason)
+    try:
+        return load(False)
+    except OSError as err:
+        raise FilesUnavailable(f"the {what} of {name} could not be downloaded ({_first_line(err)})") from err
+
+
+def _vocab_of(config: Mapping) -> int | None:
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+
+def vocab_size(path: str) -> int | None:
+    """vocab_size of the model's config.json (None if it has none); a hub name's config.json only is fetched."""
+    if _is_local_model_path(path):
+        config_file = os.path.join(os.path.expanduser(path), "config.json")
+        if not os.path.isfile(config_file):
+            return None
+        with open(config_file) as f:
+            return _vocab_of(json.load(f))
+
+    def load(local_files_only: bool) -> int | None:
+        from transformers.utils import cached_file
+
+        with open(cached_file(path, "config.json", local_files_only=local_files_only)) as f:
+            return _vocab_of(json.load(f))
+
+    return _from_hub(path, "config.json", "config.json", load)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer of a local directory or a hub name (its tokenizer files only; FilesUnavailable if not had)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
+    if _is_local_model_path(path):
+        return AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=trust_remote_code)
+    return _from_hub(
+        path,
+        "tokenizer",
+        "tokenizer_config.json",
+        lambda local_files_only: AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        ),
+    )
 
 
 def compare_vocabularies(student_tok, teacher_tok, student_name: str, teacher_name: str) -> str | None:
@@ -62,7 +161,9 @@ def compare_vocabularies(student_tok, teacher_tok, student_name: str, teacher_na
     )
 
 
-def compare_chat_templates(student_tok, teacher_tok, student_name: str, teacher_name: str) -> str | None:
+def compare_chat_templates(
+    student_tok, teacher_tok, student_name: str, teacher_name: str, allow_option: str = ALLOW_TEMPLATE_MISMATCH
+) -> str | None:
     """None if both render the probe conversation to the same ids; else a one-line description."""
 
     def render(tok):
@@ -78,8 +179,68 @@ def compare_chat_templates(student_tok, teacher_tok, student_name: str, teacher_
     return (
         f"chat templates of teacher {teacher_name} and student {student_name} render the same prompt differently "
         f"(first difference at token {first}); the teacher scores the student's prompt as rendered by the student's "
-        "template: set opd.preflight.allow_template_mismatch=true if that is intended"
+        f"template: set {allow_option} if that is intended"
     )
+
+
+def preflight_command(
+    student: str,
+    teacher: str,
+    student_tokenizer: str | None = None,
+    teacher_tokenizer: str | None = None,
+    trust_remote_code: bool = False,
+    allow_template_mismatch: bool = False,
+) -> str:
+    """The `python -m opd_verl.preflight ...` line that runs the same checks of one teacher against the student."""
+    args = ["--teacher", teacher, "--student", student]
+    args += ["--teacher-tokenizer", teacher_tokenizer] if teacher_tokenizer else []
+    args += ["--student-tokenizer", student_tokenizer] if student_tokenizer else []
+    args += ["--trust-remote-code"] if trust_remote_code else []
+    args += ["--allow-template-mismatch"] if allow_template_mismatch else []
+    return " ".join([CLI, *map(shlex.quote, args)])
+
+
+def check_teacher(
+    student: str,
+    teacher: str,
+    student_tokenizer: str | None = None,
+    teacher_tokenizer: str | None = None,
+    student_trust: bool = False,
+    teacher_trust: bool = False,
+    allow_template_mismatch: bool = False,
+    support: str = "sampled",
+    topk: int | None = None,
+    allow_option: str = ALLOW_TEMPLATE_MISMATCH,
+    load: Callable[..., Any] | None = None,
+) -> list[str]:
+    """Vocabulary, chat template and vocabulary size of one teacher against the student. Returns report lines;
+    raises OPDConfigError on a mismatch, FilesUnavailable when a hub model's files cannot be had.
+    `load(function, *args)` may memoise the loads (run_preflight's does, across teachers)."""
+    load = load or (lambda function, *args: function(*args))
+    student_tok = load(load_tokenizer, student_tokenizer or student, student_trust)
+    teacher_tok = load(load_tokenizer, teacher_tokenizer or teacher, teacher_trust)
+    student_v, teacher_v = load(vocab_size, student), load(vocab_size, teacher)
+    problem = compare_vocabularies(student_tok, teacher_tok, student, teacher)
+    if problem:
+        raise OPDConfigError(problem)
+    reports = []
+    problem = compare_chat_templates(student_tok, teacher_tok, student, teacher, allow_option)
+    if problem and not allow_template_mismatch:
+        raise OPDConfigError(problem)
+    if problem:
+        reports.append(f"preflight: chat templates differ (allowed by {allow_option.split('=')[0]})")
+    if support == "topk" and topk and teacher_v and int(topk) > teacher_v:
+        raise OPDConfigError(
+            f"opd.topk={topk} is larger than the vocabulary of teacher {teacher} ({teacher_v}); "
+            f"set opd.topk <= {teacher_v} or opd.support=full"
+        )
+    if student_v and teacher_v and student_v != teacher_v:
+        reports.append(
+            f"preflight: embedding sizes differ (student {student_v}, teacher {teacher_v}) over the same tokenizer; "
+            f"distributions are compared over the first {min(student_v, teacher_v)} ids"
+        )
+    reports.append(f"preflight: teacher {teacher} matches the student's vocabulary and chat template")
+    return reports
 
 
 def run_preflight(config: Mapping) -> list[str]:
@@ -87,38 +248,54 @@ def run_preflight(config: Mapping) -> list[str]:
     opd = config["opd"]
     model = config["actor_rollout_ref"]["model"]
     student_path = model["path"]
-    student_tok_path = model.get("tokenizer_path") or student_path
-    trust = bool(model.get("trust_remote_code", False))
+    student_tok_path = model.get("tokenizer_path")
+    student_trust = bool(model.get("trust_remote_code", False))
+    allow = bool(opd["preflight"]["allow_template_mismatch"])
     check_model_path(student_path, "actor_rollout_ref.model.path")
+    check_tokenizer_path(student_tok_path, "actor_rollout_ref.model.tokenizer_path")
+    memo: dict[tuple, Any] = {}
+
+    def load(function, *args):  # each tokenizer/config once, across teachers; a FilesUnavailable too
+        key = (function.__name__, *args)
+        if key not in memo:
+            try:
+                memo[key] = function(*args)
+            except FilesUnavailable as err:
+                memo[key] = err
+        if isinstance(memo[key], FilesUnavailable):
+            raise memo[key]
+        return memo[key]
+
     reports = []
-    student_tok = None
     for i, teacher in enumerate(teacher_entries(opd)):
-        key = "opd.teacher.path" if not opd.get("teachers") else f"opd.teachers[{i}].path"
-        check_model_path(teacher["path"], key)
-        if not (_is_local_model_path(teacher["path"]) and _is_local_model_path(student_tok_path)):
-            reports.append(f"preflight: {teacher['path']} is not local; vocabulary and template checks are skipped")
-            continue
-        student_tok = student_tok or _load_tokenizer(student_tok_path, trust)
+        key = "opd.teacher" if not opd.get("teachers") else f"opd.teachers[{i}]"
+        check_model_path(teacher["path"], f"{key}.path")
+        check_tokenizer_path(teacher.get("tokenizer_path"), f"{key}.tokenizer_path")
         teacher_trust = bool(teacher["model"].get("trust_remote_code", False))  # the teacher's own (opd.teacher.model)
-        teacher_tok = _load_tokenizer(teacher.get("tokenizer_path") or teacher["path"], teacher_trust)
-        problem = compare_vocabularies(student_tok, teacher_tok, student_path, teacher["path"])
-        if problem:
-            raise OPDConfigError(problem)
-        problem = compare_chat_templates(student_tok, teacher_tok, student_path, teacher["path"])
-        if problem and not opd["preflight"]["allow_template_mismatch"]:
-            raise OPDConfigError(problem)
-        if problem:
-            reports.append("preflight: chat templates differ (allowed by opd.preflight.allow_template_mismatch)")
-        student_v, teacher_v = _vocab_size(student_path), _vocab_size(teacher["path"])
-        if opd["support"] == "topk" and teacher_v and int(opd["topk"]) > teacher_v:
-            raise OPDConfigError(
-                f"opd.topk={opd['topk']} is larger than the vocabulary of teacher {teacher['path']} ({teacher_v}); "
-                f"set opd.topk <= {teacher_v} or opd.support=full"
+        try:
+            reports += check_teacher(
+                student_path,
+                teacher["path"],
+                student_tokenizer=student_tok_path,
+                teacher_tokenizer=teacher.get("tokenizer_path"),
+                student_trust=student_trust,
+                teacher_trust=teacher_trust,
+                allow_template_mismatch=allow,
+                support=opd["support"],
+                topk=opd.get("topk"),
+                load=load,
             )
-        if student_v and teacher_v and student_v != teacher_v:
+        except FilesUnavailable as err:
+            command = preflight_command(
+                student_path,
+                teacher["path"],
+                student_tok_path,
+                teacher.get("tokenizer_path"),
+                trust_remote_code=student_trust or teacher_trust,
+                allow_template_mismatch=allow,
+            )
             reports.append(
-                f"preflight: embedding sizes differ (student {student_v}, teacher {teacher_v}) over the same tokenizer; "
-                f"distributions are compared over the first {min(student_v, teacher_v)} ids"
+                f"preflight: vocabulary and chat template checks of teacher {teacher['path']} against student "
+                f"{student_path} skipped: {err}; run them where the files can be had: {command}"
             )
-        reports.append(f"preflight: teacher {teacher['path']} matches the student's vocabulary and chat template")
     return reports

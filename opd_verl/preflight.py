@@ -1,0 +1,77 @@
+"""`python -m opd_verl.preflight --teacher X --student Y`: the trainer's teacher-vs-student preflight on its own.
+
+    python -m opd_verl.preflight --teacher Qwen/Qwen2-7B-Instruct --student Qwen/Qwen2-0.5B-Instruct
+        [--teacher-tokenizer T] [--student-tokenizer S] [--allow-template-mismatch] [--trust-remote-code]
+
+The same checks as `python -m opd_verl.main_opd` runs before Ray (opd_verl.checks.preflight): the vocabularies
+(token -> id) and the chat templates of teacher and student, from their tokenizer files and config.json only (no
+weights); local directories or hub names (from the Hugging Face cache, else downloaded). Useful on a login node
+before a launch, or where the trainer printed that it skipped them.
+
+Exit status: 0 with the "matches" line; 2 with one `opd_verl: error:` line on a mismatch (or a bad path); 3 when a
+hub model's files cannot be had here (offline and not cached, hub unreachable, not found), with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.preflight import FilesUnavailable, check_model_path, check_teacher, check_tokenizer_path
+
+EXIT_MISMATCH = 2
+EXIT_UNAVAILABLE = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m opd_verl.preflight",
+        description="Check that a teacher and a student share a vocabulary and a chat template (tokenizers and "
+        "config.json only; local directories or hub names).",
+    )
+    parser.add_argument("--teacher", required=True, help="teacher model: directory or hub name (opd.teacher.path)")
+    parser.add_argument("--student", required=True, help="student model: directory or hub name (actor_rollout_ref.model.path)")
+    parser.add_argument("--teacher-tokenizer", help="teacher tokenizer (opd.teacher.tokenizer_path; default: --teacher)")
+    parser.add_argument(
+        "--student-tokenizer", help="student tokenizer (actor_rollout_ref.model.tokenizer_path; default: --student)"
+    )
+    parser.add_argument(
+        "--allow-template-mismatch",
+        action="store_true",
+        help="chat templates that render differently are reported, not an error (opd.preflight.allow_template_mismatch)",
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="load both tokenizers with trust_remote_code")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_model_path(args.student, "--student")
+        check_model_path(args.teacher, "--teacher")
+        check_tokenizer_path(args.student_tokenizer, "--student-tokenizer")
+        check_tokenizer_path(args.teacher_tokenizer, "--teacher-tokenizer")
+        reports = check_teacher(
+            args.student,
+            args.teacher,
+            student_tokenizer=args.student_tokenizer,
+            teacher_tokenizer=args.teacher_tokenizer,
+            student_trust=args.trust_remote_code,
+            teacher_trust=args.trust_remote_code,
+            allow_template_mismatch=args.allow_template_mismatch,
+            allow_option="--allow-template-mismatch",
+        )
+    except OPDConfigError as err:
+        print(f"opd_verl: error: {err}", file=sys.stderr)
+        return EXIT_MISMATCH
+    except FilesUnavailable as err:
+        print(f"opd_verl: error: preflight could not run: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    for line in reports:
+        print(f"opd_verl: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
