@@ -235,6 +235,25 @@ def console_metrics(text: str) -> dict[int, dict[str, float]]:
     return steps
 
 
+def float64_log_probs(model_dir, prompt, response):
+    """log p(response_t | prompt, response_<t) under the HF model at model_dir, in float64 (models cached)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = float64_log_probs.cache.get(model_dir)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+        float64_log_probs.cache[model_dir] = model
+    ids = torch.cat([prompt, response]).view(1, -1)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(response))
+    return logp[positions, response]
+
+
+float64_log_probs.cache = {}
+
+
 if __name__ == "__main__":
     w = prepare_workdir(sys.argv[1])
     print(" ".join([PYTHON, "-m", "opd_verl.main_opd", *grpo_overrides(w)]))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from cpu_run import console_metrics, grpo_overrides, prepare_workdir, run_main, run_ok, write_dataset, write_model
+from cpu_run import (
+    console_metrics, float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok, write_dataset, write_model,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -87,6 +89,7 @@ def test_loss_level_hybrid_full_jsd_with_opd_hybrid_advantages(workdir):
     assert "actor/pg_loss" in m  # the PPO part ran too (lambda_rl > 0)
 
 
+@pytest.mark.slow  # 4 runs (~12 min on 2 cores); the runs above and tests/e2e/test_loss_level_e2e.py cover both supports
 @pytest.mark.parametrize(
     "support,divergence", [("topk", "reverse_kl"), ("topk", "jsd"), ("full", "reverse_kl"), ("full", "forward_kl")]
 )
@@ -149,22 +152,6 @@ def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
     assert m["opd/divergence_per_token"] > 0 and 0.0 < m["opd/topk_mass"] < 1.0
 
 
-def _float64_log_probs(model_dir, prompt, response):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = _float64_log_probs.cache.get(model_dir)
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
-        _float64_log_probs.cache[model_dir] = model
-    ids = torch.cat([prompt, response]).view(1, -1)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
-    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(response))
-    return logp[positions, response]
-
-
-_float64_log_probs.cache = {}
 
 
 def test_pure_opd_terms_match_a_float64_recomputation_with_mixed_lengths(workdir, tmp_path):
@@ -192,9 +179,9 @@ def test_pure_opd_terms_match_a_float64_recomputation_with_mixed_lengths(workdir
     for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
         n = int(saved["response_mask"][i].sum())
         assert n == len(response)
-        s64 = _float64_log_probs(workdir.model, prompt, response)
-        q64 = _float64_log_probs(routes[saved["data_source"][i]], prompt, response)
-        other = _float64_log_probs(routes[{"arith_a": "arith_b", "arith_b": "arith_a"}[saved["data_source"][i]]],
+        s64 = float64_log_probs(workdir.model, prompt, response)
+        q64 = float64_log_probs(routes[saved["data_source"][i]], prompt, response)
+        other = float64_log_probs(routes[{"arith_a": "arith_b", "arith_b": "arith_a"}[saved["data_source"][i]]],
                                    prompt, response)
         assert (other - q64).abs().max() > 1e-2, "the two teachers must differ for the routing check to mean anything"
         worst_student = max(worst_student, float((saved["old_log_probs"][i, :n].double() - s64).abs().max()))

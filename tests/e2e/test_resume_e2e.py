@@ -15,8 +15,11 @@ named pipe (mkfifo) once global_step_2 is complete, so verl's open() of it block
 killed; then the pipe is replaced by what a kill inside that write leaves in a regular file: an empty file. (A kill
 earlier in the save, e.g. inside data.pt, leaves the tracker on global_step_2: verl writes it last, synchronously.)
 
-The prompts of each step come from OPD's per-step dump (OPD_VERL_DUMP_TOKENS), written before the checkpoint.
-The teacher is the student's own model: as cheap as GRPO.
+The prompts, responses and per-token log-probs of each step come from OPD's per-step dump (OPD_VERL_DUMP_TOKENS),
+written before the checkpoint. The teacher differs from the student and rollouts are greedy (`rollout.top_k=1`),
+so the resumed steps 3 and 4 must reproduce run 1's: the student's log-probs at step 3 are those of the weights after
+2 updates (a resume that lost the actor's weights would score them with the initial model), and at step 4 those
+after an update made with the restored optimizer state and learning-rate schedule.
 
     pytest -q -m e2e tests/e2e/test_resume_e2e.py
 """
@@ -30,7 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from cpu_run import console_metrics, grpo_overrides, prepare_workdir, run_main, run_processes, sigkill_run, start_main
+from cpu_run import (
+    console_metrics, float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_processes, sigkill_run, start_main, write_model,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +47,7 @@ MARKER = ".opd_verl_complete"
 class Chain:
     def __init__(self, root: Path):
         self.w = prepare_workdir(root)
+        self.teacher = write_model(root / "teacher", hidden_size=256, num_layers=2, seed=1)
         self.ckpt = root / "checkpoints"
         self.root = root
 
@@ -50,7 +56,9 @@ class Chain:
             self.w,
             **{
                 "algorithm.adv_estimator": "opd",
-                "opd.teacher.path": self.w.model,
+                "opd.teacher.path": self.teacher,
+                "actor_rollout_ref.rollout.top_k": 1,
+                "actor_rollout_ref.actor.optim.lr": 1e-3,
                 "actor_rollout_ref.actor.policy_loss.loss_mode": "importance_sampling",
                 "trainer.experiment_name": name,
                 "trainer.total_training_steps": 4,
@@ -69,10 +77,18 @@ class Chain:
 
     def prompts(self, run: int, step: int) -> list[tuple[int, ...]]:
         """The prompt token ids of one step (each prompt once per sample), order-free."""
+        return sorted(prompt for prompt, _, _ in self.samples(run, step))
+
+    def samples(self, run: int, step: int) -> list[tuple[tuple[int, ...], tuple[int, ...], list[float]]]:
+        """(prompt ids, response ids, the student's log-probs of the response) of each sample of a step, sorted."""
         import torch
 
         saved = torch.load(self.dump(run) / f"step_{step}.pt")
-        return sorted(tuple(p.tolist()) for p in saved["prompts"])
+        rows = []
+        for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
+            n = int(saved["response_mask"][i].sum())
+            rows.append((tuple(prompt.tolist()), tuple(response.tolist()), saved["old_log_probs"][i, :n].tolist()))
+        return sorted(rows)
 
 
 def _tail(path: Path, n: int = 6000) -> str:
@@ -208,3 +224,25 @@ def test_resume_after_the_kill_continues_at_step_3_from_the_complete_checkpoint(
     assert _tracker(chain.ckpt) == "4"
     assert _complete(chain.ckpt / "global_step_4")
     assert sorted(p.name for p in chain.ckpt.glob("global_step_*")) == ["global_step_4"]
+
+
+def _largest_difference(a, b) -> float:
+    """max |Δ| between the student's log-probs of two runs' samples (same prompts and responses required)."""
+    assert [(p, r) for p, r, _ in a] == [(p, r) for p, r, _ in b], "other responses: the rollouts differ"
+    return max(abs(x - y) for (_, _, la), (_, _, lb) in zip(a, b) for x, y in zip(la, lb))
+
+
+def test_resumed_steps_reproduce_the_uninterrupted_run(chain, killed, resumed):
+    """Actor weights, optimizer state and lr schedule restored: steps 3 and 4 of the resumed run score the same
+    greedy responses with the same log-probs as run 1 did (which ran steps 3 and 4 before the kill)."""
+    import torch
+
+    for step in (3, 4):
+        assert _largest_difference(chain.samples(2, step), chain.samples(1, step)) <= 1e-5, f"step {step} differs"
+    # what the comparison sees: after 2 updates the student's log-probs are far (> 1e-3) from the initial model's,
+    # so a resume that restarted from the initial weights would fail above
+    drift = 0.0
+    for prompt, response, log_probs in chain.samples(1, 3):
+        initial = float64_log_probs(chain.w.model, torch.tensor(prompt), torch.tensor(response))
+        drift = max(drift, float((torch.tensor(log_probs, dtype=torch.float64) - initial).abs().max()))
+    assert drift > 1e-3, f"the updates moved the student's log-probs by only {drift:.2e}: the check would be blind"
