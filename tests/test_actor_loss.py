@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opd_verl.algorithms.divergences import full_divergence
+from opd_verl.algorithms.divergences import full_divergence, topk_divergence
 from opd_verl.algorithms.teachers import (
     label_log_probs,
     mean_logit_label_log_probs,
@@ -33,9 +33,11 @@ from opd_verl.verl_ext.distill_actor_loss import (
     opd_actor_loss,
     packed_logits,
     packed_rollout_temperature,
+    response_rows,
     rollout_temperature,
     sampled_distill_loss_matrix,
     shared_vocab,
+    teacher_pass,
 )
 
 OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
@@ -158,24 +160,31 @@ def bare_engine(module, autocast_dtype=torch.float32):
     return engine
 
 
-def micro_batch(prompt_lens, response_lens, temperature, remove_padding, seed=0, vocab=VOCAB):
+def micro_batch(prompt_lens, response_lens, temperature, remove_padding, seed=0, vocab=VOCAB, masks=None):
+    """A verl micro-batch in the no-padding layout; ``temperature``: a number (non-tensor) or one per sample;
+    ``masks``: the response masks (default all ones)."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
 
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, vocab, (p + r,), generator=g) for p, r in zip(prompt_lens, response_lens)]
+    masks = masks or [torch.ones(r) for r in response_lens]
     batch = TensorDict(
         {
             "input_ids": nested(ids),
             "position_ids": nested([torch.arange(len(x)) for x in ids]),
             "prompts": nested([x[:p] for x, p in zip(ids, prompt_lens)]),
             "responses": nested([x[p:] for x, p in zip(ids, prompt_lens)]),
-            "response_mask": nested([torch.ones(r) for r in response_lens]),
+            "response_mask": nested([m.float() for m in masks]),
         },
         batch_size=[len(ids)],
     )
-    tu.assign_non_tensor(batch, temperature=temperature, use_remove_padding=remove_padding,
-                         distillation_use_topk=True, calculate_entropy=False, pad_token_id=0)
+    if isinstance(temperature, torch.Tensor):
+        batch["temperature"] = temperature
+    else:
+        tu.assign_non_tensor(batch, temperature=temperature)
+    tu.assign_non_tensor(batch, use_remove_padding=remove_padding, distillation_use_topk=True,
+                         calculate_entropy=False, pad_token_id=0)
     return batch
 
 
@@ -240,9 +249,175 @@ def test_loss_temperature_is_not_compounded_with_the_rollout_temperature(remove_
     beta = opd["beta"] if divergence == "jsd" else 0.5
     expected = full_divergence(zs.double() / tau, lt, divergence, beta, 1.0)  # topk with k = V is the full one
     assert ours.shape == expected.shape
-    assert (ours - expected).abs().max() < 1e-6, (ours, expected)
+    rows = response_rows(batch)  # computed there only (the prompt rows are 0, masked by the loss)
+    assert rows.numel() == 8 and (ours[rows] - expected[rows]).abs().max() < 1e-6, (ours, expected)
     compounded = full_divergence(zs.double() / (0.7 * tau), lt, divergence, beta, 1.0)
-    assert (compounded - expected).abs().max() > 1e-3  # the test can tell the two apart
+    assert (compounded - expected)[rows].abs().max() > 1e-3  # the test can tell the two apart
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loss-level pass computes on the response rows only
+# ----------------------------------------------------------------------------------------------------------
+PROMPTS, RESPONSES = [3, 2, 4], [2, 5, 3]
+MASKS = [torch.tensor([1, 1]), torch.tensor([1, 0, 1, 1, 0]), torch.tensor([0, 1, 1])]
+
+
+def expected_rows(prompt_lens, masks):
+    """Brute force: the packed row before each response token whose mask is 1 (row j predicts token j + 1)."""
+    rows, start = [], 0
+    for p, m in zip(prompt_lens, masks):
+        rows += [start + p - 1 + j for j in range(len(m)) if m[j]]
+        start += p + len(m)
+    return torch.tensor(rows)
+
+
+def test_response_rows_brute_force():
+    batch = micro_batch(PROMPTS, RESPONSES, 1.0, True, masks=MASKS)
+    assert torch.equal(response_rows(batch), expected_rows(PROMPTS, MASKS))
+    assert response_rows({"input_ids": batch["input_ids"]}) is None  # no mask: every row
+
+
+LOSS_CASES = [  # (teachers, mode, temperature, remove_padding); T exact in float32, verl's dtype for it
+    (1, "mean_prob", 0.75, True),
+    (2, "mean_prob", torch.tensor([0.75, 1.0, 0.5]), False),  # per-sample rollout temperatures
+    (2, "mean_logit", 0.75, True),
+]
+
+
+@pytest.mark.parametrize("support,divergence", [("full", "jsd"), ("topk", "reverse_kl"), ("topk", "jsd")])
+@pytest.mark.parametrize("teachers,mode,temperature,remove_padding", LOSS_CASES)
+def test_loss_on_response_rows_equals_the_masked_loss_over_all_rows(support, divergence, teachers, mode,
+                                                                   temperature, remove_padding):
+    """The trainer's loss (verl's engine calls our processor, then the loss call) on a micro-batch with prompt rows
+    and masked response tokens: loss value, gradient w.r.t. the student's weights and the opd/* metrics equal the
+    computation the loss did before (divergence on every packed row, float64 reference functions, then masked)."""
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.torch_functional import masked_mean
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    tau, k = 1.3, 4
+    opd = {**OPD, "support": support, "divergence": divergence, "temperature": tau, "topk": k, "beta": 0.3,
+           "chunk_size": 2, "lambda_rl": 0.0, "lambda_distill": 1.0}
+    batch = micro_batch(PROMPTS, RESPONSES, temperature, remove_padding, seed=7, masks=MASKS)
+    teacher_models = [tiny_model(1 + i, logit_scale=3.0) for i in range(teachers)]
+    weights = [3.0, 1.0][:teachers]
+    zt = [raw_forward(bare_engine(m), batch)[0] for m in teacher_models]
+    labels = raw_forward(bare_engine(teacher_models[0]), batch)[1]
+    n_rows = zt[0].shape[0]
+    per_row_t = temperature if not isinstance(temperature, torch.Tensor) else torch.repeat_interleave(
+        temperature.double(), batch["input_ids"].offsets().diff())
+    # verl's reference pass (at T), in the padded response layout
+    ref_logp = no_padding_2_padding(mixture_label_log_probs(zt, weights, mode, labels, per_row_t, dtype=F64), batch)
+    batch["ref_log_prob"] = nested([ref_logp[i, :n] for i, n in enumerate(RESPONSES)])
+    mask = _padded([m.double() for m in MASKS], max(RESPONSES))
+    tu.assign_non_tensor(batch, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=3)
+    config = SimpleNamespace(global_batch_info={}, loss_agg_mode="token-mean", loss_scale_factor=None)
+
+    # ours: the engine's student pass with our processor, then the loss call
+    student = tiny_model(0, logit_scale=3.0)
+    worker = opd_worker(teacher_models, opd, mode, weights)
+    model_output = student_model_outputs(student, batch, opd, worker)
+    loss, metrics = opd_actor_loss(config, opd, None, model_output=model_output, data=batch)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+
+    # before: every packed row through the float64 reference functions, then masked by the loss
+    student_ref = tiny_model(0, logit_scale=3.0)
+    inputs, output_args = bare_engine(student_ref).prepare_model_inputs(micro_batch=batch)
+    zs = packed_logits(student_ref(**inputs, use_cache=False).logits, batch, output_args)
+    lt = reference_teacher_logp(zt, weights, mode, tau)
+    if support == "full":
+        values, mass = full_divergence(zs / tau, lt, divergence, 0.3, 1.0), torch.ones(n_rows, dtype=F64)
+    else:
+        lt_k, ids = lt.topk(k, dim=-1)
+        values, mass = topk_divergence(zs / tau, ids, lt_k, divergence, 0.3, 1.0), lt_k.exp().sum(-1)
+    loss_mat = no_padding_2_padding(values, batch)
+    ref_loss = agg_loss(loss_mat=loss_mat, loss_mask=mask, loss_agg_mode="token-mean", dp_size=1,
+                        batch_num_tokens=int(mask.sum()))
+    ref_grads = torch.autograd.grad(ref_loss, list(student_ref.parameters()))
+
+    assert abs(float(loss) - float(ref_loss)) <= 1e-10 * max(1.0, abs(float(ref_loss)))
+    for g, g_ref in zip(grads, ref_grads):
+        assert (g - g_ref).abs().max() <= 1e-10 * max(1.0, float(g_ref.abs().max()))
+    value = {name: float(m.aggregate()) for name, m in metrics.items()}
+    bool_mask = mask.bool()  # as the loss call passes it
+    assert value["opd/divergence_per_token"] == pytest.approx(float(masked_mean(loss_mat.detach(), bool_mask)),
+                                                              rel=1e-10)
+    assert value["opd/topk_mass"] == pytest.approx(float(masked_mean(no_padding_2_padding(mass, batch), bool_mask)),
+                                                   rel=1e-10)
+    assert value["opd/distill_loss"] == pytest.approx(float(ref_loss), rel=1e-10)
+    assert value["opd/teacher_alignment_seq_median_max"] < 1e-5
+    resolution = torch.finfo(torch.float64).eps * torch.stack([z.abs().amax(-1) for z in zt]).amax(0) / per_row_t
+    stats = alignment_statistics(ref_logp, ref_logp, mask, no_padding_2_padding(resolution, batch))
+    assert value["opd/teacher_alignment_tolerance"] == pytest.approx(stats["tolerance"])
+
+
+@pytest.mark.parametrize("mode", ["mean_prob", "mean_logit", "route"])
+@pytest.mark.parametrize("per_row_t", [False, True])
+def test_teacher_pass_on_rows_is_the_full_pass_at_those_rows(mode, per_row_t):
+    """teacher_pass(rows=...) (the teachers' logits at τ, the sampled-token log-probs at T, the resolution) equals
+    the pass over every packed row taken at those rows, for every multi-teacher mode and per-row T."""
+    g = torch.Generator().manual_seed(8)
+    lengths, sample_teacher = torch.tensor([4, 6, 3]), torch.tensor([1, 0, 1])
+    raw = [torch.randn(13, 7, generator=g, dtype=F64) * 3 for _ in range(2)]
+    labels = torch.randint(0, 7, (13,), generator=g)
+    t = torch.rand(13, generator=g, dtype=F64) + 0.5 if per_row_t else 0.7
+    route = sample_teacher if mode == "route" else None
+    kw = dict(sample_teacher=route, lengths=lengths, compute_dtype=F64, chunk_size=4)
+    rows = torch.tensor([1, 2, 3, 6, 7, 11])
+    full = teacher_pass(raw, labels, t, 1.3, [3.0, 1.0], mode, **kw)
+    ours = teacher_pass(raw, labels, t, 1.3, [3.0, 1.0], mode, rows=rows, **kw)
+    assert ours.temperature == full.temperature
+    for name in ("logits", "label_log_prob", "resolution"):
+        a, b = getattr(ours, name), getattr(full, name)[rows]
+        assert a.shape == b.shape and (a.double() - b.double()).abs().max() < 1e-12, name
+
+
+@pytest.mark.parametrize("support", ["full", "topk"])
+def test_divergence_and_teacher_see_the_response_rows_only(support, monkeypatch):
+    """The chunked divergence gets the response rows only (student_rows, and the teacher's logits / top-k with
+    one row per response token), and so does the teachers' pass; the other rows' outputs are 0. Under topk the
+    teachers' [n, V] logits are freed before the student's pass (the top-k is all it needs)."""
+    import weakref
+
+    from opd_verl.verl_ext import distill_actor_loss as dal
+
+    seen, teacher_refs = {}, []
+
+    def spy(name, fn):
+        def wrapper(student_logits, teacher, *args, **kwargs):
+            rows = kwargs.get("student_rows", args[-1] if len(args) >= 6 else None)
+            seen[name] = (student_logits.shape[0], teacher.shape[0], rows, teacher_refs[0]() is not None)
+            return fn(student_logits, teacher, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dal, "chunked_full_divergence", spy("full", dal.chunked_full_divergence))
+    monkeypatch.setattr(dal, "chunked_topk_divergence", spy("topk", dal.chunked_topk_divergence))
+    passes = []  # OPDWorker.teacher_logits imports teacher_pass from distill_actor_loss when called
+    monkeypatch.setattr(dal, "teacher_pass", lambda *a, **kw: passes.append(kw["rows"]) or teacher_pass(*a, **kw))
+    opd = {**OPD, "support": support, "divergence": "jsd", "topk": 3, "lambda_rl": 0.0, "lambda_distill": 1.0}
+    batch = micro_batch(PROMPTS, RESPONSES, 0.7, True, masks=MASKS)
+    worker = opd_worker([tiny_model(1)], opd)
+    teacher_logits = worker.teacher_logits
+
+    def tracked(data, rows):
+        out = teacher_logits(data, rows)
+        teacher_refs.append(weakref.ref(out.logits))
+        return out
+
+    worker.teacher_logits = tracked
+    out = student_model_outputs(tiny_model(0), batch, opd, worker)
+    rows = expected_rows(PROMPTS, MASKS)
+    nnz = sum(PROMPTS) + sum(RESPONSES)
+    assert set(seen) == {support}
+    n_student, n_teacher, student_rows, teacher_alive = seen[support]
+    assert n_student == nnz and n_teacher == rows.numel() == 7 and torch.equal(student_rows, rows)
+    assert teacher_alive == (support == "full")
+    assert len(passes) == 1 and torch.equal(passes[0], rows)
+    values = out[DISTILL_KEY].values()
+    others = torch.ones(nnz, dtype=torch.bool)
+    others[rows] = False
+    assert (values[others] == 0).all() and (values[rows] > 0).all()
 
 
 # ----------------------------------------------------------------------------------------------------------

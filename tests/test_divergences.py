@@ -14,6 +14,8 @@ from opd_verl.algorithms.divergences import (
     SUPPORTS,
     chunked_divergence_from_hidden,
     chunked_full_divergence,
+    chunked_teacher_topk,
+    chunked_topk_divergence,
     full_divergence,
     leave_one_out_baseline,
     sampled_kl_surrogate,
@@ -114,6 +116,23 @@ def _kind(divergence: str, beta: float) -> str:
 
 def _maxerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| relative to max |b| (at least 1)."""
+    return _maxerr(a.double(), b.double()) / max(1.0, b.abs().max().item())
+
+
+def _fd_grad(f, x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central finite differences of Σ w·f(x), one entry of x at a time (a fresh forward each: gradcheck's numerical
+    Jacobian-vector product, for Functions that allow one backward per forward)."""
+    out = torch.empty_like(x)
+    for i in range(x.numel()):
+        d = torch.zeros_like(x).view(-1)
+        d[i] = eps
+        d = d.view_as(x)
+        out.view(-1)[i] = ((f(x + d) * w).sum() - (f(x - d) * w).sum()) / (2 * eps)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -541,12 +560,20 @@ def test_chunked_leading_dims_and_teacher_not_differentiated():
 
 
 @pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
-def test_gradcheck_chunked_logits(divergence, beta):
+def test_finite_differences_chunked_logits(divergence, beta):
+    """The analytic gradients of the chunked full and top-k paths against finite differences (gradcheck needs a
+    second backward through one graph, which these Functions refuse: see the memory tests)."""
     zs, zt = _logits(5, 6, seed=18, scale=1.0)
-    zs.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda x: chunked_full_divergence(x, zt, divergence, beta, 0.7, chunk_size=2), (zs,), eps=1e-6, atol=1e-7
-    )
+    w = torch.randn(5, generator=torch.Generator().manual_seed(19), dtype=F64)
+    ids, lt = _teacher_topk(zt, 3, 0.7)
+    rows = torch.tensor([4, 0, 2])
+    for f in (
+        lambda x: chunked_full_divergence(x, zt, divergence, beta, 0.7, chunk_size=2),
+        lambda x: chunked_topk_divergence(x, ids, lt, divergence, beta, 0.7, chunk_size=2),
+        lambda x: chunked_topk_divergence(x, ids[:3], lt[:3], divergence, beta, 0.7, 2, student_rows=rows),
+    ):
+        ww = w[: f(zs).shape[0]]
+        assert _maxerr(_grad(f, zs, ww), _fd_grad(f, zs, ww)) <= 1e-7
 
 
 @pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
@@ -638,33 +665,76 @@ def test_hidden_memory_is_flat_in_T():
     assert bwd.max_numel <= bound, bwd.max_numel
 
 
-def test_chunked_logits_memory_and_backward_paths():
-    """Saved: the two inputs; forward allocates the [T, V] gradient once (what backward returns) and otherwise
-    only chunk-sized temporaries; the first backward scales that gradient in place (no new [T, V]); a second
-    backward through the same graph recomputes it and agrees; without grad nothing of size T·V is allocated."""
-    T, V, chunk = 256, 64, 8
+def _saved_tensors(fn) -> list[torch.Tensor]:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("support", ["full", "topk"])
+@pytest.mark.parametrize("selected", [False, True])
+def test_chunked_logits_memory_and_backward_paths(support, selected):
+    """Nothing is saved for backward (no input, no teacher logits): forward allocates the [T, V] gradient once
+    (what backward returns) and otherwise only chunk-sized temporaries; the first backward scales that gradient
+    in place (no new [T, V]); a second backward through the same graph is an error; without grad nothing of size
+    T·V is allocated. With student_rows the same holds for the selected rows (gradient 0 on the others)."""
+    T, V, chunk, k = 256, 64, 8, 5
     zs, zt = _logits(T, V, seed=23)
     zs = zs.float().requires_grad_(True)
     zt = zt.float()
-    w = torch.randn(T, generator=torch.Generator().manual_seed(27))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        with _MaxNumel() as fwd:
-            out = chunked_full_divergence(zs, zt, "jsd", 0.3, 1.0, chunk_size=chunk)
-    assert sorted(x.data_ptr() for x in saved) == sorted([zs.data_ptr(), zt.data_ptr()])
+    rows = torch.randperm(T, generator=torch.Generator().manual_seed(26))[: T // 2] if selected else None
+    n = T if rows is None else rows.numel()
+    zt_rows = zt if rows is None else zt[rows]
+    w = torch.randn(n, generator=torch.Generator().manual_seed(27))
+    ids, lt = chunked_teacher_topk(zt_rows, k, 1.0, chunk_size=chunk)
+
+    def fn():
+        if support == "full":
+            return chunked_full_divergence(zs, zt_rows, "jsd", 0.3, 1.0, chunk_size=chunk, student_rows=rows)
+        return chunked_topk_divergence(zs, ids, lt, "jsd", 0.3, 1.0, chunk_size=chunk, student_rows=rows)
+
+    with _MaxNumel() as fwd:
+        out, saved = _saved_tensors(fn)
+    # full: nothing; top-k: only the [chunk, ≤ k+1] tensors of each chunk's own small autograd graph, freed
+    # with that chunk (the (k+1)-point part is differentiated there)
+    assert all(x.numel() <= chunk * (k + 1) for x in saved) and (support == "topk" or not saved)
     assert sorted(fwd.sizes)[-1] == T * V and sorted(fwd.sizes)[-2] <= chunk * V
     with _MaxNumel() as bwd:
         (g_first,) = torch.autograd.grad((out * w).sum(), zs, retain_graph=True)
     assert bwd.max_numel <= T  # scaled in place
-    with _MaxNumel() as bwd2:
-        (g_again,) = torch.autograd.grad((out * w).sum(), zs)
-    assert sorted(bwd2.sizes)[-1] == T * V and sorted(bwd2.sizes)[-2] <= chunk * V
-    torch.testing.assert_close(g_again, g_first, rtol=1e-6, atol=1e-7)
-    g_ref = _grad(lambda x: ref_full(x, zt.double(), "jsd", 0.3, 1.0), zs.detach().double(), w.double())
-    assert _maxerr(g_first.double(), g_ref) <= 1e-5
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad((out * w).sum(), zs)
+    # against the float64 references (themselves checked against brute force above / below)
+    if support == "full":
+        ref = lambda x: full_divergence(x, zt_rows.double(), "jsd", 0.3, 1.0)  # noqa: E731
+    else:
+        ref = lambda x: topk_divergence(x, ids, lt.double(), "jsd", 0.3, 1.0)  # noqa: E731
+    sel = (lambda x: x) if rows is None else (lambda x: x[rows])
+    g_ref = _grad(lambda x: ref(sel(x)), zs.detach().double(), w.double())
+    assert _relerr(g_first, g_ref) <= 1e-6
+    if rows is not None:
+        others = torch.ones(T, dtype=torch.bool)
+        others[rows] = False
+        assert (g_first[others] == 0).all()
     with torch.no_grad(), _MaxNumel() as nograd:
-        chunked_full_divergence(zs, zt, "jsd", 0.3, 1.0, chunk_size=chunk)
+        fn()
     assert nograd.max_numel <= chunk * V
+
+
+def test_teacher_topk_memory_and_values():
+    """chunked_teacher_topk equals log_softmax + topk on the whole tensor, with chunk-sized temporaries only."""
+    T, V, chunk = 64, 48, 8
+    _, zt = _logits(T, V, seed=32)
+    for dtype in (F64, torch.float32, torch.bfloat16):
+        z = zt.to(dtype)
+        with _MaxNumel() as m:
+            ids, lt = chunked_teacher_topk(z, 6, 0.7, chunk_size=chunk)
+        assert m.max_numel <= chunk * V
+        ref_lt, ref_ids = torch.log_softmax(z.to(torch.promote_types(dtype, torch.float32)) / 0.7, -1).topk(6, -1)
+        assert torch.equal(ids, ref_ids) and torch.equal(lt, ref_lt)
+    ids, lt = chunked_teacher_topk(zt.reshape(4, 16, V), V + 3, 1.0, chunk_size=chunk)  # k capped at V
+    assert ids.shape == (4, 16, V) and _maxerr(lt.exp().sum(-1), torch.ones(4, 16, dtype=F64)) <= 1e-12
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -676,6 +746,15 @@ def _teacher_topk(zt: torch.Tensor, k: int, tau: float):
     return ids, vals
 
 
+def _chunked_topk(chunk: int):
+    return lambda *a, **kw: chunked_topk_divergence(*a, chunk_size=chunk, **kw)
+
+
+# the float64-checked reference and the chunked path (chunk sizes below, equal to and above the rows)
+TOPK_IMPLS = {"reference": topk_divergence, "chunk1": _chunked_topk(1), "chunk2": _chunked_topk(2),
+              "chunk64": _chunked_topk(64)}
+
+
 @pytest.mark.parametrize("divergence,beta", CASES)
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_topk_vs_reference(divergence, beta, k):
@@ -684,11 +763,15 @@ def test_topk_vs_reference(divergence, beta, k):
     for tau in (1.0, 0.6):
         ids, lt = _teacher_topk(zt, k, tau)
         ref = ref_topk(zs, ids, lt, divergence, beta, tau)
-        out = topk_divergence(zs, ids, lt, divergence, beta, tau)
-        assert out.shape == (5,) and _maxerr(out, ref) <= TOL
         g_ref = _grad(lambda x: ref_topk(x, ids, lt, divergence, beta, tau), zs, w)
-        g_out = _grad(lambda x: topk_divergence(x, ids, lt, divergence, beta, tau), zs, w)
-        assert _maxerr(g_out, g_ref) <= TOL
+        for name, fn in TOPK_IMPLS.items():
+            out = fn(zs, ids, lt, divergence, beta, tau)
+            assert out.shape == (5,) and out.dtype == F64 and _relerr(out, ref) <= TOL, name
+            g_out = _grad(lambda x: fn(x, ids, lt, divergence, beta, tau), zs, w)
+            assert _relerr(g_out, g_ref) <= TOL, name
+        # the chunked path is the reference's arithmetic: equal to rounding
+        chunked = chunked_topk_divergence(zs, ids, lt, divergence, beta, tau, chunk_size=2)
+        assert _maxerr(chunked, topk_divergence(zs, ids, lt, divergence, beta, tau)) <= 1e-12
 
 
 @pytest.mark.parametrize("divergence,beta", CASES)
@@ -702,10 +785,11 @@ def test_topk_full_coverage_equals_full(divergence, beta):
         g_full = _grad(lambda x: full_divergence(x, zt, divergence, beta, tau), zs, w)
         for k in (V - 1, V):
             ids, lt = _teacher_topk(zt, k, tau)
-            out = topk_divergence(zs, ids, lt, divergence, beta, tau)
-            assert _maxerr(out, full) <= TOL, (k, tau)
-            g = _grad(lambda x: topk_divergence(x, ids, lt, divergence, beta, tau), zs, w)
-            assert torch.isfinite(g).all() and _maxerr(g, g_full) <= TOL, (k, tau)
+            for name, fn in TOPK_IMPLS.items():
+                out = fn(zs, ids, lt, divergence, beta, tau)
+                assert _maxerr(out, full) <= TOL, (name, k, tau)
+                g = _grad(lambda x: fn(x, ids, lt, divergence, beta, tau), zs, w)
+                assert torch.isfinite(g).all() and _maxerr(g, g_full) <= TOL, (name, k, tau)
 
 
 def test_topk_order_of_ids_irrelevant():
@@ -713,9 +797,10 @@ def test_topk_order_of_ids_irrelevant():
     ids, lt = _teacher_topk(zt, 4, 1.0)
     perm = torch.tensor([2, 0, 3, 1])
     for divergence, beta in CASES:
-        a = topk_divergence(zs, ids, lt, divergence, beta)
-        b = topk_divergence(zs, ids[:, perm], lt[:, perm], divergence, beta)
-        assert _maxerr(a, b) <= 1e-12
+        for fn in TOPK_IMPLS.values():
+            a = fn(zs, ids, lt, divergence, beta)
+            b = fn(zs, ids[:, perm], lt[:, perm], divergence, beta)
+            assert _maxerr(a, b) <= 1e-12
 
 
 def test_topk_degenerate_tails_are_finite():
@@ -729,14 +814,18 @@ def test_topk_degenerate_tails_are_finite():
     w = torch.randn(4, dtype=F64)
     for divergence, beta in CASES:
         for s_logits, t_logp in ((zs, lt_over), (zs, lt_inf), (zs_peaked, lt)):
-            out = topk_divergence(s_logits, ids, t_logp, divergence, beta)
-            g = _grad(lambda x: topk_divergence(x, ids, t_logp, divergence, beta), s_logits, w)
-            kind = _kind(divergence, beta)
-            if kind == "reverse_kl" and t_logp is lt_inf:
-                # πs > 0 where πt = 0: KL(πs‖πt) = +inf (its gradient is not finite; documented)
-                assert torch.isposinf(out).all()
-                continue
-            assert torch.isfinite(out).all() and torch.isfinite(g).all(), (divergence, beta)
+            ref = topk_divergence(s_logits, ids, t_logp, divergence, beta)
+            g_ref = _grad(lambda x: topk_divergence(x, ids, t_logp, divergence, beta), s_logits, w)
+            for name, fn in TOPK_IMPLS.items():
+                out = fn(s_logits, ids, t_logp, divergence, beta)
+                g = _grad(lambda x: fn(x, ids, t_logp, divergence, beta), s_logits, w)
+                kind = _kind(divergence, beta)
+                if kind == "reverse_kl" and t_logp is lt_inf:
+                    # πs > 0 where πt = 0: KL(πs‖πt) = +inf (its gradient is not finite; documented)
+                    assert torch.isposinf(out).all()
+                    continue
+                assert torch.isfinite(out).all() and torch.isfinite(g).all(), (name, divergence, beta)
+                assert _maxerr(out, ref) <= 1e-12 and _maxerr(g, g_ref) <= 1e-12, (name, divergence, beta)
     # student −inf logits outside the teacher's top-k only move mass out of the tail
     zs_m = zs.clone()
     ids3, lt3 = _teacher_topk(zt, 3, 1.0)
@@ -745,19 +834,66 @@ def test_topk_degenerate_tails_are_finite():
         zs_m[t, others[0]] = NEG_INF
     for divergence, beta in CASES:
         ref = ref_topk(zs_m, ids3, lt3, divergence, beta, 1.0)
-        out = topk_divergence(zs_m, ids3, lt3, divergence, beta)
-        assert _maxerr(out, ref) <= TOL
-        g = _grad(lambda x: topk_divergence(x, ids3, lt3, divergence, beta), zs_m, w)
-        assert torch.isfinite(g).all()
+        for name, fn in TOPK_IMPLS.items():
+            out = fn(zs_m, ids3, lt3, divergence, beta)
+            assert _maxerr(out, ref) <= TOL, name
+            g = _grad(lambda x: fn(x, ids3, lt3, divergence, beta), zs_m, w)
+            assert torch.isfinite(g).all(), name
 
 
 def test_topk_float32_and_leading_dims():
     zs, zt = _logits(6, 9, seed=30)
     ids, lt = _teacher_topk(zt, 4, 1.0)
     ref = topk_divergence(zs, ids, lt, "jsd", 0.5)
-    out = topk_divergence(zs.float().reshape(2, 3, 9), ids.reshape(2, 3, 4), lt.float().reshape(2, 3, 4), "jsd", 0.5)
-    assert out.dtype == torch.float32 and out.shape == (2, 3)
-    assert _maxerr(out.reshape(-1).double(), ref) <= 1e-5
+    for fn in TOPK_IMPLS.values():
+        out = fn(zs.float().reshape(2, 3, 9), ids.reshape(2, 3, 4), lt.float().reshape(2, 3, 4), "jsd", 0.5)
+        assert out.dtype == torch.float32 and out.shape == (2, 3)
+        assert _maxerr(out.reshape(-1).double(), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)])
+def test_chunked_topk_float32_and_bf16_inputs(divergence, beta):
+    """float32 student logits: values and gradients within 1e-6 (relative) of the float64 reference on the same
+    (float32-rounded) inputs; bf16: float32 values, bf16 gradient, both close to the reference."""
+    zs, zt = _logits(12, 40, seed=33)
+    w = torch.randn(12, generator=torch.Generator().manual_seed(34), dtype=F64)
+    for tau in (1.0, 0.7):
+        ids, lt = chunked_teacher_topk(zt.float(), 6, tau, chunk_size=5)
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+            x = zs.to(dtype)
+            ref = topk_divergence(x.double(), ids, lt.double(), divergence, beta, tau)
+            g_ref = _grad(lambda y: topk_divergence(y, ids, lt.double(), divergence, beta, tau), x.double(), w)
+            out = chunked_topk_divergence(x, ids, lt, divergence, beta, tau, chunk_size=5)
+            g = _grad(lambda y: chunked_topk_divergence(y, ids, lt, divergence, beta, tau, 5), x, w.to(dtype))
+            assert out.dtype == torch.float32 and g.dtype == dtype
+            assert _relerr(out, ref) <= tol and _relerr(g, g_ref) <= tol, (dtype, _relerr(out, ref), _relerr(g, g_ref))
+
+
+@pytest.mark.parametrize("divergence,beta", CASES)
+def test_student_rows_select_rows_and_zero_the_others(divergence, beta):
+    """student_rows: the values of those rows (teacher given for them only) and the gradient of Σ w·D over them,
+    0 on every other row: the masked computation over all rows, for the full and the top-k paths."""
+    zs, zt = _logits(9, 8, seed=35)
+    rows = torch.tensor([7, 1, 2, 5])
+    mask = torch.zeros(9, dtype=F64)
+    mask[rows] = 1.0
+    w = torch.randn(9, generator=torch.Generator().manual_seed(36), dtype=F64)
+    for tau in (1.0, 1.6):
+        ids, lt = _teacher_topk(zt, 3, tau)
+        cases = [
+            (lambda x: full_divergence(x, zt, divergence, beta, tau),
+             lambda x: chunked_full_divergence(x, zt[rows], divergence, beta, tau, 3, student_rows=rows)),
+            (lambda x: topk_divergence(x, ids, lt, divergence, beta, tau),
+             lambda x: chunked_topk_divergence(x, ids[rows], lt[rows], divergence, beta, tau, 3, rows)),
+        ]
+        for masked, selected in cases:
+            assert _maxerr(selected(zs), masked(zs)[rows]) <= 1e-12
+            g_masked = _grad(masked, zs, w * mask)
+            g_sel = _grad(selected, zs, w[rows])
+            assert _maxerr(g_sel, g_masked) <= 1e-12
+            assert (g_sel[mask == 0] == 0).all()
+    with pytest.raises(ValueError, match="student_rows"):
+        chunked_full_divergence(zs, zt[:3], student_rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -773,6 +909,10 @@ def test_names_and_validation():
         full_divergence(zs, zt, "jsd", beta=1.5)
     with pytest.raises(ValueError):
         chunked_full_divergence(zs, zt, chunk_size=0)
+    with pytest.raises(ValueError):
+        chunked_topk_divergence(zs, *_teacher_topk(zt, 2, 1.0), chunk_size=0)
+    with pytest.raises(ValueError):
+        chunked_full_divergence(zs, zt[:1])  # row counts differ without student_rows
     with pytest.raises(ValueError):
         full_divergence(zs, zt[:, :3])
     with pytest.raises(ValueError):

@@ -6,7 +6,8 @@ Supports of the divergence:
 
 * ``sampled``: only the sampled token's log-probs (`sampled_reverse_kl`: the value; `sampled_kl_surrogate`: the
   per-token loss whose gradient each estimator uses, see "What each sampled estimator optimises" below).
-* ``topk``: the teacher's top-k tokens plus one tail bucket holding the remaining mass (`topk_divergence`).
+* ``topk``: the teacher's top-k tokens plus one tail bucket holding the remaining mass (`topk_divergence`, the
+  reference, and the memory-bounded `chunked_topk_divergence` with `chunked_teacher_topk`).
 * ``full``: the whole vocabulary (`full_divergence`, and the memory-bounded `chunked_full_divergence` /
   `chunked_divergence_from_hidden`).
 
@@ -213,12 +214,17 @@ def full_divergence(
     return _divergence_from_logp(ls, lt, kind, beta)
 
 
-def _logp(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> Tensor:
-    """log_softmax(z / τ) in ``dtype``; ``z`` is modified in place only if ``owned`` (a fresh temporary)."""
+def _scaled(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> Tensor:
+    """z / τ in ``dtype``; ``z`` is modified in place only if ``owned`` (a fresh temporary)."""
     zc = z.to(dtype)
     if temperature != 1.0:
         zc = zc.div_(temperature) if (owned or zc is not z) else zc / temperature
-    return torch.log_softmax(zc, dim=-1)
+    return zc
+
+
+def _logp(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> Tensor:
+    """log_softmax(z / τ) in ``dtype``; ``z`` is modified in place only if ``owned`` (a fresh temporary)."""
+    return torch.log_softmax(_scaled(z, dtype, temperature, owned), dim=-1)
 
 
 def _has_no_neg_inf(*logps: Tensor) -> bool:
@@ -295,58 +301,61 @@ def _value_and_grad(
     return value, grad
 
 
-class _ChunkedLogitsDivergence(torch.autograd.Function):
-    """Divergence of ``[T, V]`` logits, chunk by chunk with the analytic per-chunk gradient.
+class _RowwiseAnalytic(torch.autograd.Function):
+    """Per-row values of the student's logits ``zs [N, V]`` with the gradient computed in forward, chunk by chunk.
 
-    When a gradient is needed, the forward computes each chunk's values and gradient from one set of
-    softmaxes and keeps the ``[T, V]`` gradient (the size of the ``grad_zs`` that backward must return anyway);
-    the first backward scales it in place by ``grad_out`` and hands it over. A further backward through the
-    same graph (``retain_graph=True``, gradcheck) recomputes the gradient chunk by chunk from the saved logits.
+    ``chunk_fn(a, b, need_grad) -> (values [b−a], grad [b−a, V] or None)`` evaluates rows a:b of the selection
+    (``zs[rows[a:b]]``, or ``zs[a:b]`` when ``rows`` is None); it closes over the teacher's side, which ctx does
+    not keep. Kept for backward: no input tensor, only the ``[N, V]`` gradient in the dtype of ``zs`` (O(V) per
+    row, 0 on rows not selected; the tensor backward returns anyway, scaled there in place by ``grad_out``) and
+    ``rows`` (``[n]``). So a second backward through the same graph (``retain_graph=True``, gradcheck) is an
+    error: run the forward again.
     """
 
     @staticmethod
-    def forward(
-        ctx, zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool,
-        teacher_temperature: float,
-    ) -> Tensor:
-        ctx.cfg = (kind, beta, temperature, chunk, teacher_temperature)
-        out, ctx.unscaled_grad = _chunked_values_and_grad(
-            zs, zt, kind, beta, temperature, chunk, need_grad, teacher_temperature
-        )
-        ctx.save_for_backward(zs, zt)
+    def forward(ctx, zs: Tensor, rows: Tensor | None, n: int, chunk: int, need_grad: bool, chunk_fn) -> Tensor:
+        out = torch.empty(n, dtype=_compute_dtype(zs.dtype), device=zs.device)
+        grad = (torch.empty_like(zs) if rows is None else torch.zeros_like(zs)) if need_grad else None
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            out[a:b], g = chunk_fn(a, b, need_grad)
+            if need_grad:
+                if rows is None:
+                    grad[a:b] = g
+                else:
+                    grad.index_copy_(0, rows[a:b], g.to(grad.dtype))
+            del g  # free this chunk's buffers before the next chunk allocates its own
+        ctx.grad, ctx.rows = grad, rows
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        if ctx.unscaled_grad is not None:  # first backward: the gradient computed in forward
-            grad_zs, ctx.unscaled_grad = ctx.unscaled_grad, None
-        else:  # a further backward through the same graph: recompute
-            zs, zt = ctx.saved_tensors
-            _, grad_zs = _chunked_values_and_grad(zs, zt, *ctx.cfg[:4], True, ctx.cfg[4])
-        return grad_zs.mul_(grad_out.unsqueeze(-1).to(grad_zs.dtype)), None, None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "opd_verl: a second backward through a chunked divergence: its gradient, computed in forward, went "
+                "to the first backward and nothing else is kept; run the forward again")
+        scale = grad_out.to(grad.dtype)
+        if ctx.rows is not None:  # one grad_out per selected row; the other rows' gradient is 0 already
+            scale = scale.new_zeros(grad.shape[0]).index_copy_(0, ctx.rows, scale)
+        return grad.mul_(scale.unsqueeze(-1)), None, None, None, None, None
 
 
-def _chunked_values_and_grad(
-    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, chunk: int, need_grad: bool,
-    teacher_temperature: float | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row values ``[T]`` and (if ``need_grad``) the unscaled gradient ``[T, V]`` (dtype of ``zs``), chunk by
-    chunk from one set of softmaxes each. The teacher's logits are divided by ``teacher_temperature`` (default
-    ``temperature``)."""
-    tt = temperature if teacher_temperature is None else teacher_temperature
-    dtype = _compute_dtype(zs.dtype)
-    out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
-    grad = torch.empty_like(zs) if need_grad else None
-    for a in range(0, zs.shape[0], chunk):
-        b = min(a + chunk, zs.shape[0])
-        out[a:b], g = _value_and_grad(
-            _logp(zs[a:b], dtype, temperature), _logp(zt[a:b], dtype, tt), kind, beta, temperature, need_grad
-        )
-        if need_grad:
-            grad[a:b] = g
-        del g  # free this chunk's buffers before the next chunk allocates its own
-    return out, grad
+def _student_rows(rows: Tensor | None, zs: Tensor, n: int) -> Tensor | None:
+    """Validate ``student_rows`` (long ``[n]``, indices into the rows of ``zs [N, V]``)."""
+    if rows is None:
+        if zs.shape[0] != n:
+            raise ValueError(f"student rows {zs.shape[0]} vs teacher rows {n}")
+        return None
+    if rows.dim() != 1 or rows.numel() != n:
+        raise ValueError(f"student_rows must be 1-D with one index per teacher row ({n}), got {tuple(rows.shape)}")
+    return rows.to(device=zs.device, dtype=torch.long)
+
+
+def _rows_of(zs: Tensor, rows: Tensor | None, a: int, b: int) -> Tensor:
+    """Rows a:b of the selection: a view of ``zs`` or (``rows`` given) a fresh ``[b−a, V]`` copy."""
+    return zs[a:b] if rows is None else zs.index_select(0, rows[a:b])
 
 
 def chunked_full_divergence(
@@ -357,36 +366,42 @@ def chunked_full_divergence(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     teacher_temperature: float | None = None,
+    student_rows: Tensor | None = None,
 ) -> Tensor:
     """Same values as `full_divergence` for logits ``[T, V]`` (or ``[..., V]``), ``chunk_size`` rows at a time
     (``teacher_temperature`` as there).
 
-    A custom autograd Function: each chunk's softmaxes are computed once, giving the values and (when a
-    gradient is needed) the analytic gradient, which is kept until backward: memory beyond the inputs is the
-    ``[T, V]`` gradient (which backward returns anyway) plus O(chunk_size·V) temporaries (about 3–4 live
-    ``[chunk_size, V]`` buffers of the compute dtype, 4–5 for jsd). Gradient flows to ``student_logits`` only;
-    the input logits are never modified.
+    ``student_rows`` (long ``[n]``, optional): only these rows of ``student_logits [N, V]`` are evaluated, against
+    ``teacher_logits [n, V]`` (one row per index) → values ``[n]``; the gradient is 0 on the other rows.
+
+    A custom autograd Function (`_RowwiseAnalytic`): each chunk's softmaxes are computed once, giving the values
+    and the analytic gradient. Memory beyond the inputs: the ``[N, V]`` gradient (O(V) per row, what backward
+    returns; kept from forward to backward, nothing else is saved: no teacher logits) plus O(chunk_size·V)
+    temporaries (about 3–4 live ``[chunk_size, V]`` buffers of the compute dtype, 4–5 for jsd). Gradient flows
+    to ``student_logits`` only; the input logits are never modified.
     """
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
     tt = _teacher_temperature(temperature, teacher_temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if student_logits.shape != teacher_logits.shape:
+    if student_logits.shape[-1] != teacher_logits.shape[-1] or (
+        student_rows is None and student_logits.shape != teacher_logits.shape
+    ):
         raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
-    lead = student_logits.shape[:-1]
+    beta, temperature = float(beta), float(temperature)
     vocab = student_logits.shape[-1]
-    out = _ChunkedLogitsDivergence.apply(
-        student_logits.reshape(-1, vocab),
-        teacher_logits.detach().reshape(-1, vocab),
-        kind,
-        float(beta),
-        float(temperature),
-        int(chunk_size),
-        torch.is_grad_enabled() and student_logits.requires_grad,
-        tt,
-    )
-    return out.reshape(lead)
+    zs, zt = student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
+    rows = _student_rows(student_rows, zs, zt.shape[0])
+    dtype = _compute_dtype(zs.dtype)
+
+    def chunk_fn(a: int, b: int, need_grad: bool):
+        ls = _logp(_rows_of(zs, rows, a, b), dtype, temperature, owned=rows is not None)
+        return _value_and_grad(ls, _logp(zt[a:b], dtype, tt), kind, beta, temperature, need_grad)
+
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    out = _RowwiseAnalytic.apply(zs, rows, zt.shape[0], int(chunk_size), need_grad, chunk_fn)
+    return out if rows is not None else out.reshape(student_logits.shape[:-1])
 
 
 class _ChunkedHiddenDivergence(torch.autograd.Function):
@@ -498,6 +513,15 @@ def _append_log_tail(logp_k: Tensor) -> Tensor:
     return torch.cat([logp_k, tail], dim=-1)
 
 
+def _check_topk_inputs(divergence: str, beta: float, temperature: float, ids: Tensor, logp: Tensor) -> str:
+    """Validate the arguments of the top-k divergences; returns the canonical divergence."""
+    kind = _canonical(divergence, beta)
+    _check_temperature(temperature)
+    if ids.shape != logp.shape:
+        raise ValueError(f"top-k ids / logp shapes differ: {tuple(ids.shape)} vs {tuple(logp.shape)}")
+    return kind
+
+
 def topk_divergence(
     student_logits: Tensor,
     teacher_topk_ids: Tensor,
@@ -515,12 +539,7 @@ def topk_divergence(
     gives a ~0 term and no NaN; −inf teacher log-probs are zero-probability entries. The (k+1)-point
     divergence is evaluated in float64; the result has the student's compute dtype (≥ float32).
     """
-    kind = _canonical(divergence, beta)
-    _check_temperature(temperature)
-    if teacher_topk_ids.shape != teacher_topk_logp.shape:
-        raise ValueError(
-            f"top-k ids / logp shapes differ: {tuple(teacher_topk_ids.shape)} vs {tuple(teacher_topk_logp.shape)}"
-        )
+    kind = _check_topk_inputs(divergence, beta, temperature, teacher_topk_ids, teacher_topk_logp)
     dtype = _compute_dtype(student_logits.dtype)
     z = student_logits.to(dtype)
     if temperature != 1.0:
@@ -529,3 +548,87 @@ def topk_divergence(
     ls = _append_log_tail(ls_k.to(torch.float64))
     lt = _append_log_tail(teacher_topk_logp.detach().to(torch.float64))
     return _divergence_from_logp(ls, lt, kind, beta).to(dtype)
+
+
+def chunked_teacher_topk(
+    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """The teacher's ``k`` most likely ids per row (k capped at V) and their log-probs log_softmax(z / τ) (compute
+    dtype ≥ float32): ``(ids long [..., k], logp [..., k])``, the inputs of `topk_divergence` /
+    `chunked_topk_divergence`. ``chunk_size`` rows at a time: O(chunk_size·V) temporaries, O(k) per row kept."""
+    _check_temperature(temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab = teacher_logits.shape[-1]
+    k = min(int(k), vocab)
+    z = teacher_logits.detach().reshape(-1, vocab)
+    dtype = _compute_dtype(z.dtype)
+    ids = torch.empty(z.shape[0], k, dtype=torch.long, device=z.device)
+    logp = torch.empty(z.shape[0], k, dtype=dtype, device=z.device)
+    for a in range(0, z.shape[0], chunk_size):
+        logp[a:a + chunk_size], ids[a:a + chunk_size] = _logp(z[a:a + chunk_size], dtype, temperature).topk(k, dim=-1)
+    lead = teacher_logits.shape[:-1]
+    return ids.reshape(*lead, k), logp.reshape(*lead, k)
+
+
+def _topk_value_and_grad(
+    z: Tensor, ids: Tensor, lt_k: Tensor, kind: str, beta: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk of `chunked_topk_divergence` from the student's scaled logits ``z = logits / τ [c, V]`` (not
+    modified) and the teacher's top-k (``ids``, log-probs ``lt_k`` ``[c, k]``): values ``[c]`` and, if
+    ``need_grad``, the gradient w.r.t. ``z`` ``[c, V]``.
+
+    The (k+1)-point part is `topk_divergence`'s own float64 code (tail bucket, floor, p = 0 conventions),
+    differentiated by autograd on the ``[c, k]`` leaf ls_k = z[ids] − logsumexp(z), giving g = ∂D/∂ls_k; over the
+    vocabulary the gradient is analytic: ∂D/∂z = scatter(g at ids) − (Σ_i g_i)·softmax(z).
+    """
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    ls_k = (z.gather(-1, ids) - lse).to(torch.float64).requires_grad_(need_grad)
+    with torch.enable_grad():
+        value = _divergence_from_logp(_append_log_tail(ls_k), _append_log_tail(lt_k.to(torch.float64)), kind, beta)
+        if not need_grad:
+            return value.to(z.dtype), None
+        (g,) = torch.autograd.grad(value.sum(), ls_k)
+    g = g.to(z.dtype)
+    grad = z.sub(lse).exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)
+    return value.detach().to(z.dtype), grad
+
+
+def chunked_topk_divergence(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logp: Tensor,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    student_rows: Tensor | None = None,
+) -> Tensor:
+    """Same values and gradients as `topk_divergence` (the float64-checked reference), ``chunk_size`` rows at a
+    time; ``student_rows`` as in `chunked_full_divergence` (the teacher's top-k then has one row per index).
+
+    A custom autograd Function (`_RowwiseAnalytic`): the gradient is computed in forward per chunk
+    (`_topk_value_and_grad`). Memory beyond the inputs: the ``[N, V]`` gradient (O(V) per row, what backward
+    returns; nothing else is saved) plus O(chunk_size·V) temporaries (about 2–3 ``[chunk_size, V]`` buffers of
+    the compute dtype); the teacher enters as its top-k only (O(k) per row, `chunked_teacher_topk`), so its
+    ``[N, V]`` logits can be freed before the student's pass.
+    """
+    kind = _check_topk_inputs(divergence, beta, temperature, teacher_topk_ids, teacher_topk_logp)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    beta, temperature = float(beta), float(temperature)
+    vocab, k = student_logits.shape[-1], teacher_topk_ids.shape[-1]
+    zs = student_logits.reshape(-1, vocab)
+    ids = teacher_topk_ids.reshape(-1, k).long().to(zs.device)
+    lt = teacher_topk_logp.detach().reshape(-1, k)
+    rows = _student_rows(student_rows, zs, ids.shape[0])
+    dtype = _compute_dtype(zs.dtype)
+
+    def chunk_fn(a: int, b: int, need_grad: bool):
+        z = _scaled(_rows_of(zs, rows, a, b), dtype, temperature, owned=rows is not None)
+        value, grad = _topk_value_and_grad(z, ids[a:b], lt[a:b], kind, beta, need_grad)
+        return value, (grad.div_(temperature) if grad is not None and temperature != 1.0 else grad)
+
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    out = _RowwiseAnalytic.apply(zs, rows, ids.shape[0], int(chunk_size), need_grad, chunk_fn)
+    return out if rows is not None else out.reshape(student_logits.shape[:-1])

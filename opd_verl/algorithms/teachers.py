@@ -111,31 +111,37 @@ def mean_logit_label_log_probs(
 def mixture_label_log_probs(
     logits: list[Tensor], weights: list[float], mode: str, labels: Tensor, temperature: float | Tensor = 1.0,
     sample_teacher: Tensor | None = None, lengths: Tensor | None = None, dtype: torch.dtype = torch.float32,
-    chunk_size: int = 1024,
+    chunk_size: int = 1024, rows: Tensor | None = None,
 ) -> Tensor:
     """The sampled token's log-prob under the teachers' mixture at ``temperature`` (what verl's reference pass
     returns through compute_ref_log_prob): one teacher, route (``sample_teacher``, ``lengths``), mean_prob (log of
-    the mean of the probabilities of the token) or mean_logit (the token under log_softmax(Σ w z / T))."""
+    the mean of the probabilities of the token) or mean_logit (the token under log_softmax(Σ w z / T)).
+    ``rows``: the packed rows the logits hold, for route (as in `route_rows`)."""
     if len(logits) > 1 and sample_teacher is None and mode == "mean_logit":
         return mean_logit_label_log_probs(logits, weights, labels, temperature, dtype, chunk_size)
     per_teacher = [label_log_probs(lk, labels, temperature, dtype, chunk_size) for lk in logits]
     if len(per_teacher) == 1:
         return per_teacher[0]
     if sample_teacher is not None:
-        return route_rows(per_teacher, sample_teacher, lengths)
+        return route_rows(per_teacher, sample_teacher, lengths, rows)
     return mix_log_probs(per_teacher, weights).to(dtype)
 
 
-def route_rows(per_teacher: list[Tensor], sample_teacher: Tensor, lengths: Tensor) -> Tensor:
+def route_rows(
+    per_teacher: list[Tensor], sample_teacher: Tensor, lengths: Tensor, rows: Tensor | None = None
+) -> Tensor:
     """Packed rows [nnz, ...] taken from each sample's own teacher: sample i (lengths[i] rows) from
-    per_teacher[sample_teacher[i]]. Rows past sum(lengths) (sequence-parallel padding) follow the last sample."""
+    per_teacher[sample_teacher[i]]. Rows past sum(lengths) (sequence-parallel padding) follow the last sample.
+    ``rows`` (long [n], indices < sum(lengths)): per_teacher hold only these packed rows ([n, ...])."""
     token_teacher = torch.repeat_interleave(sample_teacher.to(torch.long), lengths.to(torch.long))
+    if rows is not None:
+        token_teacher = token_teacher[rows.to(token_teacher.device)]
     extra = per_teacher[0].shape[0] - token_teacher.numel()
     if extra > 0:
         token_teacher = torch.cat([token_teacher, token_teacher[-1:].expand(extra)])
     token_teacher = token_teacher.to(per_teacher[0].device)
     out = per_teacher[0].clone()
     for k in range(1, len(per_teacher)):
-        rows = token_teacher == k
-        out[rows] = per_teacher[k][rows].to(out.dtype)
+        pick = token_teacher == k
+        out[pick] = per_teacher[k][pick].to(out.dtype)
     return out

@@ -307,8 +307,8 @@ def unread_options(config: Mapping) -> dict[str, str]:
     else:
         if support != "topk":
             unread["topk"] = "opd.support=topk"
-        if support != "full":
-            unread["chunk_size"] = "opd.support=full"
+        if support == "sampled":
+            unread["chunk_size"] = "opd.support=topk|full"
         if support != "sampled":
             unread["kl_estimator"] = "opd.support=sampled"
         if opd["divergence"] != "jsd":

@@ -30,7 +30,12 @@ from verl.utils.torch_functional import masked_mean
 from verl.workers.utils.padding import no_padding_2_padding
 
 from opd_verl.algorithms.advantages import distill_loss_mix
-from opd_verl.algorithms.divergences import chunked_full_divergence, sampled_kl_surrogate, topk_divergence
+from opd_verl.algorithms.divergences import (
+    chunked_full_divergence,
+    chunked_teacher_topk,
+    chunked_topk_divergence,
+    sampled_kl_surrogate,
+)
 from opd_verl.algorithms.teachers import mixture_label_log_probs, route_rows, teacher_mixture_at
 
 DISTILL_KEY = "opd_divergence"
@@ -86,12 +91,34 @@ def rollout_temperature(micro_batch, rows: int) -> float | torch.Tensor:
     return _uniform(per_row)
 
 
+def response_rows(micro_batch) -> torch.Tensor | None:
+    """The packed rows the loss keeps (long [n], ascending): row j predicts token j + 1 (as no_padding_2_padding
+    slices the responses), kept where the response_mask is 1. None without a nested response_mask (every row)."""
+    try:
+        mask = micro_batch["response_mask"]
+    except KeyError:
+        return None
+    if not getattr(mask, "is_nested", False):
+        return None
+    offsets, lengths = mask.offsets(), mask.offsets().diff()
+    first = micro_batch["input_ids"].offsets()[1:].to(lengths.device) - lengths - 1  # predicts response token 0
+    shift = torch.repeat_interleave(first - offsets[:-1], lengths)  # response token index → its packed row
+    packed = torch.arange(int(offsets[-1]), device=lengths.device) + shift
+    return packed[mask.values().to(lengths.device).bool()]
+
+
+def scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Per-row values of the selected ``rows`` back in the packed layout [n] (0 elsewhere; differentiable)."""
+    return values if rows is None else values.new_zeros(n).index_copy(0, rows.to(values.device), values)
+
+
 def student_at_loss_temperature(student_logits: torch.Tensor, rollout_t: float | torch.Tensor, tau: float):
     """(logits, divisor) with softmax(logits / divisor) = softmax(z / τ), given verl's z / T: the rollout
     temperature is undone, not compounded. One T: divisor τ / T (no copy); per-row T: logits rescaled, divisor 1."""
     if isinstance(rollout_t, torch.Tensor):
-        scale = (rollout_t.to(device=student_logits.device, dtype=torch.float32) / tau).unsqueeze(-1)
-        return student_logits.float() * scale, 1.0
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        scale = (rollout_t.to(device=student_logits.device, dtype=dtype) / tau).unsqueeze(-1)
+        return student_logits.to(dtype) * scale, 1.0
     return student_logits, tau / float(rollout_t)
 
 
@@ -133,15 +160,22 @@ def teacher_pass(
     lengths: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
     chunk_size: int = 1024,
+    rows: torch.Tensor | None = None,
 ) -> TeacherPass:
     """The teachers' raw packed logits (one tensor per teacher) → the loss-level teacher at τ and the
-    alignment inputs at T. ``compute_dtype``: the teachers' forward precision (coarsest with the logits' dtype)."""
+    alignment inputs at T. ``compute_dtype``: the teachers' forward precision (coarsest with the logits' dtype).
+    ``rows`` (long [n]): only these packed rows (`response_rows`); every output then has n rows."""
+    if rows is not None:  # select first: the mixtures cost O(n·V) and the caller's [nnz, V] logits can go
+        raw_logits = [z.index_select(0, rows.to(z.device)) for z in raw_logits]
+        labels = labels.reshape(-1).index_select(0, rows.to(labels.device))
+        if isinstance(rollout_t, torch.Tensor):
+            rollout_t = rollout_t.index_select(0, rows.to(rollout_t.device))
     if sample_teacher is not None:
-        logits, divisor = route_rows(raw_logits, sample_teacher, lengths), float(tau)
+        logits, divisor = route_rows(raw_logits, sample_teacher, lengths, rows), float(tau)
     else:
         logits, divisor = teacher_mixture_at(raw_logits, weights, mode, tau)
     label_logp = mixture_label_log_probs(raw_logits, weights, mode, labels, rollout_t, sample_teacher, lengths,
-                                         chunk_size=chunk_size)
+                                         chunk_size=chunk_size, rows=rows)
     absmax = torch.stack([_row_absmax(z, chunk_size) for z in raw_logits]).amax(0)
     t = rollout_t.to(absmax.device) if isinstance(rollout_t, torch.Tensor) else rollout_t
     eps = torch.finfo(coarsest_dtype(compute_dtype, *[z.dtype for z in raw_logits])).eps
@@ -195,31 +229,40 @@ def shared_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     return student_logits[..., :vocab], teacher_logits[..., :vocab]
 
 
+def teacher_topk(teacher_logits: torch.Tensor, opd: Mapping, teacher_temperature: float | None = None):
+    """The teacher's top-k for support=topk: (ids, log-probs) [n, opd.topk] of softmax(teacher_logits / divisor)
+    (default opd.temperature), opd.chunk_size rows at a time."""
+    tt = float(opd["temperature"]) if teacher_temperature is None else float(teacher_temperature)
+    return chunked_teacher_topk(teacher_logits, int(opd["topk"]), tt, int(opd.get("chunk_size", 1024)))
+
+
 def distill_token_values(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     opd: Mapping,
     student_temperature: float | None = None,
     teacher_temperature: float | None = None,
+    student_rows: torch.Tensor | None = None,
 ):
-    """Per-token divergence over opd.support (topk or full) and the teacher's top-k mass (1 for full).
+    """Per-token divergence over opd.support (topk or full) and the teacher's top-k mass (1 for full), both
+    chunked (opd.chunk_size rows at a time: O(chunk·V) temporaries beyond the [N, V] gradient).
 
-    The distributions are softmax(student_logits / student_temperature) and softmax(teacher_logits /
-    teacher_temperature); both divisors default to opd.temperature (inputs that are raw logits)."""
+    The distributions are softmax(student_logits / student_temperature) and softmax(teacher / teacher_temperature);
+    both divisors default to opd.temperature (inputs that are raw logits). ``teacher``: the teacher's logits
+    [n, V], or for topk its (ids, log-probs) from `teacher_topk` (so that the caller can free the logits first).
+    ``student_rows`` (long [n]): only these rows of student_logits [N, V], one per teacher row; values [n], gradient
+    0 on the other rows."""
     divergence, beta, tau = opd["divergence"], float(opd["beta"]), float(opd["temperature"])
     ts = tau if student_temperature is None else float(student_temperature)
-    tt = tau if teacher_temperature is None else float(teacher_temperature)
+    chunk = int(opd.get("chunk_size", 1024))
     if opd["support"] == "full":
-        values = chunked_full_divergence(
-            student_logits, teacher_logits, divergence, beta, ts, int(opd["chunk_size"]), teacher_temperature=tt
-        )
+        tt = tau if teacher_temperature is None else float(teacher_temperature)
+        values = chunked_full_divergence(student_logits, teacher, divergence, beta, ts, chunk, teacher_temperature=tt,
+                                         student_rows=student_rows)
         return values, torch.ones_like(values.detach())
-    teacher_logp = torch.log_softmax(teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)) / tt,
-                                     dim=-1)
-    k = min(int(opd["topk"]), teacher_logp.shape[-1])
-    topk_logp, topk_ids = teacher_logp.topk(k, dim=-1)
-    values = topk_divergence(student_logits, topk_ids, topk_logp, divergence, beta, ts)
-    return values, topk_logp.exp().sum(-1)
+    ids, logp = teacher if isinstance(teacher, tuple) else teacher_topk(teacher, opd, teacher_temperature)
+    values = chunked_topk_divergence(student_logits, ids, logp, divergence, beta, ts, chunk, student_rows)
+    return values, logp.exp().sum(-1)
 
 
 def sampled_distill_loss_matrix(log_prob: torch.Tensor, teacher_log_prob: torch.Tensor, estimator: str,
@@ -252,19 +295,30 @@ def opd_actor_loss(
     student_logits: torch.Tensor | None = None,
     **kwargs,
 ):
-    """Logits-processor call (student_logits given): per-token divergences. Loss call: the weighted sum."""
+    """Logits-processor call (student_logits given): per-token divergences, computed on the response rows only
+    (`response_rows`; 0 on the others, which the loss masks). Loss call: the weighted sum."""
     if student_logits is not None:
         zs = student_logits.squeeze(0)
-        tau = float(opd["temperature"])
-        zs, student_divisor = student_at_loss_temperature(zs, rollout_temperature(data, zs.shape[0]), tau)
-        teacher: TeacherPass = teacher_logits_fn(data)
-        student, teacher_z = shared_vocab(zs, teacher.logits.to(zs.device))
-        values, mass = distill_token_values(student, teacher_z, opd, student_divisor, teacher.temperature)
-        outputs = {DISTILL_KEY: values.unsqueeze(0), TOPK_MASS_KEY: mass.unsqueeze(0)}
+        nnz, tau = zs.shape[0], float(opd["temperature"])
+        rows = response_rows(data)
+        rows = rows if rows is None else rows.to(zs.device)
+        rollout_t, student_rows = rollout_temperature(data, nnz), rows
+        if rows is not None and isinstance(rollout_t, torch.Tensor):  # per-row T: rescale the response rows only
+            zs, rollout_t, student_rows = zs.index_select(0, rows), rollout_t.to(rows.device)[rows], None
+        zs, student_divisor = student_at_loss_temperature(zs, rollout_t, tau)
+        teacher: TeacherPass = teacher_logits_fn(data, rows)
+        outputs = {}
         if teacher.label_log_prob is not None:
-            outputs[TEACHER_LABEL_KEY] = teacher.label_log_prob.to(zs.device).unsqueeze(0)
-            outputs[TEACHER_RESOLUTION_KEY] = teacher.resolution.to(zs.device).unsqueeze(0)
-        return outputs
+            outputs[TEACHER_LABEL_KEY] = teacher.label_log_prob.to(zs.device)
+            outputs[TEACHER_RESOLUTION_KEY] = teacher.resolution.to(zs.device)
+        student, teacher_z = shared_vocab(zs, teacher.logits.to(zs.device))
+        tt = teacher.temperature
+        del teacher  # teacher_z is the one reference left to the teachers' [n, V] logits
+        if opd["support"] == "topk":  # from here on the top-k only: the logits are freed before the student's pass
+            teacher_z = teacher_topk(teacher_z, opd, tt)
+        values, mass = distill_token_values(student, teacher_z, opd, student_divisor, tt, student_rows)
+        outputs.update({DISTILL_KEY: values, TOPK_MASS_KEY: mass})
+        return {k: scatter_rows(v, rows, nnz).unsqueeze(0) for k, v in outputs.items()}
 
     lambda_rl, lambda_distill = float(opd["lambda_rl"]), float(opd["lambda_distill"])
     if lambda_rl > 0:

@@ -176,10 +176,11 @@ class OPDWorker(ActorRolloutRefWorker):
             output = engine.module(**model_inputs, use_cache=False)
         return packed_logits(output.logits, micro_batch, output_args), output_args
 
-    def teacher_logits(self, micro_batch):
+    def teacher_logits(self, micro_batch, rows=None):
         """The teachers of this micro-batch (a distill_actor_loss.TeacherPass): the loss-level teacher at
-        opd.temperature over the student's packed positions, and its sampled-token log-probs at the rollout
-        temperature for the alignment check against verl's reference pass."""
+        opd.temperature over the student's packed positions (only ``rows`` of them when given: the response rows),
+        and its sampled-token log-probs at the rollout temperature for the alignment check against verl's
+        reference pass."""
         from opd_verl.verl_ext.distill_actor_loss import coarsest_dtype, packed_rollout_temperature, teacher_pass
 
         raw, output_args = [], None
@@ -197,6 +198,7 @@ class OPDWorker(ActorRolloutRefWorker):
             lengths=micro_batch["input_ids"].offsets().diff(),
             compute_dtype=coarsest_dtype(*[_engine_dtype(t.engine) for t in self.teachers]),
             chunk_size=int(self.opd_options.get("chunk_size", 1024)),
+            rows=rows,
         )
 
     def _mean_logit_processor(self):
