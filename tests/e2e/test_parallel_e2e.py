@@ -1,0 +1,136 @@
+"""The multi-rank and multi-node path, emulated on CPU: two data-parallel ranks (FSDP over gloo, two vLLM
+replicas) and a real two-node Ray cluster on this machine (a head without GPUs, the driver on it).
+
+Rollouts are greedy (`rollout.top_k=1`) so that runs with different layouts sample the same responses and their
+step-1 numbers can be compared. These runs are slow on 2 cores (3–6 min each): marked `slow`, not part of the
+default test command; run them with
+
+    bash examples/run_tests.sh -m slow tests/e2e/test_parallel_e2e.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpu_run import float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok, write_dataset, write_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    w = prepare_workdir(tmp_path_factory.mktemp("parallel"))
+    w.teacher_a = write_model(w.root / "teacher_a", hidden_size=256, num_layers=2, seed=1)
+    w.teacher_b = write_model(w.root / "teacher_b", hidden_size=128, num_layers=2, seed=3)
+    w.routed_train, w.routed_val = write_dataset(w.root / "routed_data", data_sources=("arith_a", "arith_b"))
+    return w
+
+
+def _routed_loss_level_full(w, name, ranks, steps=1, **extra):
+    """Teachers routed by data_source; loss-level full-vocabulary reverse KL (its in-loss teacher forward routes
+    each sample as the reference pass does); OPD advantages (dumped per step); greedy rollouts."""
+    micro = 16 // ranks  # train_batch_size 4 x n 4 = 16 samples, split over the ranks
+    overrides = {
+        "algorithm.adv_estimator": "opd",
+        "opd.teachers": f"[{{path:{w.teacher_a},data_source:arith_a}},{{path:{w.teacher_b},data_source:arith_b}}]",
+        "opd.multi_teacher_mode": "route",
+        "actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill",
+        "opd.support": "full",
+        "opd.chunk_size": 64,
+        "data.train_files": w.routed_train,
+        "data.val_files": w.routed_val,
+        "data.max_response_length": 32,
+        "actor_rollout_ref.rollout.top_k": 1,
+        "trainer.n_gpus_per_node": ranks,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": micro,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": micro,
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": micro,
+        "trainer.experiment_name": name,
+        "trainer.total_training_steps": steps,
+        "trainer.default_local_dir": str(w.root / f"ckpt_{name}"),
+    }
+    overrides.update(extra)
+    return grpo_overrides(w, **overrides)
+
+
+def _dumped_run(w, name, overrides, tmp_path):
+    dump = tmp_path / f"dump_{name}"
+    result = run_main(overrides, w.root / f"{name}.log", timeout=TIMEOUT, env={"OPD_VERL_DUMP_TOKENS": str(dump)})
+    assert not result.timed_out, f"{name} hung; log: {w.root / f'{name}.log'}"
+    assert result.returncode == 0, result.log[-4000:]
+    from cpu_run import console_metrics
+
+    return console_metrics(result.log), torch.load(dump / "step_1.pt")
+
+
+def test_two_ranks_match_a_float64_recomputation_and_the_one_rank_run(workdir, tmp_path):
+    one, saved_one = _dumped_run(workdir, "one_rank", _routed_loss_level_full(workdir, "one_rank", 1), tmp_path)
+    two, saved = _dumped_run(workdir, "two_ranks", _routed_loss_level_full(workdir, "two_ranks", 2), tmp_path)
+    m1, m2 = one[1], two[1]
+    for m in (m1, m2):
+        assert m["opd/divergence_per_token"] > 1e-3 and m["opd/topk_mass"] == pytest.approx(1.0)
+        assert any(k.startswith("opd/teacher_alignment") for k in m), sorted(m)
+    # the same greedy responses, so the same KL: the data-parallel split loses and reorders nothing
+    assert sorted(map(tuple, map(torch.Tensor.tolist, saved["responses"]))) == sorted(
+        map(tuple, map(torch.Tensor.tolist, saved_one["responses"]))
+    )
+    assert abs(m2["opd/kl_per_token"] - m1["opd/kl_per_token"]) <= 1e-4, (m1["opd/kl_per_token"], m2["opd/kl_per_token"])
+    # every sample of the two-rank run, against HF in float64 with its own data_source's teacher
+    routes = {"arith_a": workdir.teacher_a, "arith_b": workdir.teacher_b}
+    assert sorted(set(saved["data_source"])) == ["arith_a", "arith_b"]
+    worst = 0.0
+    for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
+        n = int(saved["response_mask"][i].sum())
+        s64 = float64_log_probs(workdir.model, prompt, response)
+        q64 = float64_log_probs(routes[saved["data_source"][i]], prompt, response)
+        worst = max(worst, float((saved["old_log_probs"][i, :n].double() - s64).abs().max()),
+                    float((saved["ref_log_prob"][i, :n].double() - q64).abs().max()))
+        assert torch.allclose(saved["advantages"][i, :n].double(), (q64 - s64).clamp(-10, 10), atol=1e-4)
+    assert worst < 1e-4, worst
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A real Ray cluster of three nodes on this machine: the head (the driver's node) without GPUs and two
+    worker nodes with one placeholder GPU each (trainer.nnodes=2 x n_gpus_per_node=1)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=8, num_gpus=1)
+    yield cluster
+    cluster.shutdown()
+
+
+def test_two_nodes_train_checkpoint_and_resume(workdir, two_node_cluster):
+    def overrides(steps):
+        return grpo_overrides(
+            workdir,
+            **{
+                "algorithm.adv_estimator": "opd",
+                "opd.teacher.path": workdir.teacher_a,
+                "actor_rollout_ref.actor.policy_loss.loss_mode": "importance_sampling",
+                "trainer.nnodes": 2,
+                "trainer.n_gpus_per_node": 1,
+                "+ray_kwargs.ray_init.address": two_node_cluster.address,
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 8,
+                "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 8,
+                "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 8,
+                "trainer.experiment_name": "two_nodes",
+                "trainer.total_training_steps": steps,
+                "trainer.save_freq": 2,
+                "trainer.resume_mode": "auto",
+                "trainer.default_local_dir": str(workdir.root / "ckpt_two_nodes"),
+            },
+        )
+
+    first = run_ok(workdir, "two_nodes_1", overrides(2), TIMEOUT)
+    assert sorted(first) == [1, 2] and first[2]["opd/kl_per_token"] > 1e-3
+    assert (workdir.root / "ckpt_two_nodes" / "global_step_2" / ".opd_verl_complete").is_file()
+    log = workdir.root / "two_nodes_2.log"
+    resumed = run_ok(workdir, "two_nodes_2", overrides(3), TIMEOUT)
+    assert sorted(resumed) == [3], sorted(resumed)
+    assert "global_step_2" in log.read_text(errors="replace")
