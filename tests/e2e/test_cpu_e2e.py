@@ -51,7 +51,7 @@ def _assert_ok(result, what: str) -> None:
     assert result.returncode == 0, f"{what} exited {result.returncode}; log tail:\n{result.log[-6000:]}"
 
 
-def test_grpo_two_steps_validation_checkpoint_then_resume(workdir, first_run):
+def test_grpo_two_steps_validation_checkpoint(workdir, first_run):
     overrides, result = first_run
     _assert_ok(result, "GRPO run")
     steps = console_metrics(result.log)
@@ -69,7 +69,13 @@ def test_grpo_two_steps_validation_checkpoint_then_resume(workdir, first_run):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert (ckpt / "global_step_2" / "actor").is_dir(), sorted(p.name for p in ckpt.iterdir())
 
-    # resume from the checkpoint for one more step: the step counter continues at 3
+
+@pytest.mark.slow  # one more run (~2.5 min); tests/e2e/test_resume_e2e.py resumes an OPD run in the default suite
+def test_grpo_resume_continues_at_step_3(workdir, first_run):
+    """Resume the GRPO run from its checkpoint for one more step: the step counter continues at 3."""
+    overrides, result = first_run
+    _assert_ok(result, "GRPO run")
+    ckpt = Path(workdir.root / "checkpoints")
     resume = [o for o in overrides if not o.startswith("trainer.total_training_steps=")]
     resume = [o for o in resume if not o.startswith("trainer.val_before_train=")]
     resume += ["trainer.total_training_steps=3", "trainer.resume_mode=auto", "trainer.val_before_train=False"]
@@ -127,6 +133,7 @@ def test_rollout_failing_while_receiving_weights_exits(workdir):
     assert "WeightSyncError" in result.log
 
 
+@pytest.mark.slow  # ~2 min; what it guards is verl's and vLLM's own start-up error path
 def test_broken_rollout_setting_exits(workdir):
     """A vLLM server that cannot start (a KV cache too small for one block) ends the run with an error."""
     overrides = grpo_overrides(
