@@ -172,6 +172,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -383,8 +388,7 @@ def chunked_full_divergence(
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
     tt = _teacher_temperature(temperature, teacher_temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     if student_logits.shape[-1] != teacher_logits.shape[-1] or (
         student_rows is None and student_logits.shape != teacher_logits.shape
     ):
@@ -481,8 +485,7 @@ def chunked_divergence_from_hidden(
     """
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
         raise ValueError(
             f"vocab sizes differ: student {student_head_weight.shape[0]} vs teacher {teacher_head_weight.shape[0]}"
@@ -557,8 +560,7 @@ def chunked_teacher_topk(
     dtype ≥ float32): ``(ids long [..., k], logp [..., k])``, the inputs of `topk_divergence` /
     `chunked_topk_divergence`. ``chunk_size`` rows at a time: O(chunk_size·V) temporaries, O(k) per row kept."""
     _check_temperature(temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     vocab = teacher_logits.shape[-1]
     k = min(int(k), vocab)
     z = teacher_logits.detach().reshape(-1, vocab)
@@ -614,8 +616,7 @@ def chunked_topk_divergence(
     ``[N, V]`` logits can be freed before the student's pass.
     """
     kind = _check_topk_inputs(divergence, beta, temperature, teacher_topk_ids, teacher_topk_logp)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     beta, temperature = float(beta), float(temperature)
     vocab, k = student_logits.shape[-1], teacher_topk_ids.shape[-1]
     zs = student_logits.reshape(-1, vocab)
