@@ -90,6 +90,16 @@ def prepare_workdir(root: str | os.PathLike) -> Workdir:
     return Workdir(root, write_model(root / "model"), train, val, write_reward(root))
 
 
+def add_routed_teachers(w: Workdir) -> Workdir:
+    """Two teachers of other weights (w.teacher, w.teacher_b) and a dataset of two data_sources (arith_a, arith_b:
+    w.routed_train / w.routed_val), with w.routes: opd.teachers routing each data_source to its own teacher."""
+    w.teacher = write_model(w.root / "teacher", hidden_size=256, num_layers=2, seed=1)
+    w.teacher_b = write_model(w.root / "teacher_b", hidden_size=128, num_layers=2, seed=3)
+    w.routed_train, w.routed_val = write_dataset(w.root / "routed_data", data_sources=("arith_a", "arith_b"))
+    w.routes = f"[{{path:{w.teacher},data_source:arith_a}},{{path:{w.teacher_b},data_source:[arith_b]}}]"
+    return w
+
+
 def grpo_overrides(w: Workdir, **extra) -> list[str]:
     """A small GRPO run; only `trainer.device=cpu` is CPU-specific (the plugin applies the rest)."""
     overrides = {

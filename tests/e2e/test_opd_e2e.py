@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from cpu_run import (
-    console_metrics, float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok, write_dataset, write_model,
+    add_routed_teachers, console_metrics, float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok,
 )
 
 pytestmark = pytest.mark.e2e
@@ -19,13 +19,8 @@ TIMEOUT = 420
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    w = prepare_workdir(tmp_path_factory.mktemp("opd"))
-    w.teacher = write_model(w.root / "teacher", hidden_size=256, num_layers=2, seed=1)
-    # multi_teacher_mode=route: two data_sources, a teacher each
-    w.teacher_b = write_model(w.root / "teacher_b", hidden_size=128, num_layers=2, seed=3)
-    w.routed_train, w.routed_val = write_dataset(w.root / "routed_data", data_sources=("arith_a", "arith_b"))
-    w.routes = f"[{{path:{w.teacher},data_source:arith_a}},{{path:{w.teacher_b},data_source:[arith_b]}}]"
-    return w
+    # w.teacher; and for multi_teacher_mode=route two data_sources, a teacher each
+    return add_routed_teachers(prepare_workdir(tmp_path_factory.mktemp("opd")))
 
 
 def _opd(w, name, steps=2, **extra):

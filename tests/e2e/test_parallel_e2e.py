@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpu_run import float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok, write_dataset, write_model
+from cpu_run import add_routed_teachers, float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -22,11 +22,7 @@ TIMEOUT = 900
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    w = prepare_workdir(tmp_path_factory.mktemp("parallel"))
-    w.teacher_a = write_model(w.root / "teacher_a", hidden_size=256, num_layers=2, seed=1)
-    w.teacher_b = write_model(w.root / "teacher_b", hidden_size=128, num_layers=2, seed=3)
-    w.routed_train, w.routed_val = write_dataset(w.root / "routed_data", data_sources=("arith_a", "arith_b"))
-    return w
+    return add_routed_teachers(prepare_workdir(tmp_path_factory.mktemp("parallel")))
 
 
 def _routed_loss_level_full(w, name, ranks, steps=1, **extra):
@@ -35,7 +31,7 @@ def _routed_loss_level_full(w, name, ranks, steps=1, **extra):
     micro = 16 // ranks  # train_batch_size 4 x n 4 = 16 samples, split over the ranks
     overrides = {
         "algorithm.adv_estimator": "opd",
-        "opd.teachers": f"[{{path:{w.teacher_a},data_source:arith_a}},{{path:{w.teacher_b},data_source:arith_b}}]",
+        "opd.teachers": w.routes,
         "opd.multi_teacher_mode": "route",
         "actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill",
         "opd.support": "full",
@@ -79,7 +75,7 @@ def test_two_ranks_match_a_float64_recomputation_and_the_one_rank_run(workdir, t
     )
     assert abs(m2["opd/kl_per_token"] - m1["opd/kl_per_token"]) <= 1e-4, (m1["opd/kl_per_token"], m2["opd/kl_per_token"])
     # every sample of the two-rank run, against HF in float64 with its own data_source's teacher
-    routes = {"arith_a": workdir.teacher_a, "arith_b": workdir.teacher_b}
+    routes = {"arith_a": workdir.teacher, "arith_b": workdir.teacher_b}
     assert sorted(set(saved["data_source"])) == ["arith_a", "arith_b"]
     worst = 0.0
     for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
@@ -111,7 +107,7 @@ def test_two_nodes_train_checkpoint_and_resume(workdir, two_node_cluster):
             workdir,
             **{
                 "algorithm.adv_estimator": "opd",
-                "opd.teacher.path": workdir.teacher_a,
+                "opd.teacher.path": workdir.teacher,
                 "actor_rollout_ref.actor.policy_loss.loss_mode": "importance_sampling",
                 "trainer.nnodes": 2,
                 "trainer.n_gpus_per_node": 1,
