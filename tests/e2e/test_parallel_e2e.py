@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpu_run import add_routed_teachers, float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok
+from cpu_run import (
+    add_routed_teachers, console_metrics, float64_log_probs, grpo_overrides, prepare_workdir, run_main, run_ok,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -57,8 +59,6 @@ def _dumped_run(w, name, overrides, tmp_path):
     result = run_main(overrides, w.root / f"{name}.log", timeout=TIMEOUT, env={"OPD_VERL_DUMP_TOKENS": str(dump)})
     assert not result.timed_out, f"{name} hung; log: {w.root / f'{name}.log'}"
     assert result.returncode == 0, result.log[-4000:]
-    from cpu_run import console_metrics
-
     return console_metrics(result.log), torch.load(dump / "step_1.pt")
 
 
