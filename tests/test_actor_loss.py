@@ -106,6 +106,39 @@ def test_topk_mass_is_the_teachers_topk_probability():
     assert abs(float(mass[0]) - float(p[0, 0] + p[0, 1])) < 1e-6
 
 
+@pytest.mark.parametrize("rows", [None, [5, 0, 3, 3, 6]])
+def test_topk_student_mass_and_overlap_brute_force(rows):
+    """support=topk: the student's mass on the teacher's top-k and the top-k overlap (distill_token_values'
+    student_stats, from chunked_topk_divergence's chunks), row by row in float64 by definition: chunks smaller
+    than the rows, a loss temperature, a float32 student, teacher rows taken from rows of a larger student tensor."""
+    g = torch.Generator().manual_seed(3)
+    v, k, tau = 11, 4, 0.7
+    zs = (torch.randn(7, v, generator=g, dtype=F64) * 2).float().requires_grad_(True)
+    n = 7 if rows is None else len(rows)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    ids[0] = zs[0 if rows is None else rows[0]].detach().topk(k).indices.flip(0)  # full overlap, another order
+    logp = torch.log_softmax(torch.randn(n, v, generator=g, dtype=F64), -1).gather(-1, ids)
+    opd = {**OPD, "support": "topk", "divergence": "reverse_kl", "topk": k, "temperature": tau, "chunk_size": 2}
+    student_rows = None if rows is None else torch.tensor(rows)
+    stats = {}
+    values, _ = distill_token_values(zs, (ids, logp), opd, student_rows=student_rows, student_stats=stats)
+    without, _ = distill_token_values(zs, (ids, logp), opd, student_rows=student_rows)
+    assert torch.equal(values, without)  # the statistics change nothing else
+    mass, overlap = stats["mass"], stats["overlap"]
+    assert mass.shape == overlap.shape == (n,) and not mass.requires_grad
+    for j in range(n):
+        z = zs[j if rows is None else rows[j]].double().tolist()
+        p = [math.exp(x / tau) for x in z]
+        p = [x / sum(p) for x in p]
+        own = sorted(range(v), key=lambda i: -z[i])[:k]
+        assert float(mass[j]) == pytest.approx(sum(p[i] for i in ids[j].tolist()), abs=1e-6)
+        assert float(overlap[j]) == len(set(own) & set(ids[j].tolist())) / k
+    assert float(overlap[0]) == 1.0 and float(overlap.min()) < 1.0
+    full = {}
+    distill_token_values(zs, torch.randn(7, v, generator=g), {**opd, "support": "full"}, student_stats=full)
+    assert full == {}  # full support: no top-k, no statistics
+
+
 def test_sampled_k1_loss_has_the_score_function_gradient():
     s = torch.tensor([-0.5, -1.5, -2.0], dtype=F64, requires_grad=True)
     q = torch.tensor([-1.0, -0.5, -3.0], dtype=F64)
@@ -346,6 +379,15 @@ def test_loss_on_response_rows_equals_the_masked_loss_over_all_rows(support, div
     assert value["opd/topk_mass"] == pytest.approx(float(masked_mean(no_padding_2_padding(mass, batch), bool_mask)),
                                                    rel=1e-10)
     assert value["opd/distill_loss"] == pytest.approx(float(ref_loss), rel=1e-10)
+    if support == "topk":  # the student against the teacher's top-k, by brute force over the response tokens
+        ps, own = torch.softmax(zs.detach() / tau, -1), zs.detach().topk(k, dim=-1).indices
+        rows = expected_rows(PROMPTS, MASKS).tolist()
+        ref_mass = sum(float(ps[r, ids[r]].sum()) for r in rows) / len(rows)
+        ref_overlap = sum(len(set(ids[r].tolist()) & set(own[r].tolist())) / k for r in rows) / len(rows)
+        assert value["opd/student_topk_mass"] == pytest.approx(ref_mass, rel=1e-10)
+        assert value["opd/topk_overlap"] == pytest.approx(ref_overlap, rel=1e-10)
+    else:
+        assert "opd/student_topk_mass" not in value and "opd/topk_overlap" not in value
     assert value["opd/teacher_alignment_seq_median_max"] < 1e-5
     resolution = torch.finfo(torch.float64).eps * torch.stack([z.abs().amax(-1) for z in zt]).amax(0) / per_row_t
     stats = alignment_statistics(ref_logp, ref_logp, mask, no_padding_2_padding(resolution, batch))

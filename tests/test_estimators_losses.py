@@ -86,3 +86,25 @@ def test_importance_sampling_loss_matches_brute_force():
     expected = -adv * torch.exp(new.detach() - old) * mask / mask.sum()
     assert torch.allclose(grad, expected, atol=1e-12)
     assert "actor/is_ratio_mean" in metrics
+
+
+def test_distill_metrics_per_data_source_brute_force():
+    """opd/kl_per_token/<data_source> (routed teachers): the mean s - q over each source's tokens with a finite q,
+    a token-weighted mean (not a mean of per-sample means); the overall metrics are unchanged; a source whose
+    tokens are all invalid gets no value."""
+    from opd_verl.verl_ext.estimators import distill_metrics
+
+    s, q, mask, _ = _batch(seed=4, rows=7)
+    q[1, 0] = float("-inf")  # an invalid token is left out of its source's mean
+    q[6, :] = float("nan")  # source "c": no finite token at all
+    sources = ["a/x", "b", "a/x", "b", "b", "a/x", "c"]
+    ours = distill_metrics(q, s, mask, np.array(sources, dtype=object))
+    assert ours == {**distill_metrics(q, s, mask), **{k: v for k, v in ours.items() if k.count("/") > 1}}
+    for source in ("a/x", "b"):
+        terms = [float(s[i, t]) - float(q[i, t]) for i in range(7) for t in range(s.shape[1])
+                 if sources[i] == source and mask[i, t] and np.isfinite(float(q[i, t]))]
+        assert ours[f"opd/kl_per_token/{source}"] == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    assert "opd/kl_per_token/c" not in ours
+    assert set(ours) - set(distill_metrics(q, s, mask)) == {"opd/kl_per_token/a/x", "opd/kl_per_token/b"}
+    with pytest.raises(ValueError, match="data_source"):
+        distill_metrics(q, s, mask, sources[:3])

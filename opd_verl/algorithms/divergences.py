@@ -573,12 +573,25 @@ def chunked_teacher_topk(
     return ids.reshape(*lead, k), logp.reshape(*lead, k)
 
 
+def topk_overlap(student_logits: Tensor, teacher_topk_ids: Tensor) -> Tensor:
+    """|teacher's top-k ∩ student's top-k| / k per row (``student_logits [..., V]``, ``teacher_topk_ids [..., k]``,
+    distinct per row; the student's top-k taken with the same k): verl's distillation/overlap_ratio, the diagnostic
+    of arXiv 2604.13016. One top-k over V and an O(k log k) sorted search per row; no gradient."""
+    k = teacher_topk_ids.shape[-1]
+    ids = teacher_topk_ids.long().to(student_logits.device).contiguous()
+    with torch.no_grad():
+        own = student_logits.detach().topk(k, dim=-1).indices.sort(dim=-1).values.contiguous()
+        found = own.gather(-1, torch.searchsorted(own, ids).clamp_(max=k - 1)) == ids
+    return found.to(_compute_dtype(student_logits.dtype)).mean(-1)
+
+
 def _topk_value_and_grad(
-    z: Tensor, ids: Tensor, lt_k: Tensor, kind: str, beta: float, need_grad: bool
+    z: Tensor, ids: Tensor, lt_k: Tensor, kind: str, beta: float, need_grad: bool, stats: tuple | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """One chunk of `chunked_topk_divergence` from the student's scaled logits ``z = logits / τ [c, V]`` (not
     modified) and the teacher's top-k (``ids``, log-probs ``lt_k`` ``[c, k]``): values ``[c]`` and, if
-    ``need_grad``, the gradient w.r.t. ``z`` ``[c, V]``.
+    ``need_grad``, the gradient w.r.t. ``z`` ``[c, V]``. ``stats``: ``(mass [c], overlap [c])`` filled in place with
+    the student's mass on the teacher's top-k (from the log-probs computed here) and `topk_overlap`.
 
     The (k+1)-point part is `topk_divergence`'s own float64 code (tail bucket, floor, p = 0 conventions),
     differentiated by autograd on the ``[c, k]`` leaf ls_k = z[ids] − logsumexp(z), giving g = ∂D/∂ls_k; over the
@@ -586,6 +599,9 @@ def _topk_value_and_grad(
     """
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     ls_k = (z.gather(-1, ids) - lse).to(torch.float64).requires_grad_(need_grad)
+    if stats is not None:
+        stats[0].copy_(ls_k.detach().exp().sum(-1))
+        stats[1].copy_(topk_overlap(z, ids))
     with torch.enable_grad():
         value = _divergence_from_logp(_append_log_tail(ls_k), _append_log_tail(lt_k.to(torch.float64)), kind, beta)
         if not need_grad:
@@ -605,9 +621,13 @@ def chunked_topk_divergence(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     student_rows: Tensor | None = None,
+    student_stats: dict | None = None,
 ) -> Tensor:
     """Same values and gradients as `topk_divergence` (the float64-checked reference), ``chunk_size`` rows at a
     time; ``student_rows`` as in `chunked_full_divergence` (the teacher's top-k then has one row per index).
+    ``student_stats`` (a dict): receives ``mass`` (the student's probability on the teacher's top-k at τ) and
+    ``overlap`` (`topk_overlap`), one value per teacher row, detached, from the same chunks (one top-k over V per
+    row more; the mass comes from the log-probs the divergence computes anyway).
 
     A custom autograd Function (`_RowwiseAnalytic`): the gradient is computed in forward per chunk
     (`_topk_value_and_grad`). Memory beyond the inputs: the ``[N, V]`` gradient (O(V) per row, what backward
@@ -625,9 +645,15 @@ def chunked_topk_divergence(
     rows = _student_rows(student_rows, zs, ids.shape[0])
     dtype = _compute_dtype(zs.dtype)
 
+    stats = None
+    if student_stats is not None:
+        stats = tuple(torch.empty(ids.shape[0], dtype=dtype, device=zs.device) for _ in range(2))
+        student_stats.update(mass=stats[0], overlap=stats[1])
+
     def chunk_fn(a: int, b: int, need_grad: bool):
         z = _scaled(_rows_of(zs, rows, a, b), dtype, temperature, owned=rows is not None)
-        value, grad = _topk_value_and_grad(z, ids[a:b], lt[a:b], kind, beta, need_grad)
+        chunk_stats = None if stats is None else (stats[0][a:b], stats[1][a:b])
+        value, grad = _topk_value_and_grad(z, ids[a:b], lt[a:b], kind, beta, need_grad, chunk_stats)
         return value, (grad.div_(temperature) if grad is not None and temperature != 1.0 else grad)
 
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad

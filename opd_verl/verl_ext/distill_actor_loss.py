@@ -40,6 +40,8 @@ from opd_verl.algorithms.teachers import mixture_label_log_probs, route_rows, te
 
 DISTILL_KEY = "opd_divergence"
 TOPK_MASS_KEY = "opd_topk_mass"
+STUDENT_MASS_KEY = "opd_student_topk_mass"  # support=topk: the student's probability on the teacher's top-k ids
+OVERLAP_KEY = "opd_topk_overlap"  # support=topk: share of the teacher's top-k ids in the student's own top-k
 TEACHER_LABEL_KEY = "opd_teacher_label_logp"  # the teachers' log-prob of the sampled token at T, this pass
 TEACHER_RESOLUTION_KEY = "opd_teacher_logit_resolution"  # eps(compute dtype) * max |logit / T|, per token
 
@@ -243,9 +245,12 @@ def distill_token_values(
     student_temperature: float | None = None,
     teacher_temperature: float | None = None,
     student_rows: torch.Tensor | None = None,
+    student_stats: dict | None = None,
 ):
     """Per-token divergence over opd.support (topk or full) and the teacher's top-k mass (1 for full), both
-    chunked (opd.chunk_size rows at a time: O(chunk·V) temporaries beyond the [N, V] gradient).
+    chunked (opd.chunk_size rows at a time: O(chunk·V) temporaries beyond the [N, V] gradient). ``student_stats``
+    (a dict; topk only): filled with the student's mass on the teacher's top-k (``mass``) and the top-k overlap
+    (``overlap``), per token (`chunked_topk_divergence`).
 
     The distributions are softmax(student_logits / student_temperature) and softmax(teacher / teacher_temperature);
     both divisors default to opd.temperature (inputs that are raw logits). ``teacher``: the teacher's logits
@@ -261,7 +266,8 @@ def distill_token_values(
                                          student_rows=student_rows)
         return values, torch.ones_like(values.detach())
     ids, logp = teacher if isinstance(teacher, tuple) else teacher_topk(teacher, opd, teacher_temperature)
-    values = chunked_topk_divergence(student_logits, ids, logp, divergence, beta, ts, chunk, student_rows)
+    values = chunked_topk_divergence(student_logits, ids, logp, divergence, beta, ts, chunk, student_rows,
+                                     student_stats=student_stats)
     return values, logp.exp().sum(-1)
 
 
@@ -316,8 +322,11 @@ def opd_actor_loss(
         del teacher  # teacher_z is the one reference left to the teachers' [n, V] logits
         if opd["support"] == "topk":  # from here on the top-k only: the logits are freed before the student's pass
             teacher_z = teacher_topk(teacher_z, opd, tt)
-        values, mass = distill_token_values(student, teacher_z, opd, student_divisor, tt, student_rows)
+        stats = {}
+        values, mass = distill_token_values(student, teacher_z, opd, student_divisor, tt, student_rows, stats)
         outputs.update({DISTILL_KEY: values, TOPK_MASS_KEY: mass})
+        if stats:  # support=topk
+            outputs.update({STUDENT_MASS_KEY: stats["mass"], OVERLAP_KEY: stats["overlap"]})
         return {k: scatter_rows(v, rows, nnz).unsqueeze(0) for k, v in outputs.items()}
 
     lambda_rl, lambda_distill = float(opd["lambda_rl"]), float(opd["lambda_distill"])
@@ -347,4 +356,8 @@ def opd_actor_loss(
         value=masked_mean(loss_mat.detach(), mask).item(), aggregation=AggregationType.MEAN
     )
     metrics["opd/topk_mass"] = Metric(value=masked_mean(mass, mask).item(), aggregation=AggregationType.MEAN)
+    for key, name in ((STUDENT_MASS_KEY, "opd/student_topk_mass"), (OVERLAP_KEY, "opd/topk_overlap")):
+        if key in model_output:  # support=topk
+            value = masked_mean(no_padding_2_padding(model_output[key], data), mask).item()
+            metrics[name] = Metric(value=value, aggregation=AggregationType.MEAN)
     return distill_loss_mix(pg_loss, distill, lambda_rl, lambda_distill), metrics

@@ -25,17 +25,36 @@ def _require(value, name: str, estimator: str):
     return value
 
 
-def distill_metrics(teacher_log_prob, student_log_prob, response_mask) -> dict[str, float]:
-    """Per-token means over response tokens: student and teacher log-probs and the k1 reverse KL s - q."""
+#: opd/kl_per_token/<data_source>: the KL of one data_source's samples (logged when teachers are routed)
+KL_PER_SOURCE_PREFIX = "opd/kl_per_token/"
+
+
+def distill_metrics(teacher_log_prob, student_log_prob, response_mask, data_sources=None) -> dict[str, float]:
+    """Per-token means over response tokens: student and teacher log-probs and the k1 reverse KL s - q.
+
+    ``data_sources`` (one name per sample, the batch's data_source field): also the KL of each data_source's own
+    samples, ``opd/kl_per_token/<data_source>`` (a mean over that source's tokens with a finite q; sources whose
+    tokens are all invalid are left out)."""
     finite = torch.isfinite(teacher_log_prob) & response_mask.bool()
     s = student_log_prob.double()
     q = torch.where(finite, teacher_log_prob.double(), torch.zeros_like(s))
-    return {
+    metrics = {
         "opd/kl_per_token": masked_mean(s - q, finite).item(),
         "opd/teacher_logprob": masked_mean(q, finite).item(),
         "opd/student_logprob": masked_mean(s, response_mask).item(),
         "opd/teacher_invalid_frac": 1.0 - masked_mean(finite.double(), response_mask).item(),
     }
+    if data_sources is not None:
+        sources = [str(x) for x in data_sources]
+        if len(sources) != s.shape[0]:
+            raise ValueError(f"{len(sources)} data_source values for a batch of {s.shape[0]} samples")
+        kl, count = ((s - q) * finite).sum(-1), finite.sum(-1)
+        for source in sorted(set(sources)):
+            rows = torch.tensor([x == source for x in sources], device=kl.device)
+            tokens = int(count[rows].sum())
+            if tokens:
+                metrics[KL_PER_SOURCE_PREFIX + source] = float(kl[rows].sum()) / tokens
+    return metrics
 
 
 @register_adv_est("opd")

@@ -68,6 +68,8 @@ class OPDTrainer(PPOTrainerSync):
             config.trainer.remove_previous_ckpt_in_save = False
         self.opd = OmegaConf.to_container(config.opd, resolve=True)
         self.opd_active = uses_opd(config)
+        self.teachers_routed = self.opd_active and self.opd.get("multi_teacher_mode") == "route" and len(
+            teacher_entries(self.opd)) > 1
         if self.opd_active:
             self.use_reference_policy = True
             print("opd_verl: metrics are logged under opd/*; their old names (distill/*, actor/distill/*) are "
@@ -161,7 +163,7 @@ class OPDTrainer(PPOTrainerSync):
 
         mask = data.batch["response_mask"]
         teacher, student = data.batch["ref_log_prob"], data.batch["old_log_probs"]
-        metrics.update(distill_metrics(teacher, student, mask))
+        metrics.update(distill_metrics(teacher, student, mask, self._routed_data_sources(batch)))
         common = dict(teacher_log_prob=teacher, student_log_prob=student, opd_config=self.opd, metrics=metrics)
         if estimator == "opd":
             advantages, returns = compute_opd_advantage(data.batch["token_level_rewards"], mask, **common)
@@ -210,6 +212,14 @@ class OPDTrainer(PPOTrainerSync):
         metrics.update(is_metrics)
         return True
 
+    def _routed_data_sources(self, batch) -> list[str] | None:
+        """Each sample's data_source when the teachers are routed (multi_teacher_mode=route, several teachers:
+        the KL is then also logged per data_source, opd/kl_per_token/<data_source>); None otherwise."""
+        if not getattr(self, "teachers_routed", False):
+            return None
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["data_source"])
+        return [str(x) for x in tu.get(data, "data_source")]
+
     def _dump_token_terms(self, batch, padded) -> None:
         """Debug dump ($OPD_VERL_DUMP_TOKENS=dir): ids and per-token terms of each step, to recompute offline."""
         ids = tq.kv_batch_get(
@@ -231,7 +241,8 @@ class OPDTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask", "old_log_probs", "ref_log_prob"]
         ).to_padded_tensor()
-        metrics.update(distill_metrics(data["ref_log_prob"], data["old_log_probs"], data["response_mask"]))
+        metrics.update(distill_metrics(data["ref_log_prob"], data["old_log_probs"], data["response_mask"],
+                                       self._routed_data_sources(batch)))
         metrics["opd/kl_coef"] = float(self.opd["lambda_distill"])
         add_deprecated_metric_names(metrics)
 

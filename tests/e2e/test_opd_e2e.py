@@ -186,3 +186,8 @@ def test_pure_opd_terms_match_a_float64_recomputation_with_mixed_lengths(workdir
         assert saved["advantages"][i, n:].abs().max() == 0 if n < saved["advantages"].shape[1] else True
     # bf16 log-probs would be off by up to ~1/32 nat; fp32 is off by ~1e-6
     assert worst_student < 1e-4 and worst_teacher < 1e-4, (worst_student, worst_teacher)
+    for source in ("arith_a", "arith_b"):  # routed: the KL of each data_source's own tokens, from the same terms
+        rows = [i for i, x in enumerate(saved["data_source"]) if x == source]
+        mask = saved["response_mask"][rows].bool()
+        terms = (saved["old_log_probs"][rows].double() - saved["ref_log_prob"][rows].double())[mask]
+        assert m[f"opd/kl_per_token/{source}"] == pytest.approx(float(terms.mean()), abs=1e-5)
