@@ -398,5 +398,6 @@ def test_two_trained_tokenizers(bpe_a, teacher_name, request):
     # without the eos map the student's eos is masked and the teacher gets no eos
     plain = teacher_response_ids(student, teacher)
     assert [teacher.decode(t) for t in plain] == TEXTS
+    assert plain == teacher(TEXTS, add_special_tokens=False)["input_ids"]
     out = span_teacher_logprobs(bpe_a, student_ids, s, teacher, plain, [x[:-1] for x in q])
     assert out.stats.masked_special == len(TEXTS) and int((~out.mask).sum()) == len(TEXTS)

@@ -124,6 +124,17 @@ def _decode(tokenizer, ids) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+# transformers' fast tokenizers whose decode is their backend's decode (then cleaned up, which we switch off)
+_PLAIN_DECODE = {"TokenizersBackend._decode", "PreTrainedTokenizerFast._decode"}
+
+
+def _batch_decode(tokenizer, lists: list[list[int]]) -> list[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(getattr(type(tokenizer), "_decode", None), "__qualname__", "") in _PLAIN_DECODE:
+        return backend.decode_batch(lists, skip_special_tokens=False)
+    return tokenizer.batch_decode(lists, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_table(tokenizer, size: int) -> TokenTable:
     kind = _tokenizer_kind(tokenizer)
@@ -199,7 +210,9 @@ def _checked_pieces(table: TokenTable, tokenizer, ids: list[int], decoded: str, 
 
 
 def _as_id_list(ids) -> list[int]:
-    return ids.tolist() if isinstance(ids, Tensor) else [int(i) for i in ids]
+    if isinstance(ids, list):
+        return ids
+    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # tensors, numpy arrays, tuples
 
 
 def batch_token_bytes(tokenizer, batch_ids: Sequence, verify: bool = True) -> list[TokenBytes]:
@@ -213,7 +226,7 @@ def batch_token_bytes(tokenizer, batch_ids: Sequence, verify: bool = True) -> li
             raise ValueError(f"opd_verl: tokenizer {table.name}: sequence {index} has id {bad[0]} outside its "
                              f"vocabulary of {size}")
     if verify:
-        decoded = tokenizer.batch_decode(lists, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        decoded = _batch_decode(tokenizer, lists)
         pieces = [_checked_pieces(table, tokenizer, ids, text, k) for k, (ids, text) in enumerate(zip(lists, decoded))]
     else:
         pieces = [list(map(table.pieces.__getitem__, ids)) for ids in lists]
@@ -269,9 +282,15 @@ def _align_flat(len_s: Tensor, off_s: Tensor, len_t: Tensor, off_t: Tensor, limi
         last[:-1] = key[1:] != key[:-1]
         return last & (end <= limit[seg])
 
+    def found_in(key: Tensor, sorted_keys: Tensor) -> Tensor:  # torch.isin, on sorted keys (much faster)
+        if sorted_keys.numel() == 0:
+            return torch.zeros_like(key, dtype=torch.bool)
+        at = torch.searchsorted(sorted_keys, key).clamp_max(sorted_keys.numel() - 1)
+        return sorted_keys[at] == key
+
     cand_s, cand_t = candidates(key_s, end_s, seg_s), candidates(key_t, end_t, seg_t)
-    last_s = cand_s & torch.isin(key_s, key_t[cand_t])
-    last_t = cand_t & torch.isin(key_t, key_s[cand_s])
+    last_s = cand_s & found_in(key_s, key_t[cand_t])  # keys rise along the batch: key_t[cand_t] is sorted
+    last_t = cand_t & found_in(key_t, key_s[cand_s])
     per_sample = torch.zeros(n_samples, dtype=torch.long).index_add_(0, seg_s, last_s.long())
     upto = torch.cumsum(per_sample, 0)
 
@@ -385,6 +404,16 @@ class _Side(NamedTuple):
     specials: list[list[tuple[int, int]]]  # per sample: (content offset, matched id) of each matched special token
 
 
+def _true_positions(flags: list[bool]) -> list[int]:
+    out, j = [], -1
+    while True:
+        try:
+            j = flags.index(True, j + 1)
+        except ValueError:
+            return out
+        out.append(j)
+
+
 def _side(tokens: Sequence[TokenBytes], matched) -> _Side:
     """``matched(id)``: the id a special token is matched under (None: the token is left out)."""
     lengths, contents, specials, left_out, special_at = [], [], [], [], []
@@ -395,8 +424,9 @@ def _side(tokens: Sequence[TokenBytes], matched) -> _Side:
             contents.append(b"".join(tb.pieces))
             specials.append([])
             continue
-        found, pos, prev = [], 0, 0
-        for j in [j for j, sp in enumerate(tb.special) if sp]:
+        found, pieces, pos, prev = [], [], 0, 0
+        for j in _true_positions(tb.special):
+            pieces += tb.pieces[prev:j]
             pos += sum(lengths[start + prev:start + j])
             prev = j + 1
             special_at.append(start + j)
@@ -405,7 +435,7 @@ def _side(tokens: Sequence[TokenBytes], matched) -> _Side:
                 left_out.append(start + j)
             else:
                 found.append((pos, m))
-        contents.append(b"".join(p for p, sp in zip(tb.pieces, tb.special) if not sp))
+        contents.append(b"".join(pieces + tb.pieces[prev:]))
         specials.append(found)
     content_lengths = torch.tensor(lengths, dtype=torch.long)
     at = torch.tensor(special_at, dtype=torch.long)
@@ -552,6 +582,14 @@ def span_teacher_logprobs(
     )
 
 
+def _batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = getattr(getattr(type(tokenizer), "_encode_plus", None), "__qualname__", "") == "TokenizersBackend._encode_plus"
+    if plain and hasattr(backend, "encode_batch_fast"):  # the same ids as tokenizer(texts), without offsets
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def teacher_response_ids(student: Sequence[TokenBytes], teacher_tokenizer,
                          special_map: Mapping[int, int] | None = None) -> list[list[int]]:
     """The teacher's tokens of each student response: its text (the student's non-special bytes, decoded as UTF-8
@@ -572,7 +610,7 @@ def teacher_response_ids(student: Sequence[TokenBytes], teacher_tokenizer,
         plan.append(len(segments))
         segments.append(b"".join(chunk).decode("utf-8", "replace"))
         layout.append(plan)
-    encoded = teacher_tokenizer(segments, add_special_tokens=False)["input_ids"] if segments else []
+    encoded = _batch_encode(teacher_tokenizer, segments) if segments else []
     out = []
     for plan in layout:
         ids = []
