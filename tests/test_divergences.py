@@ -616,6 +616,78 @@ def test_hidden_equals_full(chunk):
             assert _maxerr(gh, g_ref[0]) <= TOL
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean", "weighted", "twice"])
+def test_hidden_gradient_from_forward(monkeypatch, reduce):
+    """A sum or mean of the values (uniform grad_out) takes the gradient forward computed: one pass over the logits;
+    per-row weights, or a second backward through the same graph, recompute it in backward. All equal the float64
+    reference."""
+    import opd_verl.algorithms.divergences as div
+
+    calls = []
+    real_pass = div._hidden_pass
+    # each call: (a gradient computed, with per-row weights)
+    spy = lambda *a: calls.append((a[8] or a[9], a[10] is not None)) or real_pass(*a)  # noqa: E731
+    monkeypatch.setattr(div, "_hidden_pass", spy)
+    g = torch.Generator().manual_seed(23)
+    T, H, V = 7, 4, 9
+    hs, ws = torch.randn(T, H, generator=g, dtype=F64), torch.randn(V, H, generator=g, dtype=F64)
+    ht, wt = torch.randn(T, 5, generator=g, dtype=F64), torch.randn(V, 5, generator=g, dtype=F64)
+    up = torch.randn(T, generator=g, dtype=F64)
+    agg = {"sum": torch.sum, "mean": torch.mean, "weighted": lambda x: (x * up).sum(), "twice": torch.sum}[reduce]
+    for divergence, beta in CASES:
+        hs_a, ws_a = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        g_ref = torch.autograd.grad(agg(ref_full(hs_a @ ws_a.T, ht @ wt.T, divergence, beta, 1.3)), (hs_a, ws_a))
+        calls.clear()
+        hs_b, ws_b = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        loss = agg(chunked_divergence_from_hidden(hs_b, ws_b, ht, wt, divergence, beta, 1.3, chunk_size=3))
+        backwards = 2 if reduce == "twice" else 1
+        grads = [torch.autograd.grad(loss, (hs_b, ws_b), retain_graph=True) for _ in range(backwards)]
+        for g_out in grads:
+            assert _maxerr(g_out[0], g_ref[0]) <= TOL and _maxerr(g_out[1], g_ref[1]) <= TOL
+        assert calls == [(True, False)] + [(True, True)] * (reduce in ("weighted", "twice")), calls
+    with torch.no_grad():  # no gradient wanted: values only
+        calls.clear()
+        out = chunked_divergence_from_hidden(hs.requires_grad_(True), ws, ht, wt, "jsd", 0.5, 1.3, chunk_size=3)
+    assert calls == [(False, False)], calls
+    assert _maxerr(out, ref_full(hs @ ws.T, ht @ wt.T, "jsd", 0.5, 1.3)) <= TOL
+
+
+@pytest.mark.parametrize("rows_per_pass", [1, 2, 5])
+def test_cpu_passes_split_chunks(monkeypatch, rows_per_pass):
+    """On CPU a chunk is evaluated in passes of ~_CPU_PASS_BYTES per [rows, V] float32 buffer (cache-sized); any
+    split gives the reference values and gradients, on the logits, top-k and hidden-state paths."""
+    import opd_verl.algorithms.divergences as div
+
+    T, H, V = 11, 4, 13
+    monkeypatch.setattr(div, "_CPU_PASS_BYTES", 4 * V * rows_per_pass)
+    assert div._pass_rows(8, V, torch.device("cpu")) == rows_per_pass
+    assert div._pass_rows(8, V, torch.device("meta")) == 8  # not CPU: a pass is the chunk
+    g = torch.Generator().manual_seed(24)
+    hs, ws = torch.randn(T, H, generator=g, dtype=F64), torch.randn(V, H, generator=g, dtype=F64)
+    ht, wt = torch.randn(T, H, generator=g, dtype=F64), torch.randn(V, H, generator=g, dtype=F64)
+    zt = ht @ wt.T
+    up = torch.randn(T, generator=g, dtype=F64)
+    ids, lt = chunked_teacher_topk(zt, 4, 1.0)
+    for divergence, beta in CASES:
+        zs = (hs @ ws.T).requires_grad_(True)
+        ref = ref_full(zs, zt, divergence, beta, 1.0)
+        (g_ref,) = torch.autograd.grad((ref * up).sum(), zs)
+        out = chunked_full_divergence(zs, zt, divergence, beta, chunk_size=8)
+        (g_out,) = torch.autograd.grad((out * up).sum(), zs)
+        assert _maxerr(out, ref) <= TOL and _maxerr(g_out, g_ref) <= TOL
+        ref_k = topk_divergence(zs, ids, lt, divergence, beta)
+        (gk_ref,) = torch.autograd.grad((ref_k * up).sum(), zs)
+        out_k = chunked_topk_divergence(zs, ids, lt, divergence, beta, chunk_size=8)
+        (gk_out,) = torch.autograd.grad((out_k * up).sum(), zs)
+        assert _maxerr(out_k, ref_k) <= TOL and _maxerr(gk_out, gk_ref) <= TOL
+        hs_b = hs.clone().requires_grad_(True)
+        out_h = chunked_divergence_from_hidden(hs_b, ws, ht, wt, divergence, beta, chunk_size=8)
+        (gh,) = torch.autograd.grad(out_h.sum(), hs_b)
+        hs_a = hs.clone().requires_grad_(True)
+        (gh_ref,) = torch.autograd.grad(ref_full(hs_a @ ws.T, zt, divergence, beta, 1.0).sum(), hs_a)
+        assert _maxerr(out_h, ref) <= TOL and _maxerr(gh, gh_ref) <= TOL
+
+
 def test_hidden_bf16_weight_grad_dtype():
     g = torch.Generator().manual_seed(21)
     hs = torch.randn(6, 4, generator=g).bfloat16().requires_grad_(True)

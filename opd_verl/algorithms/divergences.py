@@ -219,17 +219,47 @@ def full_divergence(
     return _divergence_from_logp(ls, lt, kind, beta)
 
 
+def _scaled_fresh(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> tuple[Tensor, bool]:
+    """(z / τ in ``dtype``, whether that is a fresh tensor); ``z`` is modified in place only if ``owned``."""
+    zc = z.to(dtype)
+    fresh = owned or zc is not z
+    if temperature != 1.0:
+        zc, fresh = (zc.div_(temperature) if fresh else zc / temperature), True
+    return zc, fresh
+
+
 def _scaled(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> Tensor:
     """z / τ in ``dtype``; ``z`` is modified in place only if ``owned`` (a fresh temporary)."""
-    zc = z.to(dtype)
-    if temperature != 1.0:
-        zc = zc.div_(temperature) if (owned or zc is not z) else zc / temperature
-    return zc
+    return _scaled_fresh(z, dtype, temperature, owned)[0]
 
 
 def _logp(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> Tensor:
     """log_softmax(z / τ) in ``dtype``; ``z`` is modified in place only if ``owned`` (a fresh temporary)."""
     return torch.log_softmax(_scaled(z, dtype, temperature, owned), dim=-1)
+
+
+def _logp_and_p(z: Tensor, dtype: torch.dtype, temperature: float, owned: bool = False) -> tuple[Tensor, Tensor]:
+    """(log_softmax(z / τ), softmax(z / τ)) with one exp per entry (log_softmax then exp would take two):
+    e = exp(z − max), p = e / Σe, log p = z − max − log Σe. ``z`` is modified in place only if ``owned``."""
+    zc, fresh = _scaled_fresh(z, dtype, temperature, owned)
+    top = zc.amax(-1, keepdim=True)
+    logp = zc.sub_(top) if fresh else zc - top
+    p = logp.exp()
+    total = p.sum(-1, keepdim=True)
+    return logp.sub_(total.log()), p.div_(total)
+
+
+# Rows of one pass of the chunked divergences on CPU: a [rows, V] float32 buffer of about this many bytes, so that
+# a pass's 4–5 buffers stay in the last-level cache instead of streaming [chunk_size, V] buffers through memory
+# (bench/full_vocab_divergence.py measures it). On GPU a pass is chunk_size rows (fewer, larger kernels).
+_CPU_PASS_BYTES = 2 * 1024 * 1024
+
+
+def _pass_rows(chunk_size: int, vocab: int, device: torch.device) -> int:
+    """Rows per pass: ``chunk_size`` (the memory cap), on CPU at most ~``_CPU_PASS_BYTES`` per [rows, V] buffer."""
+    if device.type != "cpu":
+        return chunk_size
+    return max(1, min(chunk_size, _CPU_PASS_BYTES // (4 * vocab)))
 
 
 def _has_no_neg_inf(*logps: Tensor) -> bool:
@@ -239,32 +269,35 @@ def _has_no_neg_inf(*logps: Tensor) -> bool:
 
 
 def _value_and_grad(
-    ls: Tensor, lt: Tensor, kind: str, beta: float, temperature: float, need_grad: bool
+    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, teacher_temperature: float,
+    need_grad: bool, dtype: torch.dtype, owned: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row divergence from log-probs ``ls``/``lt`` ``[n, V]`` and (optionally) its gradient w.r.t. the
-    student *logits* zs (ls = log_softmax(zs/τ), ps = exp(ls)):
+    """Per-row divergence from the student / teacher logits ``zs`` / ``zt`` ``[n, V]`` (divided by τ / τt here)
+    and (optionally) its gradient w.r.t. ``zs`` (ls = log_softmax(zs/τ), ps = exp(ls)):
 
       reverse_kl: dD/dzs = ps·(ls − lt − D)/τ;   forward_kl: (ps − pt)/τ;
       jsd:        (1−β)·ps·(ls − lm − KL(πs‖m))/τ,  lm = log(β·pt + (1−β)·ps).
 
-    No autograd; CONSUMES ``ls`` and ``lt`` (overwritten in place) to keep ~3–4 live ``[n, V]`` buffers.
-    Entries with p = 0 contribute 0 to values and (reverse_kl, jsd) get gradient 0; the masks that enforce this
-    are applied only when a chunk has a −inf/NaN log-prob (or, for jsd, a mixture probability that underflows).
+    No autograd; ``zs`` is overwritten only if ``owned``, ``zt`` never; ~4–5 live ``[n, V]`` buffers. Entries with
+    p = 0 contribute 0 to values and (reverse_kl, jsd) get gradient 0; the masks that enforce this are applied
+    only when a chunk has a −inf/NaN log-prob (or, for jsd, a mixture probability that underflows).
     """
+    ls, ps = _logp_and_p(zs, dtype, temperature, owned)
+    if kind == "reverse_kl":
+        lt, pt = _logp(zt, dtype, teacher_temperature), None
+    else:
+        lt, pt = _logp_and_p(zt, dtype, teacher_temperature)
     masked = not _has_no_neg_inf(ls, lt)
     if kind == "forward_kl":
-        pt = lt.exp()
         d = lt.sub_(ls)
         if masked:
             d = d.masked_fill_(pt == 0, 0.0)
-        d = d.mul_(pt)  # πt·(lt − ls), 0 where πt = 0
-        value = d.sum(-1)
-        del d, lt
+        value = d.mul_(pt).sum(-1)  # Σ πt·(lt − ls), 0 where πt = 0
+        del d, lt, ls
         if not need_grad:
             return value, None
-        grad = ls.exp_().sub_(pt)
+        grad = ps.sub_(pt)
     elif kind == "reverse_kl":
-        ps = ls.exp()
         zero = (ps == 0) if masked else None
         d = ls.sub_(lt)
         if masked:
@@ -278,7 +311,6 @@ def _value_and_grad(
         if masked:
             grad = grad.masked_fill_(zero, 0.0)
     else:
-        pt, ps = lt.exp(), ls.exp()
         lm = torch.lerp(ps, pt, beta)  # β·πt + (1−β)·πs
         masked = masked or not bool(lm.amin() > 0)
         lm = lm.log_()
@@ -307,7 +339,8 @@ def _value_and_grad(
 
 
 class _RowwiseAnalytic(torch.autograd.Function):
-    """Per-row values of the student's logits ``zs [N, V]`` with the gradient computed in forward, chunk by chunk.
+    """Per-row values of the student's logits ``zs [N, V]`` with the gradient computed in forward, pass by pass
+    (`_pass_rows`: ``chunk`` rows, on CPU fewer, sized to the cache).
 
     ``chunk_fn(a, b, need_grad) -> (values [b−a], grad [b−a, V] or None)`` evaluates rows a:b of the selection
     (``zs[rows[a:b]]``, or ``zs[a:b]`` when ``rows`` is None); it closes over the teacher's side, which ctx does
@@ -321,8 +354,9 @@ class _RowwiseAnalytic(torch.autograd.Function):
     def forward(ctx, zs: Tensor, rows: Tensor | None, n: int, chunk: int, need_grad: bool, chunk_fn) -> Tensor:
         out = torch.empty(n, dtype=_compute_dtype(zs.dtype), device=zs.device)
         grad = (torch.empty_like(zs) if rows is None else torch.zeros_like(zs)) if need_grad else None
-        for a in range(0, n, chunk):
-            b = min(a + chunk, n)
+        step = _pass_rows(chunk, zs.shape[-1], zs.device)
+        for a in range(0, n, step):
+            b = min(a + step, n)
             out[a:b], g = chunk_fn(a, b, need_grad)
             if need_grad:
                 if rows is None:
@@ -379,11 +413,12 @@ def chunked_full_divergence(
     ``student_rows`` (long ``[n]``, optional): only these rows of ``student_logits [N, V]`` are evaluated, against
     ``teacher_logits [n, V]`` (one row per index) → values ``[n]``; the gradient is 0 on the other rows.
 
-    A custom autograd Function (`_RowwiseAnalytic`): each chunk's softmaxes are computed once, giving the values
-    and the analytic gradient. Memory beyond the inputs: the ``[N, V]`` gradient (O(V) per row, what backward
-    returns; kept from forward to backward, nothing else is saved: no teacher logits) plus O(chunk_size·V)
-    temporaries (about 3–4 live ``[chunk_size, V]`` buffers of the compute dtype, 4–5 for jsd). Gradient flows
-    to ``student_logits`` only; the input logits are never modified.
+    A custom autograd Function (`_RowwiseAnalytic`): each pass's softmaxes are computed once (one exp per entry
+    and model, `_logp_and_p`), giving the values and the analytic gradient. A pass is ``chunk_size`` rows, on CPU
+    fewer (`_pass_rows`: ~2 MB per ``[rows, V]`` buffer, so its buffers stay in cache). Memory beyond the inputs:
+    the ``[N, V]`` gradient (O(V) per row, what backward returns; kept from forward to backward, nothing else is
+    saved: no teacher logits) plus O(pass·V) temporaries (about 4 live ``[pass, V]`` buffers of the compute
+    dtype, 5 for jsd). Gradient flows to ``student_logits`` only; the input logits are never modified.
     """
     kind = _canonical(divergence, beta)
     _check_temperature(temperature)
@@ -400,66 +435,98 @@ def chunked_full_divergence(
     dtype = _compute_dtype(zs.dtype)
 
     def chunk_fn(a: int, b: int, need_grad: bool):
-        ls = _logp(_rows_of(zs, rows, a, b), dtype, temperature, owned=rows is not None)
-        return _value_and_grad(ls, _logp(zt[a:b], dtype, tt), kind, beta, temperature, need_grad)
+        return _value_and_grad(_rows_of(zs, rows, a, b), zt[a:b], kind, beta, temperature, tt, need_grad, dtype,
+                               owned=rows is not None)
 
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     out = _RowwiseAnalytic.apply(zs, rows, zt.shape[0], int(chunk_size), need_grad, chunk_fn)
     return out if rows is not None else out.reshape(student_logits.shape[:-1])
 
 
+def _rows_in_passes(
+    zs: Tensor, zt: Tensor, kind: str, beta: float, temperature: float, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """`_value_and_grad` of fresh logits ``zs``/``zt`` ``[c, V]`` in passes of `_pass_rows` rows; the gradient
+    (if ``need_grad``) overwrites ``zs`` pass by pass and is returned as it."""
+    dtype = _compute_dtype(zs.dtype)
+    out = torch.empty(zs.shape[0], dtype=dtype, device=zs.device)
+    step = _pass_rows(zs.shape[0], zs.shape[-1], zs.device)
+    for a in range(0, zs.shape[0], step):
+        b = min(a + step, zs.shape[0])
+        out[a:b], g = _value_and_grad(zs[a:b], zt[a:b], kind, beta, temperature, temperature, need_grad, dtype,
+                                      owned=True)
+        if need_grad:
+            zs[a:b] = g
+        del g
+    return out, (zs if need_grad else None)
+
+
 class _ChunkedHiddenDivergence(torch.autograd.Function):
-    """Divergence from hidden states and lm-head weights, the lm-head matmul done per chunk in both passes."""
+    """Divergence from hidden states and lm-head weights, the lm-head matmul done per chunk.
+
+    With a gradient to compute, forward computes it too (one pass over the logits, as Liger-Kernel's chunked
+    losses do): the gradients w.r.t. the hidden states ``[T, H]`` and the head weight ``[V, H]`` (accumulated in
+    float32) for a uniform ``grad_out``, kept to backward. ``grad_out`` is uniform for a sum or mean of the values
+    (the token-mean over the selected response rows of the trainer); a non-uniform ``grad_out`` (per-row weights)
+    recomputes the logits chunk by chunk in backward with it. Without a gradient, forward computes values only.
+    """
 
     @staticmethod
     def forward(
-        ctx, hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, kind: str, beta: float, temperature: float, chunk: int
+        ctx, hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, kind: str, beta: float, temperature: float, chunk: int,
+        need_grad: bool,
     ) -> Tensor:
-        dtype = _compute_dtype(hs.dtype)
-        out = torch.empty(hs.shape[0], dtype=dtype, device=hs.device)
-        for a in range(0, hs.shape[0], chunk):
-            b = min(a + chunk, hs.shape[0])
-            out[a:b], _ = _value_and_grad(
-                _logp(torch.nn.functional.linear(hs[a:b], ws), dtype, temperature, owned=True),
-                _logp(torch.nn.functional.linear(ht[a:b], wt), dtype, temperature, owned=True),
-                kind,
-                beta,
-                temperature,
-                False,
-            )
+        need_h, need_w = need_grad and ctx.needs_input_grad[0], need_grad and ctx.needs_input_grad[1]
+        out, grads = _hidden_pass(hs, ws, ht, wt, kind, beta, temperature, chunk, need_h, need_w, None)
         ctx.save_for_backward(hs, ws, ht, wt)
         ctx.cfg = (kind, beta, temperature, chunk)
+        ctx.grads = grads
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        hs, ws, ht, wt = ctx.saved_tensors
-        kind, beta, temperature, chunk = ctx.cfg
-        dtype = _compute_dtype(hs.dtype)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hs = torch.empty_like(hs) if need_h else None
-        # The weight gradient is accumulated over chunks in (at least) float32, then cast to the weight dtype.
-        grad_ws = torch.zeros(ws.shape, dtype=_compute_dtype(ws.dtype), device=ws.device) if need_w else None
-        for a in range(0, hs.shape[0], chunk):
-            b = min(a + chunk, hs.shape[0])
-            _, gz = _value_and_grad(
-                _logp(torch.nn.functional.linear(hs[a:b], ws), dtype, temperature, owned=True),
-                _logp(torch.nn.functional.linear(ht[a:b], wt), dtype, temperature, owned=True),
-                kind,
-                beta,
-                temperature,
-                True,
-            )
-            gz = gz.mul_(grad_out[a:b].to(dtype).unsqueeze(-1))
-            if need_h:
-                grad_hs[a:b] = (gz.to(ws.dtype) @ ws).to(hs.dtype)
-            if need_w:
-                grad_ws.addmm_(gz.t().to(grad_ws.dtype), hs[a:b].to(grad_ws.dtype))
-            del gz  # free this chunk's [chunk, V] gradient before the next chunk allocates its own
+        grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph, gradcheck) recomputes
+        if grads is not None and bool((grad_out == grad_out[:1]).all()):
+            grad_hs, grad_ws = grads
+            scale = grad_out[:1].to(_compute_dtype(grad_out.dtype))
+            grad_hs = None if grad_hs is None else grad_hs.mul_(scale.to(grad_hs.dtype))
+            grad_ws = None if grad_ws is None else grad_ws.mul_(scale.to(grad_ws.dtype))
+        else:  # per-row weights: recompute with them
+            hs, ws, ht, wt = ctx.saved_tensors
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            _, (grad_hs, grad_ws) = _hidden_pass(hs, ws, ht, wt, *ctx.cfg, need_h, need_w, grad_out)
+        if grad_ws is not None:
+            grad_ws = grad_ws.to(ctx.saved_tensors[1].dtype)
+        return grad_hs, grad_ws, None, None, None, None, None, None, None
+
+
+def _hidden_pass(
+    hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, kind: str, beta: float, temperature: float, chunk: int,
+    need_h: bool, need_w: bool, row_weights: Tensor | None,
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None]]:
+    """Values ``[T]`` and the gradients of Σ_r w_r·value_r (w = ``row_weights``, or 1) w.r.t. the student's hidden
+    states (``need_h``) and head weight (``need_w``, float32 or wider), ``chunk`` rows of logits at a time."""
+    dtype = _compute_dtype(hs.dtype)
+    need_grad = need_h or need_w
+    out = torch.empty(hs.shape[0], dtype=dtype, device=hs.device)
+    grad_hs = torch.empty_like(hs) if need_h else None
+    grad_ws = torch.zeros(ws.shape, dtype=_compute_dtype(ws.dtype), device=ws.device) if need_w else None
+    for a in range(0, hs.shape[0], chunk):
+        b = min(a + chunk, hs.shape[0])
+        zs = torch.nn.functional.linear(hs[a:b], ws).to(dtype)
+        out[a:b], gz = _rows_in_passes(zs, torch.nn.functional.linear(ht[a:b], wt), kind, beta, temperature,
+                                       need_grad)
+        if not need_grad:
+            continue
+        if row_weights is not None:
+            gz = gz.mul_(row_weights[a:b].to(dtype).unsqueeze(-1))
+        if need_h:
+            grad_hs[a:b] = (gz.to(ws.dtype) @ ws).to(hs.dtype)
         if need_w:
-            grad_ws = grad_ws.to(ws.dtype)
-        return grad_hs, grad_ws, None, None, None, None, None, None
+            grad_ws.addmm_(gz.t().to(grad_ws.dtype), hs[a:b].to(grad_ws.dtype))
+        del gz, zs  # free this chunk's [chunk, V] gradient before the next chunk allocates its own
+    return out, (grad_hs, grad_ws)
 
 
 def chunked_divergence_from_hidden(
@@ -476,9 +543,11 @@ def chunked_divergence_from_hidden(
 
     ``student_hidden [T, H]`` (or ``[..., H]``), ``student_head_weight [V, H]``, ``teacher_hidden [T, H']``,
     ``teacher_head_weight [V, H']`` → values ``[T]``, equal to
-    ``full_divergence(student_hidden @ Wsᵀ, teacher_hidden @ Wtᵀ, ...)``. Neither pass ever holds ``[T, V]``
-    logits: peak extra memory is O(chunk_size·V) (about 3–5 ``[chunk_size, V]`` float32 buffers) plus the
-    ``[V, H]`` weight gradient (accumulated in float32). Logits are the lm-head output in the hidden dtype
+    ``full_divergence(student_hidden @ Wsᵀ, teacher_hidden @ Wtᵀ, ...)``. No ``[T, V]`` logits are ever held:
+    peak extra memory is one ``[chunk_size, V]`` logits chunk of each model plus O(pass·V) temporaries (passes of
+    `_pass_rows` rows) and the ``[T, H]`` / ``[V, H]`` gradients (the weight's accumulated in float32), which
+    forward computes with the values when a gradient is needed (`_ChunkedHiddenDivergence`: one pass over the
+    logits for a sum or mean of the values). Logits are the lm-head output in the hidden dtype
     (bf16 hidden → bf16-rounded logits, as a normal bf16 lm-head), then upcast.
     Gradients flow to ``student_hidden`` and ``student_head_weight``; the teacher is constant. Both heads must
     have the same V (slice the weights to the shared vocabulary first if the padded sizes differ).
@@ -502,6 +571,7 @@ def chunked_divergence_from_hidden(
         float(beta),
         float(temperature),
         int(chunk_size),
+        torch.is_grad_enabled() and (student_hidden.requires_grad or student_head_weight.requires_grad),
     )
     return out.reshape(lead)
 
