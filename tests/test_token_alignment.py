@@ -318,6 +318,20 @@ def test_special_tokens_mapped_or_masked():
     assert loose.stats.unaligned_tokens == 4 and loose.stats.aligned_bytes == 0
 
 
+def test_agreeing_prefix_stops_at_the_first_difference_of_text_or_special_tokens():
+    # the specials differ at symbol 2 (student's after "ab", teacher's after "abcX"), the text at byte 3 ("d" vs "X"):
+    # only "ab" agrees, and the student's special token must not be matched with the teacher's "c"
+    student = [_tb([b"ab", b"<e>", b"c", b"d"], [False, True, False, False], [1, 99, 2, 3])]
+    teacher = [_tb([b"ab", b"c", b"X", b"</s>"], [False, False, False, True], [7, 8, 9, 77])]
+    out = span_terms(student, teacher, torch.zeros(4), torch.zeros(4), special_map={99: 77}, strict=False)
+    assert out.span_ids.tolist() == [0, -1, -1, -1] and out.stats.aligned_bytes == 2
+    # the text differs first ("aX" vs "ab"), the specials later: only "a"
+    student = [_tb([b"a", b"b", b"<e>"], [False, False, True], [1, 2, 99])]
+    teacher = [_tb([b"a", b"X", b"</s>"], [False, False, True], [7, 8, 77])]
+    out = span_terms(student, teacher, torch.zeros(3), torch.zeros(3), special_map={99: 77}, strict=False)
+    assert out.span_ids.tolist() == [0, -1, -1]
+
+
 def test_mismatched_bytes_name_the_sample_and_count_the_aligned_bytes():
     student = [_tb([b"ok"]), _tb([b"12", b"3x"])]
     teacher = [_tb([b"o", b"k"]), _tb([b"1", b"2", b"3y"])]
