@@ -1,25 +1,34 @@
-"""Benchmark: full-vocabulary JSD (chunked, custom autograd) vs the sampled-token reverse KL, on CPU.
+"""Benchmark: full-vocabulary JSD (chunked, custom autograd) vs the sampled-token reverse KL and Liger-Kernel, on CPU.
 
-    .venv/bin/python bench/full_vocab_divergence.py            # full run (V = 151936, T in {1024, 2048, 8192})
-    .venv/bin/python bench/full_vocab_divergence.py --quick    # smoke test (< 1 min)
+    .venv/bin/python bench/full_vocab_divergence.py            # full run (V = 151936, T in {1024, ..., 8192})
+    .venv/bin/python bench/full_vocab_divergence.py --quick    # smoke test (a few minutes)
+
+Liger-Kernel's variants run when ``liger_kernel`` imports (``pip install --no-deps liger-kernel==0.8.5``: its chunked
+losses are pure torch); otherwise they are skipped and the JSON says so.
 
 Writes ``bench/results/full_vocab_divergence.json`` (``..._quick.json`` with ``--quick``) and a PNG plot of
 peak memory vs T next to it (``..._memory.png``).
 
-What is measured (forward + backward of ``loss = out.sum()``, float32, JSD with beta = 0.5):
+What is measured (forward + backward of the mean of the per-token values, JSD with beta = 0.5):
 
-* ``ours_hidden``    `chunked_divergence_from_hidden` on hidden states ``[T, H]`` and lm-head weights ``[V, H]``
-                     (student and teacher); gradients to the student's hidden states and head weight.
-* ``sampled_hidden`` the sampled-token baseline on the same student inputs: log pi_s(x_t) from the hidden states,
+* from hidden states (float32), ``[T, H]`` and lm-head weights ``[V, H]``, gradients to the student's hidden
+  states and head weight:
+  ``ours_hidden``    `chunked_divergence_from_hidden`;
+  ``sampled_hidden`` the sampled-token baseline on the same student inputs: log pi_s(x_t) from the hidden states,
                      chunked with the same chunk size (`_ChunkedSampledLogp` below: per chunk logits = h W^T,
                      logsumexp, gather; backward recomputes the chunk's logits and uses the analytic gradient
                      onehot - softmax), then `sampled_reverse_kl` (k1) against given teacher log-probs. It saves
                      the per-token logsumexp ([T] floats) so its backward skips one reduction, i.e. it is a
-                     slightly *favourable* baseline. Both sides pay the student lm-head matmul in both passes.
-* ``naive_hidden``   logits materialised with autograd (``F.linear``), then `full_divergence` (plain autograd):
+                     slightly *favourable* baseline. Both sides pay the student lm-head matmul.
+  ``liger_hidden`` / ``liger_compiled_hidden``  Liger-Kernel's ``LigerFusedLinearJSDLoss`` (pure JSD, mean over
+                     tokens, same chunk size), eager and with torch.compile (warmed up, i.e. compiled, on one chunk
+                     before the timed run);
+  ``naive_hidden``   logits materialised with autograd (``F.linear``), then `full_divergence` (plain autograd):
                      O(T*V) memory; skipped when the extrapolated peak does not fit the memory budget.
-* ``ours_logits`` / ``sampled_logits`` on pre-materialised logits ``[T, V]``: `chunked_full_divergence` vs
-                     ``log_softmax(z).gather(ids)`` + `sampled_reverse_kl` (plain autograd).
+* on pre-materialised logits ``[T, V]`` (the trainer's path), float32 and bfloat16 (inputs and gradient in that
+  dtype): ``ours_logits`` `chunked_full_divergence`; ``topk_logits`` `chunked_teacher_topk` (k = 20) +
+  `chunked_topk_divergence`; ``sampled_logits`` ``log_softmax(z.float()).gather(ids)`` + `sampled_reverse_kl`
+  (plain autograd). float32 at T = 8192 runs without the sampled baseline (memory only).
 
 Memory: every measurement runs in a fresh subprocess (``--quick`` / ``isolate=False``: one reused worker
 process). After the inputs are allocated and a small warm-up call has run, the kernel's peak-RSS mark is
@@ -27,15 +36,17 @@ reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and the peak is ``VmHWM
 ``/proc/self/status`` after the run: the resident memory the forward + backward added on top of its inputs,
 including the gradients it returns. tracemalloc does not see torch's allocations, and torch has no CPU
 allocator statistics. torch's default CPU allocator is plain malloc, and glibc always serves blocks >= 32 MB
-(every [chunk, V] buffer of the full run: 1024 x 151936 x 4 B = 594 MB) with mmap and unmaps them on free, so
-RSS tracks the live tensors; smaller freed blocks may stay in the heap (a few MB of slack). The --quick / test
+(the [chunk, V] logits chunks and [T, V] gradients of the full run: 1024 x 151936 x 4 B = 594 MB) with mmap and
+unmaps them on free, so RSS tracks the live tensors; smaller freed blocks (the ~2 MB CPU passes) may stay in the
+heap (a few MB of slack). The --quick / test
 sizes have buffers < 32 MB, so those workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` (every block >= 64 KB
 mmapped), which makes their memory numbers meaningful but adds page-fault time to every allocation: --quick
 timings are a smoke test only. Minor page faults per run are recorded.
 
 Timing: wall clock (``time.perf_counter``) and process CPU time (user + sys) around forward + backward.
-The machine is shared, so variants are interleaved (ours, sampled, sampled, ours, ...), each rep in its own
-process, and medians are reported; the ratio is the median of the per-rep paired ratios.
+The machine is shared, so the order of the variants is rotated per rep (hidden-state variants each in their own
+process, the logits variants of one rep in one process), and medians are reported; a ratio is the median of the
+per-rep ratios to the same rep's sampled baseline.
 """
 
 from __future__ import annotations
@@ -66,8 +77,13 @@ FULL = {
     "ts": [1024, 2048, 8192],
     "chunk": 1024,  # the library default chunk_size
     "beta": 0.5,
-    "reps": {"1024": 3, "2048": 3, "8192": 1},
-    "logits_ts": [1024, 2048],
+    "reps": {"1024": 3, "2048": 3, "4096": 3, "8192": 1},
+    # the trainer's logits path; float32 at T=8192 without the sampled baseline (its autograd log-softmax would
+    # need ~20 GB here): peak memory of ours and top-k only
+    "logits_ts": {"float32": [1024, 2048, 4096, 8192], "bfloat16": [1024, 2048, 4096, 8192]},
+    "logits_memory_only_ts": {"float32": [8192]},
+    "liger_variants": ["liger_hidden", "liger_compiled_hidden"],
+    "topk": 20,  # opd.topk's default
     "naive_probe_t": 256,
     "check_t": 256,
     "seed": 0,
@@ -81,7 +97,9 @@ QUICK = {
     "chunk": 64,
     "beta": 0.5,
     "reps": {"256": 2, "512": 2},
-    "logits_ts": [256, 512],
+    "logits_ts": {"float32": [256, 512], "bfloat16": [256]},
+    "liger_variants": ["liger_hidden"],  # compile takes longer than the whole quick run
+    "topk": 20,
     "naive_probe_t": 256,
     "check_t": 200,
     "seed": 0,
@@ -194,7 +212,21 @@ def _nbytes(inputs: dict) -> int:
     return sum(x.numel() * x.element_size() for x in inputs.values())
 
 
-def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | None = None) -> None:
+def liger_available() -> str | None:
+    """liger-kernel's version when importable (its chunked losses are pure torch: no triton needed), else None."""
+    try:
+        from importlib.metadata import version
+
+        import liger_kernel.chunked_loss.jsd_loss  # noqa: F401
+    except Exception:
+        return None
+    try:
+        return version("liger-kernel")
+    except Exception:
+        return "unknown"
+
+
+def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | None = None, topk: int = 20) -> None:
     """One forward + backward of ``variant`` on inputs ``x`` (first ``rows`` tokens if given)."""
     import torch
     import torch.nn.functional as F
@@ -202,6 +234,8 @@ def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | Non
     from opd_verl.algorithms.divergences import (
         chunked_divergence_from_hidden,
         chunked_full_divergence,
+        chunked_teacher_topk,
+        chunked_topk_divergence,
         full_divergence,
         sampled_reverse_kl,
     )
@@ -214,43 +248,54 @@ def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | Non
         ws = x["ws"].detach().requires_grad_(True)
         ht, wt = rows_of(x["ht"]), x["wt"]
         if variant == "ours_hidden":
-            out = chunked_divergence_from_hidden(hs, ws, ht, wt, "jsd", beta, chunk_size=chunk)
+            out = chunked_divergence_from_hidden(hs, ws, ht, wt, "jsd", beta, chunk_size=chunk).mean()
         elif variant == "sampled_hidden":
             s = _sampled_fn()(hs, ws, rows_of(x["ids"]), chunk)
-            out = sampled_reverse_kl(s, rows_of(x["q"]), "k1")
+            out = sampled_reverse_kl(s, rows_of(x["q"]), "k1").mean()
         elif variant == "naive_hidden":
             zs = F.linear(hs, ws)
             with torch.no_grad():
                 zt = F.linear(ht, wt)
-            out = full_divergence(zs, zt, "jsd", beta)
+            out = full_divergence(zs, zt, "jsd", beta).mean()
+        elif variant in ("liger_hidden", "liger_compiled_hidden"):
+            from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+
+            # pure JSD (no hard loss), mean over tokens, same chunk size and beta convention as ours
+            loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                           compiled=variant == "liger_compiled_hidden", chunk_size=chunk)
+            out = loss(hs, ws, ht, wt, rows_of(x["ids"]))
         else:
             raise ValueError(variant)
-        out.sum().backward()
+        out.backward()
         return
     zs = rows_of(x["zs"]).detach().requires_grad_(True)
     zt = rows_of(x["zt"])
     if variant == "ours_logits":
         out = chunked_full_divergence(zs, zt, "jsd", beta, chunk_size=chunk)
-    elif variant == "sampled_logits":
-        s = torch.log_softmax(zs, dim=-1).gather(-1, rows_of(x["ids"])[:, None]).squeeze(-1)
+    elif variant == "topk_logits":  # the teacher's top-k taken in the timed region, as the loss does
+        ids, lt = chunked_teacher_topk(zt, topk, 1.0, chunk)
+        out = chunked_topk_divergence(zs, ids, lt, "jsd", beta, chunk_size=chunk)
+    elif variant == "sampled_logits":  # log-probs in float32, as the sampled path computes them from bf16 logits
+        s = torch.log_softmax(zs.float(), dim=-1).gather(-1, rows_of(x["ids"])[:, None]).squeeze(-1)
         out = sampled_reverse_kl(s, rows_of(x["q"]), "k1")
     elif variant == "naive_logits":
         out = full_divergence(zs, zt, "jsd", beta)
     else:
         raise ValueError(variant)
-    out.sum().backward()
+    out.mean().backward()
 
 
-def _measure(variant: str, x: dict, chunk: int, beta: float) -> dict:
+def _measure(variant: str, x: dict, chunk: int, beta: float, topk: int = 20) -> dict:
     """Warm up on 8 tokens, reset the peak-RSS mark, then time one forward + backward and read the peak."""
     import gc
 
-    _run_variant(variant, x, chunk, beta, rows=8)
+    # warm-up; a compiled variant on one full chunk (the shapes of the timed run, so it does not recompile there)
+    _run_variant(variant, x, chunk, beta, rows=chunk if "compiled" in variant else 8, topk=topk)
     gc.collect()
     _reset_peak_rss()
     base_kb = _status_kb("VmRSS")
     f0, c0, t0 = _minflt(), _cpu_s(), time.perf_counter()
-    _run_variant(variant, x, chunk, beta)
+    _run_variant(variant, x, chunk, beta, topk=topk)
     wall = time.perf_counter() - t0
     cpu = _cpu_s() - c0
     faults = _minflt() - f0
@@ -345,11 +390,13 @@ def _do_job(job: dict) -> dict:
         x = _hidden_inputs(job["T"], job["vocab"], job["hidden"], job["seed"])
     elif kind == "logits":
         x = _logits_inputs(job["T"], job["vocab"], job["seed"])
+        dtype = getattr(torch, job.get("dtype", "float32"))
+        x = {k: (v.to(dtype) if v.is_floating_point() and v.dim() == 2 else v) for k, v in x.items()}
     else:
         raise ValueError(kind)
     res = {"inputs_mb": _nbytes(x) / MB, "threads": torch.get_num_threads(), "runs": []}
     for variant in job["variants"]:
-        res["runs"].append(_measure(variant, x, job["chunk"], job["beta"]))
+        res["runs"].append(_measure(variant, x, job["chunk"], job["beta"], job.get("topk", 20)))
     del x
     gc.collect()
     return res
@@ -447,6 +494,12 @@ def _machine() -> dict:
     }
 
 
+def _cpu_pass_bytes() -> int:
+    from opd_verl.algorithms.divergences import _CPU_PASS_BYTES
+
+    return _CPU_PASS_BYTES
+
+
 def _summ(runs: list[dict]) -> dict:
     return {
         "wall_s": [r["wall_s"] for r in runs],
@@ -499,26 +552,35 @@ def run_benchmark(cfg: dict, log=print) -> dict:
         return out
 
     base = {"vocab": v, "hidden": h, "chunk": chunk, "beta": beta, "seed": seed}
+    liger = liger_available() if cfg["liger_variants"] else None
     result: dict[str, Any] = {
         "benchmark": "full_vocab_divergence",
         "command": " ".join([".venv/bin/python", "bench/full_vocab_divergence.py", *cfg.get("argv", [])]),
         "machine": _machine(),
         "settings": {
-            **{k: cfg[k] for k in ("vocab", "hidden", "ts", "chunk", "beta", "reps", "logits_ts", "seed")},
+            **{k: cfg[k] for k in ("vocab", "hidden", "ts", "chunk", "beta", "reps", "logits_ts", "seed", "topk")},
+            "logits_memory_only_ts": cfg.get("logits_memory_only_ts", {}),
+            "liger_kernel": liger or "not installed (pip install --no-deps liger-kernel==0.8.5): Liger variants skipped",
+            "cpu_pass_bytes": _cpu_pass_bytes(),
             "naive_probe_t": cfg["naive_probe_t"],
             "check_t": cfg["check_t"],
-            "dtype": "float32",
-            "divergence": "jsd (beta=0.5), temperature 1, loss = per-token values summed, fwd + bwd",
+            "dtype": "float32 hidden states; logits groups per dtype (float32, bfloat16: inputs and gradient in that "
+            "dtype, computed in float32)",
+            "divergence": "jsd (beta=0.5), temperature 1, loss = mean of the per-token values, fwd + bwd",
             "sampled_baseline": "k1 = log pi_s(x_t) - log pi_t(x_t) with log pi_s(x_t) from the student's full "
             "log-softmax: from hidden via a chunked custom autograd Function (same chunk size, saves the [T] "
             "logsumexp, analytic backward onehot - softmax); from logits via plain autograd log_softmax + gather",
             "gradients": "student hidden states and student lm-head weight (from hidden); student logits (from logits)",
+            "liger": "LigerFusedLinearJSDLoss(weight_hard_loss=0, weight_soft_loss=1, beta, chunk_size=chunk), eager "
+            "and compiled=True (torch.compile, warmed up on one chunk before the timed run); same inputs",
+            "topk_logits": "chunked_teacher_topk(teacher logits, topk) + chunked_topk_divergence, both in the timed run",
             "isolate": cfg["isolate"],
             "worker_env": worker_env,
             "memory_method": "peak = VmHWM - VmRSS (/proc/self/status) after resetting the peak mark with "
             "/proc/self/clear_refs=5, once inputs exist and an 8-token warm-up ran; includes returned gradients",
-            "timing_method": "wall (perf_counter) and CPU (getrusage user+sys) time of one fwd+bwd per process; "
-            "ours/sampled interleaved with alternating order; medians; ratio = median of paired per-rep ratios",
+            "timing_method": "wall (perf_counter) and CPU (getrusage user+sys) time of one fwd+bwd; hidden variants "
+            "one process each, logits variants of a rep in one process; order rotated per rep; medians; ratio = "
+            "median of the per-rep ratios to the sampled baseline of the same rep",
             "mem_budget_mb_for_naive": budget_mb,
             "watchdog_rss_limit_mb": rss_limit_mb,
         },
@@ -554,30 +616,40 @@ def run_benchmark(cfg: dict, log=print) -> dict:
             naive_by_t[probe_t] = {**_summ([prun]), "inputs_mb": pr["result"]["inputs_mb"]}
         result["naive_probe"] = {"T": probe_t, "bytes_per_logit_element": bytes_per_logit}
 
-        # 3. per T: ours vs sampled from hidden (interleaved), naive if it fits, logits variants
+        # 3. per T: the hidden-state group (ours, sampled, Liger eager/compiled; each run in its own process, order
+        #    rotated per rep), naive if it fits, then the logits groups per dtype (variants in one process per rep)
+        def run_group(t: int, kind: str, variants: list[str], reps: int, extra: dict, together: bool) -> dict:
+            runs: dict[str, list] = {v_: [] for v_ in variants}
+            inputs_mb = None
+            for r in range(reps):
+                order = variants[r % len(variants):] + variants[:r % len(variants)]
+                jobs = [order] if together else [[v_] for v_ in order]
+                for vs in jobs:
+                    out = run_job({**base, **extra, "kind": kind, "T": t, "variants": vs},
+                                  f"T={t:<5d} {extra.get('dtype', '')} rep {r + 1}/{reps}")
+                    if out["ok"]:
+                        for run in out["result"]["runs"]:
+                            runs[run["variant"]].append(run)
+                        inputs_mb = out["result"]["inputs_mb"]
+            group: dict[str, Any] = {"inputs_mb": inputs_mb, "reps": reps}
+            for v_, rs in runs.items():
+                group[v_] = _summ(rs) if rs else {"error": "no successful run"}
+            baseline = next((v_ for v_ in variants if v_.startswith("sampled")), None)
+            if baseline:
+                group["ratio_wall_median"], group["ratio_cpu_median"] = {}, {}
+                for v_ in variants:
+                    pairs = [(a["wall_s"] / b["wall_s"], a["cpu_s"] / b["cpu_s"])
+                             for a, b in zip(runs[v_], runs[baseline])]
+                    if v_ != baseline and pairs:
+                        group["ratio_wall_median"][v_] = median(p_[0] for p_ in pairs)
+                        group["ratio_cpu_median"][v_] = median(p_[1] for p_ in pairs)
+            return group
+
         rows = []
         for t in cfg["ts"]:
             reps = int(cfg["reps"].get(str(t), 1))
-            runs: dict[str, list] = {"ours_hidden": [], "sampled_hidden": []}
-            inputs_mb = None
-            for r in range(reps):
-                order = ["ours_hidden", "sampled_hidden"] if r % 2 == 0 else ["sampled_hidden", "ours_hidden"]
-                for variant in order:
-                    out = run_job({**base, "kind": "hidden", "T": t, "variants": [variant]}, f"T={t:<5d} rep {r + 1}/{reps}")
-                    if out["ok"]:
-                        runs[variant].append(out["result"]["runs"][0])
-                        inputs_mb = out["result"]["inputs_mb"]
-            row: dict[str, Any] = {"T": t, "reps": reps, "inputs_mb": inputs_mb}
-            for variant, rs in runs.items():
-                row[variant] = _summ(rs) if rs else {"error": "no successful run"}
-            pairs = [
-                (a["wall_s"] / b["wall_s"], a["cpu_s"] / b["cpu_s"])
-                for a, b in zip(runs["ours_hidden"], runs["sampled_hidden"])
-            ]
-            if pairs:
-                row["ratio_wall_per_rep"] = [p[0] for p in pairs]
-                row["ratio_wall_median"] = median(p[0] for p in pairs)
-                row["ratio_cpu_median"] = median(p[1] for p in pairs)
+            variants = ["ours_hidden", "sampled_hidden"] + (cfg["liger_variants"] if liger else [])
+            row: dict[str, Any] = {"T": t, "hidden": run_group(t, "hidden", variants, reps, {}, together=False)}
 
             # naive (materialised logits + autograd), if the extrapolated peak fits the budget
             if t in naive_by_t:
@@ -600,28 +672,19 @@ def run_benchmark(cfg: dict, log=print) -> dict:
                         if out["ok"]
                         else {"error": out["error"], "predicted_peak_mb": need_mb}
                     )
-
-            # pre-materialised logits: ours (chunked_full_divergence) vs sampled log_softmax + gather
-            if t in cfg["logits_ts"]:
-                lr: dict[str, list] = {"ours_logits": [], "sampled_logits": []}
-                for r in range(reps):
-                    order = ["ours_logits", "sampled_logits"] if r % 2 == 0 else ["sampled_logits", "ours_logits"]
-                    out = run_job({**base, "kind": "logits", "T": t, "variants": order}, f"T={t:<5d} rep {r + 1}/{reps}")
-                    if out["ok"]:
-                        for run in out["result"]["runs"]:
-                            lr[run["variant"]].append(run)
-                        row["logits_inputs_mb"] = out["result"]["inputs_mb"]
-                logits_row: dict[str, Any] = {k: _summ(vs) for k, vs in lr.items() if vs}
-                lp = [a["wall_s"] / b["wall_s"] for a, b in zip(lr["ours_logits"], lr["sampled_logits"])]
-                if lp:
-                    logits_row["ratio_wall_per_rep"] = lp
-                    logits_row["ratio_wall_median"] = median(lp)
-                    logits_row["ratio_cpu_median"] = median(
-                        a["cpu_s"] / b["cpu_s"] for a, b in zip(lr["ours_logits"], lr["sampled_logits"])
-                    )
-                logits_row["memory_note"] = "both variants in one process (peak mark reset between them)"
-                row["logits"] = logits_row
             rows.append(row)
+
+        # 4. pre-materialised logits (the trainer's path): ours (chunked_full_divergence), top-k (the teacher's top-k
+        #    + chunked_topk_divergence) and the sampled log_softmax + gather, per dtype; memory-only T without sampled
+        logit_rows = []
+        for dtype, ts_ in cfg["logits_ts"].items():
+            for t in ts_:
+                memory_only = t in cfg.get("logits_memory_only_ts", {}).get(dtype, [])
+                variants = ["ours_logits", "topk_logits"] + ([] if memory_only else ["sampled_logits"])
+                reps = 1 if memory_only else int(cfg["reps"].get(str(t), 1))
+                group = run_group(t, "logits", variants, reps, {"dtype": dtype, "topk": cfg["topk"]}, together=True)
+                logit_rows.append({"T": t, "dtype": dtype, "memory_only": memory_only, **group})
+        result["logits"] = logit_rows
         result["results"] = rows
         result["naive_small_t"] = {str(k): v_ for k, v_ in naive_by_t.items() if k not in cfg["ts"]}
     finally:
@@ -634,43 +697,62 @@ def run_benchmark(cfg: dict, log=print) -> dict:
     return result
 
 
-def _summary(result: dict, cfg: dict) -> dict:
-    rows = result.get("results", [])
-    table = []
-    for r in rows:
-        def med(key, field):
-            d = r.get(key) or {}
-            return d.get(field)
+RATIO_TARGET = 2.0  # issue: full vocabulary <= 2x the sampled-token KL on the trainer's logits path
 
+
+def _summary(result: dict, cfg: dict) -> dict:
+    def med(group: dict, variant: str, field: str = "median_wall_s"):
+        return (group.get(variant) or {}).get(field)
+
+    hidden = []
+    for r in result.get("results", []):
+        g = r["hidden"]
         naive = r.get("naive_hidden") or {}
-        table.append(
-            {
-                "T": r["T"],
-                "time_ours_s": med("ours_hidden", "median_wall_s"),
-                "time_sampled_s": med("sampled_hidden", "median_wall_s"),
-                "ratio_wall": r.get("ratio_wall_median"),
-                "ratio_cpu": r.get("ratio_cpu_median"),
-                "ratio_logits_wall": (r.get("logits") or {}).get("ratio_wall_median"),
-                "ratio_logits_cpu": (r.get("logits") or {}).get("ratio_cpu_median"),
-                "peak_mb_ours": med("ours_hidden", "median_peak_mb"),
-                "peak_mb_sampled": med("sampled_hidden", "median_peak_mb"),
-                "peak_mb_naive": naive.get("median_peak_mb") if "median_peak_mb" in naive else naive.get("skipped"),
-            }
-        )
-    ratios = [x["ratio_wall"] for x in table if x["ratio_wall"] is not None]
-    peaks = [x["peak_mb_ours"] for x in table if x["peak_mb_ours"] is not None and x["T"] >= cfg["chunk"]]
-    summary = {"table": table, "ratio_target": 3.0}
+        ratios = g.get("ratio_wall_median", {})
+        hidden.append({
+            "T": r["T"],
+            "time_ours_s": med(g, "ours_hidden"),
+            "time_sampled_s": med(g, "sampled_hidden"),
+            "time_liger_s": med(g, "liger_hidden"),
+            "time_liger_compiled_s": med(g, "liger_compiled_hidden"),
+            "ratio_ours": ratios.get("ours_hidden"),
+            "ratio_liger": ratios.get("liger_hidden"),
+            "ratio_liger_compiled": ratios.get("liger_compiled_hidden"),
+            "peak_mb_ours": med(g, "ours_hidden", "median_peak_mb"),
+            "peak_mb_sampled": med(g, "sampled_hidden", "median_peak_mb"),
+            "peak_mb_liger_compiled": med(g, "liger_compiled_hidden", "median_peak_mb"),
+            "peak_mb_naive": naive.get("median_peak_mb") if "median_peak_mb" in naive else naive.get("skipped"),
+        })
+    logits = []
+    for g in result.get("logits", []):
+        ratios = g.get("ratio_wall_median", {})
+        logits.append({
+            "T": g["T"], "dtype": g["dtype"],
+            "time_ours_s": med(g, "ours_logits"), "time_topk_s": med(g, "topk_logits"),
+            "time_sampled_s": med(g, "sampled_logits"),
+            "ratio_ours": ratios.get("ours_logits"), "ratio_topk": ratios.get("topk_logits"),
+            "peak_mb_ours": med(g, "ours_logits", "median_peak_mb"),
+            "peak_mb_topk": med(g, "topk_logits", "median_peak_mb"),
+            "peak_mb_sampled": med(g, "sampled_logits", "median_peak_mb"),
+        })
+    summary: dict[str, Any] = {"hidden": hidden, "logits": logits, "ratio_target": RATIO_TARGET}
+    ratios = [x["ratio_ours"] for x in logits if x["ratio_ours"] is not None]
     if ratios:
-        summary["ratio_max"] = max(ratios)
-        summary["ratio_target_met"] = max(ratios) <= 3.0
+        summary["logits_ratio_max"] = max(ratios)
+        summary["logits_ratio_target_met"] = max(ratios) <= RATIO_TARGET
+    versus = [(x["T"], x["time_ours_s"] / x[k]) for x in hidden for k in ("time_liger_s", "time_liger_compiled_s")
+              if x["time_ours_s"] and x[k]]
+    if versus:
+        summary["ours_over_liger_max"] = max(r for _, r in versus)
+        summary["ours_no_slower_than_liger"] = summary["ours_over_liger_max"] <= 1.0
+    topk_vs_full = [(x["T"], x["dtype"], x["peak_mb_topk"], x["peak_mb_ours"]) for x in logits
+                    if x["peak_mb_topk"] is not None and x["peak_mb_ours"] is not None]
+    if topk_vs_full:
+        summary["topk_peak_le_full"] = all(k <= f * 1.02 + 1 for _, _, k, f in topk_vs_full)  # 2% + 1 MB slack
+    peaks = [x["peak_mb_ours"] for x in hidden if x["peak_mb_ours"] is not None and x["T"] >= 2 * cfg["chunk"]]
     if len(peaks) >= 2:
-        growth = max(peaks) / min(peaks)
-        summary["ours_peak_growth_over_T_ge_chunk"] = growth
-        summary["ours_memory_flat"] = growth <= 1.10  # within 10% over the T range (T >= chunk)
-    multi = [x["peak_mb_ours"] for x in table if x["peak_mb_ours"] is not None and x["T"] >= 2 * cfg["chunk"]]
-    if len(multi) >= 2:
-        # from two chunks on (a single-chunk run can hold one [chunk, V] buffer less, see the report)
-        summary["ours_peak_growth_over_T_ge_2chunk"] = max(multi) / min(multi)
+        # from two chunks on (a single-chunk run can hold one [chunk, V] buffer less)
+        summary["ours_hidden_peak_growth_over_T_ge_2chunk"] = max(peaks) / min(peaks)
     return summary
 
 
@@ -681,8 +763,8 @@ def _plot_memory(result: dict, path: Path) -> str | None:
     series: dict[str, list[tuple[float, float]]] = {"ours": [], "sampled": [], "naive": [], "naive (extrapolated)": []}
     for r in result.get("results", []):
         for key, name in (("ours_hidden", "ours"), ("sampled_hidden", "sampled")):
-            if (r.get(key) or {}).get("median_peak_mb"):
-                series[name].append((r["T"], r[key]["median_peak_mb"]))
+            if (r["hidden"].get(key) or {}).get("median_peak_mb"):
+                series[name].append((r["T"], r["hidden"][key]["median_peak_mb"]))
         n = r.get("naive_hidden") or {}
         if n.get("median_peak_mb"):
             series["naive"].append((r["T"], n["median_peak_mb"]))
@@ -705,26 +787,31 @@ def _plot_memory(result: dict, path: Path) -> str | None:
 
 
 def _print_table(result: dict, log=print) -> None:
-    log("\n  T      ours s  sampled s  ratio wall   cpu  | on logits: wall   cpu  | peak MB ours / sampled / naive")
-    for x in result["summary"]["table"]:
-        def f(v, fmt):
-            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
-        naive = x["peak_mb_naive"]
-        naive_s = f"{naive:.0f}" if isinstance(naive, (int, float)) else ("skipped" if naive else "-")
-        log(
-            f"  {x['T']:<6d} {f(x['time_ours_s'], '7.2f')}  {f(x['time_sampled_s'], '8.2f')}  "
-            f"{f(x['ratio_wall'], '8.2f')} {f(x['ratio_cpu'], '5.2f')}  |          "
-            f"{f(x['ratio_logits_wall'], '5.2f')} {f(x['ratio_logits_cpu'], '5.2f')}  |  "
-            f"{f(x['peak_mb_ours'], '.0f')} / {f(x['peak_mb_sampled'], '.0f')} / {naive_s}"
-        )
     s = result["summary"]
-    if "ratio_target_met" in s:
-        log(f"  ratio target <= {s['ratio_target']}x met: {s['ratio_target_met']} (max {s['ratio_max']:.2f}x)")
-    if "ours_memory_flat" in s:
-        log(f"  ours peak memory flat in T (<= 10% growth): {s['ours_memory_flat']} (x{s['ours_peak_growth_over_T_ge_chunk']:.3f})")
-    if "ours_peak_growth_over_T_ge_2chunk" in s:
-        log(f"  ours peak growth over T >= 2 chunks: x{s['ours_peak_growth_over_T_ge_2chunk']:.3f}")
+    log("\nfrom hidden states (float32): seconds fwd+bwd, ratio to the sampled baseline; peak extra MB")
+    log("  T      ours  sampled  Liger  Liger-compiled | ratio ours  Liger  compiled | peak ours / sampled")
+    for x in s["hidden"]:
+        log(f"  {x['T']:<6d} {f(x['time_ours_s'], '5.2f')}  {f(x['time_sampled_s'], '6.2f')}  "
+            f"{f(x['time_liger_s'], '6.2f')}  {f(x['time_liger_compiled_s'], '6.2f')}         | "
+            f"{f(x['ratio_ours'], '5.2f')}      {f(x['ratio_liger'], '5.2f')}  {f(x['ratio_liger_compiled'], '5.2f')}"
+            f"     | {f(x['peak_mb_ours'], '.0f')} / {f(x['peak_mb_sampled'], '.0f')}")
+    log("\non logits (the trainer's path): seconds fwd+bwd, ratio to the sampled baseline; peak extra MB")
+    log("  T      dtype     full   top-k  sampled | ratio full  top-k | peak full / top-k / sampled")
+    for x in s["logits"]:
+        log(f"  {x['T']:<6d} {x['dtype']:<8s} {f(x['time_ours_s'], '5.2f')}  {f(x['time_topk_s'], '5.2f')}  "
+            f"{f(x['time_sampled_s'], '6.2f')}  | {f(x['ratio_ours'], '5.2f')}      {f(x['ratio_topk'], '5.2f')}  | "
+            f"{f(x['peak_mb_ours'], '.0f')} / {f(x['peak_mb_topk'], '.0f')} / {f(x['peak_mb_sampled'], '.0f')}")
+    if "logits_ratio_target_met" in s:
+        log(f"  full <= {s['ratio_target']}x sampled on logits: {s['logits_ratio_target_met']} "
+            f"(max {s['logits_ratio_max']:.2f}x)")
+    if "ours_no_slower_than_liger" in s:
+        log(f"  ours no slower than Liger (eager and compiled): {s['ours_no_slower_than_liger']} "
+            f"(ours / Liger max {s['ours_over_liger_max']:.2f})")
+    if "topk_peak_le_full" in s:
+        log(f"  top-k peak <= full peak: {s['topk_peak_le_full']}")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -743,7 +830,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = dict(QUICK if args.quick else FULL)
     cfg["argv"] = argv
     if args.reps is not None:
-        cfg["reps"] = {str(t): args.reps for t in cfg["ts"]}
+        cfg["reps"] = {str(t): args.reps for t in {*cfg["ts"], *(t for ts in cfg["logits_ts"].values() for t in ts)}}
     if args.hidden is not None:
         cfg["hidden"] = args.hidden
     if args.chunk is not None:

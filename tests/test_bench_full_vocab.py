@@ -25,7 +25,8 @@ def test_full_vocab_bench_tiny(tmp_path):
         "ts": [64],
         "chunk": 16,
         "reps": {"64": 1},
-        "logits_ts": [64],
+        "logits_ts": {"float32": [64], "bfloat16": [64]},
+        "liger_variants": [],  # optional dependency; not installed by the test suite
         "naive_probe_t": 64,
         "check_t": 64,  # checked with chunk 64 // 3 = 21: ragged last chunk
     }
@@ -51,19 +52,26 @@ def test_full_vocab_bench_tiny(tmp_path):
 
     (row,) = res["results"]
     assert row["T"] == 64
-    for variant in ("ours_hidden", "sampled_hidden", "naive_hidden"):
-        d = row[variant]
+    for variant, d in [*((v, row["hidden"][v]) for v in ("ours_hidden", "sampled_hidden")),
+                       ("naive_hidden", row["naive_hidden"])]:
         assert d["median_wall_s"] > 0 and d["median_peak_mb"] >= 0, (variant, d)
-    assert row["ratio_wall_median"] > 0
-    assert row["logits"]["ratio_wall_median"] > 0
-    (line,) = res["summary"]["table"]
-    assert set(line) >= {"T", "time_ours_s", "time_sampled_s", "ratio_wall", "peak_mb_ours", "peak_mb_sampled", "peak_mb_naive"}
+    assert row["hidden"]["ratio_wall_median"]["ours_hidden"] > 0
+    assert [(g["T"], g["dtype"]) for g in res["logits"]] == [(64, "float32"), (64, "bfloat16")]
+    for g in res["logits"]:
+        assert set(g["ratio_wall_median"]) == {"ours_logits", "topk_logits"}, g
+        assert all(g[v]["median_wall_s"] > 0 for v in ("ours_logits", "topk_logits", "sampled_logits"))
+    (line,) = res["summary"]["hidden"]
+    assert set(line) >= {"T", "time_ours_s", "time_sampled_s", "ratio_ours", "peak_mb_ours", "peak_mb_naive"}
+    assert len(res["summary"]["logits"]) == 2 and "logits_ratio_target_met" in res["summary"]
+    assert res["settings"]["liger_kernel"].startswith("not installed")  # liger_variants=[]: none looked for
 
     from PIL import Image
 
     # the memory plot (log-log): every variant with a peak > 0 MB is drawn in its colour (tiny runs can measure 0)
+    groups = {"ours_hidden": row["hidden"]["ours_hidden"], "sampled_hidden": row["hidden"]["sampled_hidden"],
+              "naive_hidden": row["naive_hidden"]}
     want = {c for key, c in (("ours_hidden", (31, 119, 180)), ("sampled_hidden", (44, 160, 44)), ("naive_hidden", (214, 39, 40)))
-            if (row[key].get("median_peak_mb") or row[key].get("predicted_peak_mb") or 0) > 0}
+            if (groups[key].get("median_peak_mb") or groups[key].get("predicted_peak_mb") or 0) > 0}
     png = bench._plot_memory(res, tmp_path / "m.png")
     if not want:
         assert png is None and not (tmp_path / "m.png").exists()
