@@ -406,6 +406,11 @@ def test_opd_recipe_gpu_settings(name, composed):
     assert get("actor_rollout_ref.actor.use_kl_loss") is False, "the reference role holds the teacher"
     if get("actor_rollout_ref.model.lora_rank"):
         assert get("actor_rollout_ref.rollout.load_format") == "safetensors", "vLLM loads the LoRA base from disk"
+    # the student as an HF model (python -m opd_verl.export copies it); a LoRA student's hf_model is verl's
+    # PeftModel state dict, which transformers cannot load: export merges its shards instead
+    contents = list(get("actor_rollout_ref.actor.checkpoint.save_contents"))
+    assert {"model", "optimizer", "extra"} <= set(contents), "resume needs the model, optimizer and extra state"
+    assert ("hf_model" in contents) == (not get("actor_rollout_ref.model.lora_rank")), contents
 
 
 def test_sft_recipe_builds_verls_sft_configs(composed):
