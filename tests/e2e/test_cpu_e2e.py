@@ -35,6 +35,7 @@ def first_run(workdir):
         **{
             "trainer.total_training_steps": 2,
             "trainer.save_freq": 2,
+            "actor_rollout_ref.actor.checkpoint.save_contents": "[model,optimizer,extra,hf_model]",
             "trainer.test_freq": 2,
             "trainer.val_before_train": True,
             "actor_rollout_ref.actor.optim.lr": 0.05,
@@ -86,6 +87,40 @@ def test_grpo_resume_continues_at_step_3(workdir, first_run):
     assert sorted(s for s in steps2 if s > 0) == [3], f"resumed run logged steps {sorted(steps2)} (expected only 3)"
     assert steps2[3]["training/global_step"] == 3
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def test_checkpoint_exports_the_trained_student_and_evaluates(workdir, first_run, tmp_path):
+    """`python -m opd_verl.export` copies the hf_model verl saved at step 2; it equals the FSDP shards merged by
+    verl's model merger (bf16) and is the trained student, not the initial model; opd_verl.evaluate runs on it."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opd_verl import evaluate as ev
+    from opd_verl import export
+
+    _, result = first_run
+    _assert_ok(result, "GRPO run")
+    step2 = Path(workdir.root / "checkpoints" / "global_step_2")
+    out = tmp_path / "exported"
+    run = subprocess.run([sys.executable, "-m", "opd_verl.export", "--checkpoint", str(step2), "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["how"] == "copied the hf_model verl saved" and not summary["lora"], summary
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict()  # noqa: E731
+    exported, initial = load(out), load(workdir.model)
+    export._merge_shards(step2 / "actor", tmp_path / "merged")
+    merged = load(tmp_path / "merged")
+    assert set(exported) == set(merged) == set(initial)
+    for key in exported:
+        torch.testing.assert_close(merged[key], exported[key].to(torch.bfloat16).float(), rtol=0, atol=0, msg=key)
+    assert max(float((exported[k] - initial[k]).abs().max()) for k in exported) > 1e-2, "the export is not trained"
+    res = ev.evaluate_paths([("exported", str(out))], workdir.val, k=2, greedy=True, max_samples=4, max_new_tokens=4)[0]
+    assert set(res.metrics) == {"greedy", "avg@2", "pass@2"}
 
 
 def test_rollout_weights_follow_the_actor(first_run):

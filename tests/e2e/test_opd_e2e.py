@@ -119,7 +119,8 @@ def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
     """Top-k support; a LoRA student keeps the real teacher (verl would make the adapter-off actor the
     reference: KL 0 at step 1, since LoRA's B matrices start at 0); teachers routed by data_source, in the
     in-loss teacher forward too (its once-per-worker alignment check fails the run if the two passes route
-    differently)."""
+    differently). The step-1 checkpoint goes through `python -m opd_verl.export` (LoRA merged into the base) and
+    opd_verl.evaluate."""
     metrics = _run(
         workdir,
         "lora_topk",
@@ -128,6 +129,11 @@ def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
             "lora_topk",
             steps=1,
             **{
+                # a checkpoint for the export; the large lr (applied after step 1's metrics) moves B well past
+                # bf16's resolution, so the merge shows in the exported weights
+                "trainer.save_freq": 1,
+                "actor_rollout_ref.actor.checkpoint.save_contents": "[model,optimizer,extra,hf_model]",
+                "actor_rollout_ref.actor.optim.lr": 0.01,
                 "actor_rollout_ref.model.lora_rank": 8,
                 "actor_rollout_ref.model.lora_alpha": 16,
                 "actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill",
@@ -145,6 +151,50 @@ def test_topk_forward_kl_with_a_lora_student_and_routed_teachers(workdir):
     m = metrics[1]
     assert m["opd/kl_per_token"] > 1e-2
     assert m["opd/divergence_per_token"] > 0 and 0.0 < m["opd/topk_mass"] < 1.0
+    _export_merges_the_lora_student(workdir, workdir.root / "ckpt_lora_topk" / "global_step_1", lora_alpha=16)
+
+
+def _export_merges_the_lora_student(w, checkpoint, lora_alpha):
+    """verl's hf_model of a LoRA student is not loadable as the base class (PeftModel keys); the export merges
+    the FSDP shards and the adapter instead: every weight is the base's plus alpha/r * B @ A (bf16, as verl's
+    merger writes), and the exported model evaluates."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from opd_verl import evaluate as ev
+
+    verl_hf = load_file(str(next((checkpoint / "actor" / "huggingface").glob("*.safetensors"))))
+    assert any(k.startswith("base_model.model.") for k in verl_hf), sorted(verl_hf)[:5]
+    out = w.root / "exported_lora_topk"
+    result = subprocess.run([sys.executable, "-m", "opd_verl.export", "--checkpoint", str(checkpoint), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["lora"] and "LoRA adapter into the base" in summary["how"], summary
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(w.model, dtype=torch.float32).state_dict()
+    assert set(merged) == set(base)
+    adapter = load_file(str(out / "lora_adapter" / "adapter_model.safetensors"))
+    rank = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())["r"]
+    largest_delta = 0.0
+    for key, weight in base.items():
+        prefix = "base_model.model." + key.removesuffix(".weight")
+        expected = weight.to(torch.bfloat16).float()  # verl's merger casts the (frozen) base to bf16
+        if prefix + ".lora_A.weight" in adapter:
+            a, b = adapter[prefix + ".lora_A.weight"].float(), adapter[prefix + ".lora_B.weight"].float()
+            delta = (lora_alpha / rank) * b @ a
+            largest_delta = max(largest_delta, float(delta.abs().max()))
+            expected = expected + delta
+        # one bf16 rounding of the float32 merge
+        torch.testing.assert_close(merged[key], expected, rtol=2**-8, atol=1e-6, msg=key)
+    assert largest_delta > 1e-2, f"the adapter barely moved (max |alpha/r B A| = {largest_delta})"
+    result = ev.evaluate_paths([("exported", str(out))], w.routed_val, k=2, greedy=True, max_samples=4, max_new_tokens=4)[0]
+    assert set(result.metrics) == {"greedy", "avg@2", "pass@2"}
 
 
 
