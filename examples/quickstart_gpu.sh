@@ -9,6 +9,9 @@
 #   bash examples/quickstart_gpu.sh data           # GSM8K -> $DATA/gsm8k/{train,test}.parquet
 #   bash examples/quickstart_gpu.sh train          # train; metrics on the console and in $RUN_DIR/metrics.jsonl
 #   bash examples/quickstart_gpu.sh resume         # after a stop: continue from the newest checkpoint
+#   bash examples/quickstart_gpu.sh export [N]     # checkpoint global_step_N (default: the newest) -> HF model
+#   bash examples/quickstart_gpu.sh evaluate [N]   # teacher, student before and after on GSM8K's test set (vLLM)
+#   bash examples/quickstart_gpu.sh validate       # or: the recipe's own validation of the newest checkpoint
 # Several nodes (each with 8 GPUs, the repository and .venv at the same path, $DATA and $RUN_DIR on a file system
 # every node sees):
 #   bash examples/quickstart_gpu.sh head                 # on the head node: start Ray
@@ -87,15 +90,31 @@ train-nodes)
         'trainer.logger=[console]'
     ;;
 export | evaluate)
-    # TODO(export): the student as a Hugging Face model from $RUN_DIR/checkpoints/global_step_<N>/actor (verl's
-    #   model_merger; LoRA students merged), for the evaluation below.
-    # TODO(evaluate): python -m opd_verl.evaluate --backend vllm --model <exported dir> --data "$DATA/gsm8k/test.parquet"
-    #   (and trainer.val_only=True for the in-trainer validation).
-    echo "quickstart_gpu.sh: '$step' is not written yet" >&2
-    exit 2
+    # N: the step to export (default: the newest, from verl's tracker latest_checkpointed_iteration.txt)
+    n="${2:-$(cat "$RUN_DIR/checkpoints/latest_checkpointed_iteration.txt" 2>/dev/null || true)}"
+    [ -n "$n" ] || { echo "quickstart_gpu.sh: no checkpoint in $RUN_DIR/checkpoints; give the step: $step N" >&2; exit 2; }
+    HF_OUT="$RUN_DIR/hf/global_step_$n"
+    if [ "$step" = export ]; then
+        # The recipe saves hf_model (actor/huggingface), which is copied; a LoRA student's FSDP shards are merged
+        # with verl's model merger and the adapter merged into the base. The result loads in transformers and vLLM.
+        run "$PYTHON" -m opd_verl.export --checkpoint "$RUN_DIR/checkpoints/global_step_$n" --out "$HF_OUT"
+    else
+        # vLLM's offline engine in bf16, one model after the other on one GPU (--tensor-parallel-size for more):
+        # greedy accuracy, avg@8 and pass@8 at temperature 1, and the gap closed by OPD; answers up to the recipe's
+        # max_response_length (1024 tokens). The metrics also go to $RUN_DIR/eval_global_step_N.json.
+        run "$PYTHON" -m opd_verl.evaluate --backend vllm --teacher Qwen/Qwen2-7B --student-before Qwen/Qwen2-0.5B \
+            --student-after "$HF_OUT" --data "$DATA/gsm8k/test.parquet" --greedy --k 8 --temperature 1.0 \
+            --max-new-tokens 1024 --out "$RUN_DIR/eval_global_step_$n.json"
+    fi
+    ;;
+validate)
+    # The in-trainer way: the recipe's validation (val-core/openai/gsm8k/acc/mean@1 with its val_kwargs) of the
+    # newest checkpoint, then exit: trainer.val_only=True with the recipe's val_before_train=True.
+    run env VERL_FILE_LOGGER_PATH="$RUN_DIR/metrics_val_$(date +%Y%m%d_%H%M%S).jsonl" "$PYTHON" "${TRAIN[@]}" \
+        'trainer.logger=[console,file]' trainer.resume_mode=auto trainer.val_only=True
     ;;
 *)
-    echo "usage: bash examples/quickstart_gpu.sh install|data|train|resume|head|worker <head address>|train-nodes" >&2
+    echo "usage: bash examples/quickstart_gpu.sh install|data|train|resume|export [N]|evaluate [N]|validate|head|worker <head address>|train-nodes" >&2
     exit 2
     ;;
 esac

@@ -69,7 +69,7 @@ def test_script_is_bash_clean_and_the_steps_print_their_commands(tmp_path):
     assert bad.returncode == 2 and "usage:" in bad.stderr
 
 
-@pytest.mark.parametrize("step,nnodes", [("train", 1), ("resume", 1), ("train-nodes", 2)])
+@pytest.mark.parametrize("step,nnodes", [("train", 1), ("resume", 1), ("validate", 1), ("train-nodes", 2)])
 def test_main_opd_command_composes_and_validates(step, nnodes, tmp_path):
     commands = main_opd_commands(tmp_path, step, NNODES=str(nnodes) if step == "train-nodes" else "2")
     assert len(commands) == 1, commands
@@ -95,5 +95,36 @@ def test_main_opd_command_composes_and_validates(step, nnodes, tmp_path):
         assert trainer["logger"] == ["console", "file"]
         assert Path(env["VERL_FILE_LOGGER_PATH"]).parent == tmp_path / "run"
         assert trainer["resume_mode"] == "auto"
-    if step == "resume":  # a new metrics file: verl's file logger rewrites its file at each start
+    if step in ("resume", "validate"):  # a new metrics file: verl's file logger rewrites its file at each start
         assert Path(env["VERL_FILE_LOGGER_PATH"]).name != "metrics.jsonl"
+    # validate: the newest checkpoint's validation only (verl returns after val_before_train when val_only)
+    assert (trainer["val_only"], trainer["val_before_train"]) == ((True, True) if step == "validate" else (False, True))
+
+
+def test_export_and_evaluate_steps_print_the_commands(tmp_path):
+    """export N: opd_verl.export of global_step_N into run/hf/global_step_N; evaluate N: opd_verl.evaluate with
+    vLLM on that directory, the teacher and the student before (the recipe's), on the data step's test file; both
+    parse with the tools' own argument parsers. Without N and without a checkpoint: exit 2 naming the fix."""
+    from opd_verl import evaluate, export
+
+    run = tmp_path / "run"
+    [cmd] = printed("export", tmp_path, "4")
+    assert cmd == [sys.executable, "-m", "opd_verl.export", "--checkpoint", str(run / "checkpoints" / "global_step_4"),
+                   "--out", str(run / "hf" / "global_step_4")]
+    [cmd] = printed("evaluate", tmp_path, "4")
+    assert cmd[:3] == [sys.executable, "-m", "opd_verl.evaluate"]
+    args = cmd[3:]
+    value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
+    assert value("--backend") == "vllm" and value("--student-after") == str(run / "hf" / "global_step_4")
+    assert (value("--teacher"), value("--student-before")) == ("Qwen/Qwen2-7B", "Qwen/Qwen2-0.5B")
+    assert value("--data") == str(Path(printed("data", tmp_path)[0][-1]) / "test.parquet")
+    parsed = evaluate.build_parser().parse_args(args)
+    assert (parsed.greedy, parsed.k, parsed.max_new_tokens) == (True, 8, 1024)
+    assert export.build_parser().parse_args(printed("export", tmp_path, "4")[0][3:]).out == str(run / "hf" / "global_step_4")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("6")
+    assert printed("export", tmp_path)[0][4] == str(run / "checkpoints" / "global_step_6")
+    (run / "checkpoints" / "latest_checkpointed_iteration.txt").unlink()
+    missing = subprocess.run(["bash", str(SCRIPT), "export"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PRINT": "1", "RUN_DIR": str(run)})
+    assert missing.returncode == 2 and "give the step: export N" in missing.stderr
