@@ -33,7 +33,8 @@ EXAMPLES_DIR = REPO / "examples"
 # recipes/demo_cpu.yaml belongs to the CPU demo (opd_verl.demo) and is tested with it.
 OWNED_ELSEWHERE = {"demo_cpu"}
 # examples/*.sh that are not recipe launchers; the one launcher is examples/run_recipe.sh <recipe>.
-NOT_LAUNCHERS = {"setup_cpu.sh", "run_tests.sh"}
+# (quickstart_gpu.sh runs one recipe's GPU quickstart; tests/test_quickstart_gpu.py checks its commands.)
+NOT_LAUNCHERS = {"setup_cpu.sh", "run_tests.sh", "quickstart_gpu.sh"}
 LAUNCHER = EXAMPLES_DIR / "run_recipe.sh"
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem not in OWNED_ELSEWHERE)
