@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_verl.checks.device import check_device, is_cpu_run, user_override_keys
 from opd_verl.checks.verl_config import check_verl_config
-from opd_verl.checks.options import OPDConfigError, check_override_keys, deprecation_notes, uses_opd, validate_config
+from opd_verl.checks.options import (
+    OPDConfigError, check_override_keys, deprecation_notes, uses_opd, validate_config, view_notes,
+)
 
 _PRINT_ONLY = {"flag": False}
 
@@ -48,6 +50,8 @@ def prepare(config: DictConfig) -> None:
     if uses_opd(plain):
         from opd_verl.checks.preflight import run_preflight
 
+        for line in view_notes(plain["opd"]):
+            print(f"opd_verl: {line}", file=sys.stderr)
         for line in run_preflight(plain):
             print(f"opd_verl: {line}", file=sys.stderr)
     if is_cpu_run(config, user_override_keys()):  # the CPU support is loaded for a CPU run only

@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from opd_verl.checks.options import OPDConfigError, teacher_entries
+from opd_verl.checks.options import OPDConfigError, has_view, teacher_entries, teacher_key, view_mode
 
 PROBE_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -243,6 +243,96 @@ def check_teacher(
     return reports
 
 
+#: training rows the view checks render (the first ones of the first train file)
+VIEW_SAMPLE_ROWS = 32
+
+
+def training_rows(config: Mapping, n: int = VIEW_SAMPLE_ROWS) -> tuple[list[dict], str | None]:
+    """The first ``n`` rows of the first local train file as dicts, the chat messages under "prompt" (verl's
+    data.prompt_key), as verl's dataset hands them to the workers; ([], why) when there is no such file."""
+    import pyarrow.parquet as pq
+
+    files = config["data"].get("train_files")
+    files = [files] if isinstance(files, str) else list(files or [])
+    if not files or "://" in str(files[0]) or not os.path.isfile(os.path.expanduser(str(files[0]))):
+        return [], f"no local data.train_files to render ({files[0] if files else 'none set'})"
+    table = pq.ParquetFile(os.path.expanduser(str(files[0]))).iter_batches(batch_size=n)
+    rows = next(table).to_pylist()[:n]
+    prompt_key = config["data"].get("prompt_key", "prompt")
+    for row in rows:
+        row["prompt"] = row.get(prompt_key)
+    return rows, None
+
+
+def _show_text(text: str, width: int = 120) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def check_teacher_view(
+    entry: Mapping, key: str, rows: list[dict], student_tok, teacher_tok, student_name: str,
+) -> list[str]:
+    """A teacher with its own view (opd.teacher.prompt / cross_tokenizer) against the student, on training rows.
+
+    Same tokenizer (cross_tokenizer=false): the vocabularies must agree (the teacher scores the student's response
+    ids); the chat templates need not. Every row's teacher prompt is rendered as the option says (a missing chat
+    template or an unknown placeholder is an error naming the row); the first rendering is reported beside the
+    student's. cross_tokenizer=true: the vocabularies may differ; each row's prompt text and reference answer
+    must survive the teacher's tokenizer byte for byte (round_trip_check), and both tokenizers need an eos token."""
+    from opd_verl.algorithms.teacher_view import round_trip_check, teacher_prompt_text, user_text
+
+    teacher = entry["path"]
+    cross, prompt = entry["cross_tokenizer"], entry["prompt"]
+    mode = view_mode(prompt)
+    reports = []
+    if not cross:
+        problem = compare_vocabularies(student_tok, teacher_tok, student_name, teacher)
+        if problem:
+            raise OPDConfigError(f"{problem} (or set {key}.cross_tokenizer=true for a teacher of another tokenizer)")
+    if not rows:
+        return reports
+    texts = []
+    for index, row in enumerate(rows):
+        template = prompt if mode == "template" else None
+        try:
+            text = teacher_prompt_text(mode, row, teacher_tok, template, entry["wrap_chat"])
+        except ValueError as err:
+            message = str(err).removeprefix("opd_verl: ").replace("opd.teacher.prompt", f"{key}.prompt")
+            raise OPDConfigError(f"training row {index}: {message}") from None
+        texts.append(text)
+    if mode != "student":
+        student_text = (student_tok.apply_chat_template(list(rows[0]["prompt"]), add_generation_prompt=True,
+                                                        tokenize=False)
+                        if getattr(student_tok, "chat_template", None) else None)
+        same = student_text is not None and all(
+            t == student_tok.apply_chat_template(list(r["prompt"]), add_generation_prompt=True, tokenize=False)
+            for t, r in zip(texts, rows)) and not cross
+        reports.append(
+            f"preflight: teacher {teacher} reads its own prompt ({key}.prompt={prompt!r}); row 0: "
+            f"{_show_text(texts[0])}" + (f", the student's: {_show_text(student_text)}" if student_text else "")
+            + ("; it equals the student's on every row checked" if same else "")
+        )
+    if cross:
+        for name, tok in (("student", student_tok), ("teacher", teacher_tok)):
+            if getattr(tok, "eos_token_id", None) is None:
+                raise OPDConfigError(f"{key}.cross_tokenizer=true: the {name}'s tokenizer has no eos token, so the "
+                                     f"student's end of response cannot be matched; give it one (eos_token)")
+        answers = [str(r["reward_model"]["ground_truth"]) for r in rows
+                   if isinstance(r.get("reward_model"), Mapping) and r["reward_model"].get("ground_truth") is not None]
+        problem = round_trip_check(student_tok, teacher_tok, [user_text(r) for r in rows] + answers)
+        if problem:
+            raise OPDConfigError(f"{problem.removeprefix('opd_verl: ')} ({len(rows)} training prompts and "
+                                 f"{len(answers)} answers checked); use a teacher whose tokenizer round-trips the "
+                                 f"student's text, or drop {key}.cross_tokenizer")
+        same_vocab = compare_vocabularies(student_tok, teacher_tok, student_name, teacher) is None
+        reports.append(
+            f"preflight: teacher {teacher} ({key}.cross_tokenizer=true) round-trips {len(rows)} training prompts and "
+            f"{len(answers)} answers byte for byte; student eos {student_tok.eos_token!r} -> teacher eos "
+            f"{teacher_tok.eos_token!r}" + ("; the vocabularies are the same (cross_tokenizer=false would read the "
+                                           "student's ids directly)" if same_vocab else "")
+        )
+    return reports
+
+
 def run_preflight(config: Mapping) -> list[str]:
     """All checks on a composed config (plain dict). Returns report lines; raises OPDConfigError on failure."""
     opd = config["opd"]
@@ -267,11 +357,27 @@ def run_preflight(config: Mapping) -> list[str]:
         return memo[key]
 
     reports = []
+    rows = why_no_rows = None
     for i, teacher in enumerate(teacher_entries(opd)):
-        key = "opd.teacher" if not opd.get("teachers") else f"opd.teachers[{i}]"
+        key = teacher_key(opd, i)
         check_model_path(teacher["path"], f"{key}.path")
         check_tokenizer_path(teacher.get("tokenizer_path"), f"{key}.tokenizer_path")
         teacher_trust = bool(teacher["model"].get("trust_remote_code", False))  # the teacher's own (opd.teacher.model)
+        if has_view(teacher):
+            if rows is None:
+                rows, why_no_rows = training_rows(config)
+                if why_no_rows:
+                    reports.append(f"preflight: the teachers' views are not rendered here: {why_no_rows}")
+            try:
+                reports += check_teacher_view(
+                    teacher, key, rows,
+                    load(load_tokenizer, student_tok_path or student_path, student_trust),
+                    load(load_tokenizer, teacher.get("tokenizer_path") or teacher["path"], teacher_trust),
+                    student_path,
+                )
+            except FilesUnavailable as err:
+                reports.append(f"preflight: the view checks of teacher {teacher['path']} skipped: {err}")
+            continue
         try:
             reports += check_teacher(
                 student_path,
