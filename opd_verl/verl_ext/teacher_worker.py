@@ -87,7 +87,40 @@ class OPDWorker(ActorRolloutRefWorker):
         training_config.engine_config.use_remove_padding = self.config.model.get("use_remove_padding", False)
         worker = self.ref_worker_cls(config=training_config)
         worker.reset()
+        worker.opd_view = self._teacher_view(teacher, ref_config.model_config.tokenizer)
         return worker
+
+    def _teacher_view(self, teacher: dict, tokenizer):
+        """The teacher's TeacherView, or None when it reads the student's ids (opd.teacher.prompt=student)."""
+        from opd_verl.checks.options import has_view
+        from opd_verl.verl_ext.teacher_batch import TeacherView
+
+        if not has_view(teacher):
+            return None
+        return TeacherView(teacher["prompt"], bool(teacher["wrap_chat"]), bool(teacher["cross_tokenizer"]), tokenizer)
+
+    def _student_tokenizer(self):
+        """The student's tokenizer (its response bytes, for a cross-tokenizer teacher); loaded once."""
+        if getattr(self, "_opd_student_tokenizer", None) is None:
+            from verl.utils import hf_tokenizer
+            from verl.utils.fs import copy_to_local
+
+            model = self.config.model
+            path = copy_to_local(model.get("tokenizer_path") or model.path, use_shm=model.get("use_shm", False))
+            self._opd_student_tokenizer = hf_tokenizer(path, trust_remote_code=model.get("trust_remote_code", False))
+        return self._opd_student_tokenizer
+
+    def _teacher_infer(self, index: int, data):
+        """Teacher ``index``'s reference pass: verl's infer_batch on the student's batch (no view: exactly today's
+        call), else on the teacher's own batch with its log-probs mapped back (opd_verl.verl_ext.teacher_batch)."""
+        teacher = self.teachers[index]
+        view = getattr(teacher, "opd_view", None)
+        if view is None:
+            return teacher.infer_batch(data=data)
+        from opd_verl.verl_ext.teacher_batch import infer_with_view
+
+        student_tok = self._student_tokenizer() if view.cross_tokenizer else None
+        return infer_with_view(teacher, view, data, student_tok, index)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
@@ -136,12 +169,12 @@ class OPDWorker(ActorRolloutRefWorker):
         teacher. With several teachers every teacher scores the whole batch, so the FSDP collectives stay in step
         across data-parallel ranks."""
         if len(self.teachers) == 1:
-            output = self.ref.infer_batch(data=data)
+            output = self._teacher_infer(0, data)
             return output.cpu() if output is not None else None
         if self.opd_options.get("multi_teacher_mode") == "mean_logit":
             return self._mean_logit_ref_log_prob(data)
         sample_teacher = self._sample_teachers(data)
-        outputs = [teacher.infer_batch(data=data) for teacher in self.teachers]
+        outputs = [self._teacher_infer(i, data) for i in range(len(self.teachers))]
         if outputs[0] is None:
             return None
         first = outputs[0]["log_probs"]
@@ -151,6 +184,10 @@ class OPDWorker(ActorRolloutRefWorker):
         else:
             combined = mix_log_probs(per_teacher, [t["weight"] for t in self.teacher_entries])
         outputs[0]["log_probs"] = torch.nested.nested_tensor_from_jagged(combined, first.offsets())
+        for out in outputs[1:]:  # the other teachers' alignment counts (cross_tokenizer), if any
+            for key in out.keys():
+                if key.startswith("opd_alignment_counts_"):
+                    outputs[0][key] = out[key]
         return outputs[0].cpu()
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))

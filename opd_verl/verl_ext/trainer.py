@@ -24,6 +24,7 @@ from opd_verl.verl_ext.checkpoints import checkpoints_to_keep, mark_complete, pr
 from opd_verl.verl_ext.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
 from opd_verl.checks.verl_config import POLL_INTERVAL_KEY, replay_poll_interval
 from opd_verl.checks.options import OPD_ESTIMATORS, teacher_entries, uses_opd
+from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD, alignment_metrics
 from opd_verl.verl_ext.teacher_worker import make_worker_class
 
 
@@ -70,6 +71,11 @@ class OPDTrainer(PPOTrainerSync):
         self.opd_active = uses_opd(config)
         self.teachers_routed = self.opd_active and self.opd.get("multi_teacher_mode") == "route" and len(
             teacher_entries(self.opd)) > 1
+        # teachers with another tokenizer: their alignment counts come back from the reference pass (teacher_batch)
+        self.alignment_fields = {
+            i: ALIGNMENT_FIELD.format(index=i) for i, entry in enumerate(teacher_entries(self.opd))
+            if entry.get("cross_tokenizer")
+        } if self.opd_active else {}
         if self.opd_active:
             self.use_reference_policy = True
             print("opd_verl: metrics are logged under opd/*; their old names (distill/*, actor/distill/*) are "
@@ -164,6 +170,7 @@ class OPDTrainer(PPOTrainerSync):
         mask = data.batch["response_mask"]
         teacher, student = data.batch["ref_log_prob"], data.batch["old_log_probs"]
         metrics.update(distill_metrics(teacher, student, mask, self._routed_data_sources(batch)))
+        self._cross_tokenizer_metrics(batch, metrics)
         common = dict(teacher_log_prob=teacher, student_log_prob=student, opd_config=self.opd, metrics=metrics)
         if estimator == "opd":
             advantages, returns = compute_opd_advantage(data.batch["token_level_rewards"], mask, **common)
@@ -212,6 +219,19 @@ class OPDTrainer(PPOTrainerSync):
         metrics.update(is_metrics)
         return True
 
+    def _cross_tokenizer_metrics(self, batch, metrics: dict) -> None:
+        """opd/cross_tokenizer/* of each teacher with another tokenizer (opd/cross_tokenizer/teacher<i>/* when there
+        are several): aligned_byte_frac, student_tokens_per_span, teacher_tokens_per_span, masked_special_tokens,
+        unaligned_tokens, mismatched_samples (token_alignment.AlignmentStats), over the whole batch."""
+        fields = getattr(self, "alignment_fields", {})
+        if not fields:
+            return
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(fields.values()))
+        for i, field in fields.items():
+            prefix = "opd/cross_tokenizer/" + (f"teacher{i}/" if len(fields) > 1 else "")
+            for name, value in alignment_metrics(data[field]).items():
+                metrics[prefix + name] = value
+
     def _routed_data_sources(self, batch) -> list[str] | None:
         """Each sample's data_source when the teachers are routed (multi_teacher_mode=route, several teachers:
         the KL is then also logged per data_source, opd/kl_per_token/<data_source>); None otherwise."""
@@ -223,7 +243,8 @@ class OPDTrainer(PPOTrainerSync):
     def _dump_token_terms(self, batch, padded) -> None:
         """Debug dump ($OPD_VERL_DUMP_TOKENS=dir): ids and per-token terms of each step, to recompute offline."""
         ids = tq.kv_batch_get(
-            keys=batch.keys, partition_id=batch.partition_id, select_fields=["prompts", "responses", "data_source"]
+            keys=batch.keys, partition_id=batch.partition_id,
+            select_fields=["prompts", "responses", "data_source", "raw_prompt", "reward_model", "extra_info"],
         )
         directory = os.environ[TOKEN_DUMP_ENV]
         os.makedirs(directory, exist_ok=True)
@@ -232,6 +253,8 @@ class OPDTrainer(PPOTrainerSync):
                 "prompts": [t.clone() for t in ids["prompts"].unbind()],
                 "responses": [t.clone() for t in ids["responses"].unbind()],
                 "data_source": [str(x) for x in tu.get(ids, "data_source")],
+                # the dataset's columns, to rebuild a teacher's own prompt (opd.teacher.prompt) offline
+                **{key: [_plain_value(x) for x in tu.get(ids, key)] for key in ("raw_prompt", "reward_model", "extra_info")},
                 **{k: padded[k].clone() for k in ("response_mask", "ref_log_prob", "old_log_probs", "advantages")},
             },
             os.path.join(directory, f"step_{self.global_steps}.pt"),
@@ -243,8 +266,18 @@ class OPDTrainer(PPOTrainerSync):
         ).to_padded_tensor()
         metrics.update(distill_metrics(data["ref_log_prob"], data["old_log_probs"], data["response_mask"],
                                        self._routed_data_sources(batch)))
+        self._cross_tokenizer_metrics(batch, metrics)
         metrics["opd/kl_coef"] = float(self.opd["lambda_distill"])
         add_deprecated_metric_names(metrics)
+
+
+def _plain_value(value):
+    """A dataset column's value as plain python (lists, dicts), for torch.save."""
+    if isinstance(value, dict):
+        return {str(k): _plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain_value(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def trainer_class(config):
