@@ -320,3 +320,35 @@ def test_cross_tokenizer_span_terms_through_the_worker(student_tok, other_tok, m
         assert torch.allclose(terms, expected, atol=1e-5), (i, (terms - expected).abs().max())
         start += len(s_ids)
     assert multi_token_spans > 0  # the two tokenizations differ
+
+
+@pytest.mark.parametrize("mode", ["route", "mean_prob"])
+def test_each_teacher_has_its_own_view(student_tok, own_template_tok, models, mode):
+    """Two teachers, the first with its own chat template, the second with the student's view: routed, each
+    sample's log-probs are its own teacher's (the view's, or the direct call's); mixed, the mean of the two
+    probabilities of each token."""
+    from verl.utils import tensordict_utils as tu
+
+    from opd_verl.verl_ext.teacher_worker import OPDWorker
+
+    def batch():
+        data = verl_batch(student_tok)
+        tu.assign_non_tensor(data, data_source=["a", "b", "a"])
+        return data
+
+    view = _view("chat_template", own_template_tok)
+    alone = {name: _response_values(OPDWorker.compute_ref_log_prob(opd_worker([EngineTeacher(models["same"])], [v]),
+                                                                   batch())["log_probs"], batch())
+             for name, v in (("view", view), ("direct", None))}
+    worker = opd_worker([EngineTeacher(models["same"]), EngineTeacher(models["same"])], [view, None], mode=mode)
+    worker.teacher_entries = [{"weight": 1.0, "data_source": "a"}, {"weight": 1.0, "data_source": "b"}]
+    data = batch()
+    both = _response_values(OPDWorker.compute_ref_log_prob(worker, data)["log_probs"], data)
+    lengths = [len(r) for r in data["responses"].unbind()]
+    if mode == "route":
+        expected = torch.cat([alone["view" if source == "a" else "direct"][sum(lengths[:i]):sum(lengths[:i + 1])]
+                              for i, source in enumerate(["a", "b", "a"])])
+    else:
+        expected = torch.logaddexp(alone["view"], alone["direct"]) - torch.log(torch.tensor(2.0))
+    assert torch.allclose(both, expected, atol=1e-6)
+    assert (alone["view"] - alone["direct"]).abs().max() > 1e-3

@@ -169,7 +169,7 @@ def response_log_probs(log_probs: torch.Tensor, response_lengths: Sequence[int])
 def student_layout(per_response: Sequence[torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
     """Response log-probs placed where verl's reference output has them for the student's ``input_ids`` (nested):
     [L - R - 1, L - 1) of each sample, 0 at the prompt positions and the last one (never read)."""
-    lengths = input_ids.offsets().diff().tolist()
+    lengths = input_ids.offsets().diff().tolist() if input_ids.is_nested else [input_ids.shape[-1]] * len(input_ids)
     dtype = per_response[0].dtype if per_response else torch.float32
     rows = []
     for values, length in zip(per_response, lengths):
