@@ -47,7 +47,7 @@ def other_tok():
     return byte_level_bpe(300, name="tiny-bpe-teacher", chat_template=CHAT_TEMPLATE_B)
 
 
-def verl_batch(student_tok, eos=(True, True, False), seed=0):
+def verl_batch(student_tok, eos=(True, True, False), seed=0, remove_padding=True):
     """A reference-pass batch as verl 0.9.1 hands it to compute_ref_log_prob: one TransferQueue record per
     sample (the dataset's columns, raw_prompt, the agent loop's tensors) made a TensorDict by verl's
     list_of_dict_to_tensordict, the student's old_log_probs beside them, the batch-level settings."""
@@ -69,7 +69,8 @@ def verl_batch(student_tok, eos=(True, True, False), seed=0):
             "old_log_probs": -torch.rand(len(response), generator=g) * 3,
         })
     data = tu.list_of_dict_to_tensordict(records)
-    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=False, use_remove_padding=True,
+    tu.assign_non_tensor(data, temperature=1.0, calculate_entropy=False, compute_loss=False,
+                         use_remove_padding=remove_padding,
                          pad_token_id=student_tok.pad_token_id)
     return data
 
@@ -235,12 +236,15 @@ def _response_values(log_probs, data):
     return response_from_nested(log_probs, data["response_mask"]).values()
 
 
-def test_a_view_scores_the_students_response_after_the_teachers_prompt(student_tok, own_template_tok, models):
+@pytest.mark.parametrize("remove_padding", [True, False])
+def test_a_view_scores_the_students_response_after_the_teachers_prompt(student_tok, own_template_tok, models,
+                                                                       remove_padding):
     """prompt=<template> through the worker: the teacher's log-probs of the student's response tokens after its own
-    prompt, in the student's layout, equal a float64 forward of the prompt built by hand."""
+    prompt, in the student's layout, equal a float64 forward of the prompt built by hand (verl's packed and padded
+    forwards: actor_rollout_ref.model.use_remove_padding, false on CPU)."""
     from opd_verl.verl_ext.teacher_worker import OPDWorker
 
-    data = verl_batch(student_tok)
+    data = verl_batch(student_tok, remove_padding=remove_padding)
     teacher = EngineTeacher(models["same"])
     output = OPDWorker.compute_ref_log_prob(opd_worker([teacher], [_view(TEMPLATE, own_template_tok)]), data)
     assert output["log_probs"].offsets().tolist() == data["input_ids"].offsets().tolist()

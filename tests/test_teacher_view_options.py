@@ -224,3 +224,31 @@ def test_main_opd_prints_the_views_and_takes_a_template_on_the_command_line(tmp_
             "template as the user message of the teacher's chat template; cross_tokenizer=false (default)") in result.stderr
     assert "The reference answer is 5." in result.stderr
     assert "prompt: '{prompt} The reference answer is {reward_model[ground_truth]}.'" in result.stdout
+
+
+def test_the_preflight_cli_checks_a_view(dirs, capsys):
+    from opd_verl.preflight import main
+
+    args = ["--student", dirs["student"], "--teacher", dirs["other"], "--data", dirs["accented"]]
+    assert main(args + ["--teacher-prompt", "chat_template"]) == 2  # another vocabulary, no --cross-tokenizer
+    assert "or set opd.teacher.cross_tokenizer=true" in capsys.readouterr().err
+    assert main(args + ["--teacher-prompt", "chat_template", "--cross-tokenizer"]) == 0
+    out = capsys.readouterr().out
+    assert "reads its own prompt" in out and "round-trips 2 training prompts and 2 answers" in out
+    assert main(args + ["--cross-tokenizer"]) == 2
+    assert "--cross-tokenizer needs the teacher's own prompt" in capsys.readouterr().err
+    assert main(args[:4] + ["--teacher-prompt", "{prompt", "--data", dirs["accented"]]) == 2
+    assert "--teacher-prompt: unclosed '{'" in capsys.readouterr().err
+
+
+def test_a_skipped_view_check_prints_the_cli_command_with_the_view():
+    from opd_verl.checks.preflight import preflight_command
+
+    view = {"prompt": [{"role": "system", "content": "{reward_model[ground_truth]}"}], "wrap_chat": True,
+            "cross_tokenizer": True}
+    command = preflight_command("S", "T", view=view, data="train.parquet")
+    assert command == ("python -m opd_verl.preflight --teacher T --student S --teacher-prompt "
+                       "'[{\"role\": \"system\", \"content\": \"{reward_model[ground_truth]}\"}]' --cross-tokenizer "
+                       "--data train.parquet")
+    assert preflight_command("S", "T", view={"prompt": "student", "wrap_chat": True, "cross_tokenizer": False}) == (
+        "python -m opd_verl.preflight --teacher T --student S")

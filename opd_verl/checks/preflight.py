@@ -190,9 +190,16 @@ def preflight_command(
     teacher_tokenizer: str | None = None,
     trust_remote_code: bool = False,
     allow_template_mismatch: bool = False,
+    view: Mapping | None = None,
+    data: str | None = None,
 ) -> str:
-    """The `python -m opd_verl.preflight ...` line that runs the same checks of one teacher against the student."""
+    """The `python -m opd_verl.preflight ...` line that runs the same checks of one teacher against the student
+    (``view``: the teacher entry's prompt / wrap_chat / cross_tokenizer, rendered on ``data``)."""
     args = ["--teacher", teacher, "--student", student]
+    if view is not None and has_view(view):
+        prompt = view["prompt"] if isinstance(view["prompt"], str) else json.dumps(list(view["prompt"]))
+        args += ["--teacher-prompt", prompt] + (["--no-wrap-chat"] if not view["wrap_chat"] else [])
+        args += (["--cross-tokenizer"] if view["cross_tokenizer"] else []) + (["--data", data] if data else [])
     args += ["--teacher-tokenizer", teacher_tokenizer] if teacher_tokenizer else []
     args += ["--student-tokenizer", student_tokenizer] if student_tokenizer else []
     args += ["--trust-remote-code"] if trust_remote_code else []
@@ -376,7 +383,14 @@ def run_preflight(config: Mapping) -> list[str]:
                     student_path,
                 )
             except FilesUnavailable as err:
-                reports.append(f"preflight: the view checks of teacher {teacher['path']} skipped: {err}")
+                files = config["data"].get("train_files")
+                command = preflight_command(
+                    student_path, teacher["path"], student_tok_path, teacher.get("tokenizer_path"),
+                    trust_remote_code=student_trust or teacher_trust, view=teacher,
+                    data=str(files if isinstance(files, str) else (list(files or []) or [None])[0]),
+                )
+                reports.append(f"preflight: the view checks of teacher {teacher['path']} against student "
+                               f"{student_path} skipped: {err}; run them where the files can be had: {command}")
             continue
         try:
             reports += check_teacher(
