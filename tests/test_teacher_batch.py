@@ -356,3 +356,20 @@ def test_each_teacher_has_its_own_view(student_tok, own_template_tok, models, mo
         expected = torch.logaddexp(alone["view"], alone["direct"]) - torch.log(torch.tensor(2.0))
     assert torch.allclose(both, expected, atol=1e-6)
     assert (alone["view"] - alone["direct"]).abs().max() > 1e-3
+
+
+def test_routed_cross_tokenizer_teachers_return_each_ones_alignment_counts(student_tok, own_template_tok, models):
+    from verl.utils import tensordict_utils as tu
+
+    from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD, alignment_metrics
+    from opd_verl.verl_ext.teacher_worker import OPDWorker
+
+    data = verl_batch(student_tok)
+    tu.assign_non_tensor(data, data_source=["a", "b", "a"])
+    views = [_view("chat_template", own_template_tok, cross=True), None, _view(TEMPLATE, own_template_tok, cross=True)]
+    worker = opd_worker([EngineTeacher(models["same"]) for _ in views], views, student_tok=student_tok, mode="route")
+    worker.teacher_entries = [{"weight": 1.0, "data_source": s} for s in ("a", "b", "c")]
+    output = OPDWorker.compute_ref_log_prob(worker, data)
+    assert ALIGNMENT_FIELD.format(index=1) not in output.keys()
+    for i in (0, 2):
+        assert alignment_metrics(output[ALIGNMENT_FIELD.format(index=i)])["aligned_byte_frac"] == 1.0

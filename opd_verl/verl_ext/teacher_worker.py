@@ -184,10 +184,11 @@ class OPDWorker(ActorRolloutRefWorker):
         else:
             combined = mix_log_probs(per_teacher, [t["weight"] for t in self.teacher_entries])
         outputs[0]["log_probs"] = torch.nested.nested_tensor_from_jagged(combined, first.offsets())
-        for out in outputs[1:]:  # the other teachers' alignment counts (cross_tokenizer), if any
-            for key in out.keys():
-                if key.startswith("opd_alignment_counts_"):
-                    outputs[0][key] = out[key]
+        from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD
+
+        for i, out in enumerate(outputs[1:], 1):  # the other teachers' alignment counts (cross_tokenizer), if any
+            if ALIGNMENT_FIELD.format(index=i) in out.keys():
+                outputs[0][ALIGNMENT_FIELD.format(index=i)] = out[ALIGNMENT_FIELD.format(index=i)]
         return outputs[0].cpu()
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
