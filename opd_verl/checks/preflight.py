@@ -263,8 +263,13 @@ def training_rows(config: Mapping, n: int = VIEW_SAMPLE_ROWS) -> tuple[list[dict
     files = [files] if isinstance(files, str) else list(files or [])
     if not files or "://" in str(files[0]) or not os.path.isfile(os.path.expanduser(str(files[0]))):
         return [], f"no local data.train_files to render ({files[0] if files else 'none set'})"
-    table = pq.ParquetFile(os.path.expanduser(str(files[0]))).iter_batches(batch_size=n)
-    rows = next(table).to_pylist()[:n]
+    try:
+        first = next(pq.ParquetFile(os.path.expanduser(str(files[0]))).iter_batches(batch_size=n), None)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types; check_data names the problem after us
+        return [], f"{files[0]} cannot be read ({type(err).__name__})"
+    if first is None:
+        return [], f"{files[0]} has no rows"
+    rows = first.to_pylist()[:n]
     prompt_key = config["data"].get("prompt_key", "prompt")
     for row in rows:
         row["prompt"] = row.get(prompt_key)
