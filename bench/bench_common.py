@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -77,6 +78,15 @@ def machine_info() -> dict:
         "loadavg": list(os.getloadavg()),
         "loadavg_at_start": list(os.getloadavg()),
     }
+    try:  # the code measured: the commit, and whether the tree had changes on top of it
+        repo = Path(__file__).resolve().parents[1]
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True)
+        info["git_commit"] = head.stdout.strip() or None
+        info["git_dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except OSError:
+        info["git_commit"] = info["git_dirty"] = None
     for module in ("torch", "verl", "vllm", "ray"):
         try:
             info[module] = __import__(module).__version__

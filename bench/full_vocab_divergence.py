@@ -78,10 +78,10 @@ FULL = {
     "chunk": 1024,  # the library default chunk_size
     "beta": 0.5,
     "reps": {"1024": 3, "2048": 3, "4096": 3, "8192": 1},
-    # the trainer's logits path; float32 at T=8192 without the sampled baseline (its autograd log-softmax would
-    # need ~20 GB here): peak memory of ours and top-k only
+    # the trainer's logits path; T=8192 without the sampled baseline (its autograd log-softmax in float32 would need
+    # ~20 GB here): peak memory of ours and top-k only
     "logits_ts": {"float32": [1024, 2048, 4096, 8192], "bfloat16": [1024, 2048, 4096, 8192]},
-    "logits_memory_only_ts": {"float32": [8192]},
+    "logits_memory_only_ts": {"float32": [8192], "bfloat16": [8192]},
     "liger_variants": ["liger_hidden", "liger_compiled_hidden"],
     "topk": 20,  # opd.topk's default
     "naive_probe_t": 256,
@@ -197,12 +197,20 @@ def _hidden_inputs(t: int, v: int, h: int, seed: int) -> dict:
     return {"hs": hs, "ws": ws, "ht": ht, "wt": wt, "ids": ids, "q": q}
 
 
-def _logits_inputs(t: int, v: int, seed: int) -> dict:
+def _logits_inputs(t: int, v: int, seed: int, dtype=None) -> dict:
+    """Student / teacher logits ``[t, v]`` in ``dtype`` (default float32), generated 1024 rows at a time so that the
+    generation needs no float32 ``[t, v]`` temporaries (at T=8192 those alone would be 10 GB)."""
     import torch
 
+    dtype = dtype or torch.float32
     g = torch.Generator().manual_seed(seed)
-    zs = torch.randn(t, v, generator=g).mul_(3.0)
-    zt = zs * 0.8 + torch.randn(t, v, generator=g).mul_(1.5)
+    zs, zt = torch.empty(t, v, dtype=dtype), torch.empty(t, v, dtype=dtype)
+    for a in range(0, t, 1024):
+        b = min(a + 1024, t)
+        block = torch.randn(b - a, v, generator=g).mul_(3.0)
+        zs[a:b] = block
+        zt[a:b] = torch.randn(b - a, v, generator=g).mul_(1.5).add_(block, alpha=0.8)
+        del block
     ids = torch.randint(v, (t,), generator=g)
     q = -10.0 * torch.rand(t, generator=g)
     return {"zs": zs, "zt": zt, "ids": ids, "q": q}
@@ -359,11 +367,31 @@ def _check(v: int, h: int, t: int, chunk: int, beta: float, seed: int) -> dict:
     s6 = torch.log_softmax(F.linear(hs6, ws6), dim=-1).gather(-1, x["ids"][:, None]).squeeze(-1)
     sampled_reverse_kl(s6, x["q"], "k1").sum().backward()
 
+    # the float64 reference of both (the float32 naive path is itself only accurate to ~1e-5 here)
+    hs7, ws7 = (y.detach().double().requires_grad_(True) for y in (x["hs"], x["ws"]))
+    zt7 = F.linear(x["ht"].double(), x["wt"].double())
+    v7 = full_divergence(F.linear(hs7, ws7), zt7, "jsd", beta)
+    v7.sum().backward()
+    zs8 = zs2.detach().double().requires_grad_(True)
+    v8 = full_divergence(zs8, zt.double(), "jsd", beta)
+    v8.sum().backward()
+
+    def vs64(a, b):
+        return cmp(a.double(), b)
+
     return {
         "T": t,
         "chunk": chunk,
         "vocab": v,
         "hidden": h,
+        "vs_float64": {
+            "ours_hidden": {"value": vs64(v1, v7), "grad_hidden": vs64(hs1.grad, hs7.grad),
+                            "grad_weight": vs64(ws1.grad, ws7.grad)},
+            "naive_hidden_float32": {"value": vs64(v2, v7), "grad_hidden": vs64(hs2.grad, hs7.grad),
+                                     "grad_weight": vs64(ws2.grad, ws7.grad)},
+            "ours_logits": {"value": vs64(v3, v8), "grad_logits": vs64(zs3.grad, zs8.grad)},
+            "naive_logits_float32": {"value": vs64(v4, v8), "grad_logits": vs64(zs4.grad, zs8.grad)},
+        },
         "ours_hidden_vs_naive": {
             "value": cmp(v1, v2),
             "grad_hidden": cmp(hs1.grad, hs2.grad),
@@ -383,15 +411,15 @@ def _do_job(job: dict) -> dict:
 
     import torch
 
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
     kind = job["kind"]
     if kind == "check":
         return _check(job["vocab"], job["hidden"], job["T"], job["chunk"], job["beta"], job["seed"])
     if kind == "hidden":
         x = _hidden_inputs(job["T"], job["vocab"], job["hidden"], job["seed"])
     elif kind == "logits":
-        x = _logits_inputs(job["T"], job["vocab"], job["seed"])
-        dtype = getattr(torch, job.get("dtype", "float32"))
-        x = {k: (v.to(dtype) if v.is_floating_point() and v.dim() == 2 else v) for k, v in x.items()}
+        x = _logits_inputs(job["T"], job["vocab"], job["seed"], getattr(torch, job.get("dtype", "float32")))
     else:
         raise ValueError(kind)
     res = {"inputs_mb": _nbytes(x) / MB, "threads": torch.get_num_threads(), "runs": []}
@@ -551,7 +579,7 @@ def run_benchmark(cfg: dict, log=print) -> dict:
             )
         return out
 
-    base = {"vocab": v, "hidden": h, "chunk": chunk, "beta": beta, "seed": seed}
+    base = {"vocab": v, "hidden": h, "chunk": chunk, "beta": beta, "seed": seed, "threads": cfg.get("threads")}
     liger = liger_available() if cfg["liger_variants"] else None
     result: dict[str, Any] = {
         "benchmark": "full_vocab_divergence",
@@ -560,6 +588,7 @@ def run_benchmark(cfg: dict, log=print) -> dict:
         "settings": {
             **{k: cfg[k] for k in ("vocab", "hidden", "ts", "chunk", "beta", "reps", "logits_ts", "seed", "topk")},
             "logits_memory_only_ts": cfg.get("logits_memory_only_ts", {}),
+            "torch_threads_per_worker": cfg.get("threads") or "torch's default (the machine's cores)",
             "liger_kernel": liger or "not installed (pip install --no-deps liger-kernel==0.8.5): Liger variants skipped",
             "cpu_pass_bytes": _cpu_pass_bytes(),
             "naive_probe_t": cfg["naive_probe_t"],
@@ -600,14 +629,17 @@ def run_benchmark(cfg: dict, log=print) -> dict:
                 "[check] max |chunked - unchunked|: ours_hidden value "
                 f"{c['ours_hidden_vs_naive']['value']['max_abs_diff']:.2e}, grad_w "
                 f"{c['ours_hidden_vs_naive']['grad_weight']['max_abs_diff']:.2e}; ours_logits value "
-                f"{c['ours_logits_vs_naive']['value']['max_abs_diff']:.2e}; sampled value "
+                f"{c['ours_logits_vs_naive']['value']['max_abs_diff']:.2e}; vs float64: ours value "
+                f"{c['vs_float64']['ours_logits']['value']['max_abs_diff']:.2e} (naive float32 "
+                f"{c['vs_float64']['naive_logits_float32']['value']['max_abs_diff']:.2e}); sampled value "
                 f"{c['sampled_hidden_vs_autograd']['value']['max_abs_diff']:.2e}",
                 flush=True,
             )
 
         # 2. naive memory probe at a small T, to extrapolate its (linear in T) peak
         probe_t = cfg["naive_probe_t"]
-        pr = run_job({**base, "kind": "hidden", "T": probe_t, "variants": ["naive_hidden"]}, f"T={probe_t:<5d}")
+        pr = (run_job({**base, "kind": "hidden", "T": probe_t, "variants": ["naive_hidden"]}, f"T={probe_t:<5d}")
+              if cfg["ts"] else {"ok": False, "error": "no hidden-state group"})
         bytes_per_logit = None
         naive_by_t: dict[int, dict] = {}
         if pr["ok"]:
@@ -822,6 +854,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--ts", type=int, nargs="*", default=None,
+                   help="T of the hidden-state group (default the preset's; none: skip the group)")
+    p.add_argument("--logits-ts", nargs="*", default=None, metavar="DTYPE:T,T",
+                   help="T per dtype of the logits groups, e.g. float32:1024,8192 bfloat16:1024 (default the preset's; "
+                   "none: skip them)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default torch's; 1 keeps the ratios sane when another job "
+                   "holds a core: OpenMP threads that wait for a descheduled peer slow every op)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -829,12 +869,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     cfg = dict(QUICK if args.quick else FULL)
     cfg["argv"] = argv
-    if args.reps is not None:
-        cfg["reps"] = {str(t): args.reps for t in {*cfg["ts"], *(t for ts in cfg["logits_ts"].values() for t in ts)}}
     if args.hidden is not None:
         cfg["hidden"] = args.hidden
     if args.chunk is not None:
         cfg["chunk"] = args.chunk
+    if args.threads is not None:
+        cfg["threads"] = args.threads
+    if args.ts is not None:
+        cfg["ts"] = args.ts
+    if args.logits_ts is not None:
+        cfg["logits_ts"] = {d: [int(t) for t in ts.split(",")] for d, ts in (x.split(":") for x in args.logits_ts)}
+    if args.reps is not None:
+        cfg["reps"] = {str(t): args.reps for t in {*cfg["ts"], *(t for ts in cfg["logits_ts"].values() for t in ts)}}
     out = args.out or RESULTS / ("full_vocab_divergence_quick.json" if args.quick else "full_vocab_divergence.json")
     result = run_benchmark(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ def test_full_vocab_bench_tiny(tmp_path):
     ]:
         assert cmp["max_abs_diff"] <= 1e-5 * max(1.0, cmp["max_abs_ref"]), (name, cmp)
 
+    for name, cmp in [*chk["vs_float64"]["ours_hidden"].items(), *chk["vs_float64"]["ours_logits"].items()]:
+        assert cmp["max_abs_diff"] <= 1e-5 * max(1.0, cmp["max_abs_ref"]), (name, cmp)
+
     (row,) = res["results"]
     assert row["T"] == 64
     for variant, d in [*((v, row["hidden"][v]) for v in ("ours_hidden", "sampled_hidden")),

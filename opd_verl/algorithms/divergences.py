@@ -628,7 +628,9 @@ def chunked_teacher_topk(
 ) -> tuple[Tensor, Tensor]:
     """The teacher's ``k`` most likely ids per row (k capped at V) and their log-probs log_softmax(z / τ) (compute
     dtype ≥ float32): ``(ids long [..., k], logp [..., k])``, the inputs of `topk_divergence` /
-    `chunked_topk_divergence`. ``chunk_size`` rows at a time: O(chunk_size·V) temporaries, O(k) per row kept."""
+    `chunked_topk_divergence`. Per pass of `_pass_rows` rows (``chunk_size``, on CPU cache-sized): the top-k of the
+    scaled logits minus their logsumexp (no ``[rows, V]`` log-softmax is written); O(pass·V) temporaries (none when
+    the logits already are float32 at τ = 1), O(k) per row kept."""
     _check_temperature(temperature)
     _check_chunk_size(chunk_size)
     vocab = teacher_logits.shape[-1]
@@ -637,8 +639,11 @@ def chunked_teacher_topk(
     dtype = _compute_dtype(z.dtype)
     ids = torch.empty(z.shape[0], k, dtype=torch.long, device=z.device)
     logp = torch.empty(z.shape[0], k, dtype=dtype, device=z.device)
-    for a in range(0, z.shape[0], chunk_size):
-        logp[a:a + chunk_size], ids[a:a + chunk_size] = _logp(z[a:a + chunk_size], dtype, temperature).topk(k, dim=-1)
+    step = _pass_rows(chunk_size, vocab, z.device)
+    for a in range(0, z.shape[0], step):
+        zc = _scaled(z[a:a + step], dtype, temperature)
+        top, ids[a:a + step] = zc.topk(k, dim=-1)
+        logp[a:a + step] = top.sub_(torch.logsumexp(zc, dim=-1, keepdim=True))
     lead = teacher_logits.shape[:-1]
     return ids.reshape(*lead, k), logp.reshape(*lead, k)
 
