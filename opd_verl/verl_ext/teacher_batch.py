@@ -215,7 +215,10 @@ def alignment_counts(stats: AlignmentStats, batch_size: int) -> torch.Tensor:
 
 
 def alignment_metrics(counts: torch.Tensor) -> dict[str, float]:
-    """The alignment metrics of a batch from its ALIGNMENT_FIELD rows (summed)."""
+    """The alignment metrics of a batch from its ALIGNMENT_FIELD rows (summed; TransferQueue returns them as a
+    nested tensor, one row per sample)."""
+    if counts.is_nested:
+        counts = torch.stack(list(counts.unbind()))
     total = counts.to(torch.float64).sum(0).round().long().tolist()
     return AlignmentStats(*total).metrics()
 
