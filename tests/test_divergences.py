@@ -652,6 +652,15 @@ def test_hidden_gradient_from_forward(monkeypatch, reduce):
     assert _maxerr(out, ref_full(hs @ ws.T, ht @ wt.T, "jsd", 0.5, 1.3)) <= TOL
 
 
+def test_hidden_with_no_rows():
+    """T = 0 (a micro-batch without response rows): values [0], zero weight gradient, empty hidden gradient."""
+    hs = torch.zeros(0, 4, dtype=F64, requires_grad=True)
+    ws = torch.randn(9, 4, dtype=F64, requires_grad=True)
+    out = chunked_divergence_from_hidden(hs, ws, torch.zeros(0, 4, dtype=F64), torch.randn(9, 4, dtype=F64), "jsd")
+    gh, gw = torch.autograd.grad(out.sum(), (hs, ws))
+    assert out.shape == (0,) and gh.shape == (0, 4) and torch.equal(gw, torch.zeros_like(ws))
+
+
 @pytest.mark.parametrize("rows_per_pass", [1, 2, 5])
 def test_cpu_passes_split_chunks(monkeypatch, rows_per_pass):
     """On CPU a chunk is evaluated in passes of ~_CPU_PASS_BYTES per [rows, V] float32 buffer (cache-sized); any

@@ -489,9 +489,10 @@ class _ChunkedHiddenDivergence(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph, gradcheck) recomputes
         if grads is not None and bool((grad_out == grad_out[:1]).all()):
             grad_hs, grad_ws = grads
-            scale = grad_out[:1].to(_compute_dtype(grad_out.dtype))
-            grad_hs = None if grad_hs is None else grad_hs.mul_(scale.to(grad_hs.dtype))
-            grad_ws = None if grad_ws is None else grad_ws.mul_(scale.to(grad_ws.dtype))
+            if grad_out.numel():  # no rows: the gradients are empty / zero as they are
+                scale = grad_out[:1].to(_compute_dtype(grad_out.dtype))
+                grad_hs = None if grad_hs is None else grad_hs.mul_(scale.to(grad_hs.dtype))
+                grad_ws = None if grad_ws is None else grad_ws.mul_(scale.to(grad_ws.dtype))
         else:  # per-row weights: recompute with them
             hs, ws, ht, wt = ctx.saved_tensors
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
