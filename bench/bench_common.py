@@ -60,6 +60,29 @@ def method_overrides(method: str, seed: int | None = None, lr: float | None = No
     return out + list(extra)
 
 
+def liger_available() -> str | None:
+    """liger-kernel's version when importable (its chunked losses are pure torch: no triton needed), else None."""
+    try:
+        from importlib.metadata import version
+
+        import liger_kernel.chunked_loss.jsd_loss  # noqa: F401
+    except Exception:
+        return None
+    try:
+        return version("liger-kernel")
+    except Exception:
+        return "unknown"
+
+
+def liger_jsd_loss(beta: float, chunk_size: int, compiled: bool = True):
+    """Liger-Kernel's chunked fused-linear JSD as a pure JSD (no hard loss), mean over tokens, our beta convention;
+    called as ``loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)``."""
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+
+    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=compiled,
+                                   chunk_size=chunk_size)
+
+
 def machine_info() -> dict:
     """Date, host, cores, load and library versions, for the JSON (every benchmark's "machine")."""
     cpu_model = ""

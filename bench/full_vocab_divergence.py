@@ -220,20 +220,6 @@ def _nbytes(inputs: dict) -> int:
     return sum(x.numel() * x.element_size() for x in inputs.values())
 
 
-def liger_available() -> str | None:
-    """liger-kernel's version when importable (its chunked losses are pure torch: no triton needed), else None."""
-    try:
-        from importlib.metadata import version
-
-        import liger_kernel.chunked_loss.jsd_loss  # noqa: F401
-    except Exception:
-        return None
-    try:
-        return version("liger-kernel")
-    except Exception:
-        return "unknown"
-
-
 def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | None = None, topk: int = 20) -> None:
     """One forward + backward of ``variant`` on inputs ``x`` (first ``rows`` tokens if given)."""
     import torch
@@ -266,12 +252,10 @@ def _run_variant(variant: str, x: dict, chunk: int, beta: float, rows: int | Non
                 zt = F.linear(ht, wt)
             out = full_divergence(zs, zt, "jsd", beta).mean()
         elif variant in ("liger_hidden", "liger_compiled_hidden"):
-            from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+            from bench_common import liger_jsd_loss
 
-            # pure JSD (no hard loss), mean over tokens, same chunk size and beta convention as ours
-            loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
-                                           compiled=variant == "liger_compiled_hidden", chunk_size=chunk)
-            out = loss(hs, ws, ht, wt, rows_of(x["ids"]))
+            out = liger_jsd_loss(beta, chunk, compiled=variant == "liger_compiled_hidden")(hs, ws, ht, wt,
+                                                                                          rows_of(x["ids"]))
         else:
             raise ValueError(variant)
         out.backward()
@@ -580,6 +564,8 @@ def run_benchmark(cfg: dict, log=print) -> dict:
         return out
 
     base = {"vocab": v, "hidden": h, "chunk": chunk, "beta": beta, "seed": seed, "threads": cfg.get("threads")}
+    from bench_common import liger_available
+
     liger = liger_available() if cfg["liger_variants"] else None
     result: dict[str, Any] = {
         "benchmark": "full_vocab_divergence",

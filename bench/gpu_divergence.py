@@ -80,10 +80,9 @@ def _variant_fn(name: str, x: dict, cfg: dict):
             if name == "hidden_jsd":
                 loss = chunked_divergence_from_hidden(hs, ws, x["ht"], x["wt"], "jsd", 0.5, chunk_size=chunk).mean()
             else:
-                from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDLoss
+                from bench_common import liger_jsd_loss
 
-                loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5,
-                                               chunk_size=chunk)(hs, ws, x["ht"], x["wt"], x["ids"])
+                loss = liger_jsd_loss(0.5, chunk)(hs, ws, x["ht"], x["wt"], x["ids"])
             loss.backward()
             return
         zs = x["zs"].detach().requires_grad_(True)
@@ -167,11 +166,9 @@ def run(cfg: dict, device_name: str, argv: list[str]) -> dict:
 
     device = torch.device(device_name)
     dtype = torch.bfloat16
-    try:
-        liger = __import__("importlib.metadata").metadata.version("liger-kernel")
-        __import__("liger_kernel.chunked_loss.jsd_loss")
-    except Exception:
-        liger = None
+    from bench_common import liger_available
+
+    liger = liger_available()
     variants = ["sampled", "full_jsd", "full_reverse_kl", "topk_jsd", "hidden_jsd"] + (["liger_jsd"] if liger else [])
     result = {
         "benchmark": "gpu_divergence",
