@@ -71,40 +71,54 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def test_opd_lowers_the_kl_and_raises_the_reward(built, tmp_path):
-    from opd_verl.demo.runs import val_accuracy_key
-
-    teacher_acc = built.info["teacher"]["val_accuracy"]
-    assert teacher_acc >= 0.5, teacher_acc
-
+def run_opd_steps(student, teacher, data, tmp_path, *extra):
+    """STEPS OPD steps of the demo's recipe from `student` towards `teacher` on the demo task's `data` (its train and
+    val files), with greedy validation before training and after the last step; returns the console metrics per
+    step (step 0: the validation before training)."""
     overrides = [
         "--config-dir", str(REPO), "+recipes=demo_cpu",
-        f"actor_rollout_ref.model.path={built.noisy_student}",
-        f"opd.teacher.path={built.teacher}",
-        f"data.train_files={built.data['train']}",
-        f"data.val_files={built.data['val']}",
+        f"actor_rollout_ref.model.path={student}",
+        f"opd.teacher.path={teacher}",
+        f"data.train_files={data['train']}",
+        f"data.val_files={data['val']}",
         f"trainer.total_training_steps={STEPS}",
         f"trainer.test_freq={STEPS}",
         "trainer.val_before_train=True",
         f"trainer.default_local_dir={tmp_path / 'checkpoints'}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
+        *extra,
     ]
     result = run_main(overrides, tmp_path / "opd.log", timeout=TIMEOUT)
     assert not result.timed_out, f"OPD run hung; log tail:\n{result.log[-4000:]}"
     assert result.returncode == 0, result.log[-6000:]
     steps = console_metrics(result.log)
     assert sorted(s for s in steps if s > 0) == list(range(1, STEPS + 1)), sorted(steps)
+    return steps
+
+
+def learning_curves(steps):
+    """(per-token reverse KL per step, greedy val accuracy before training and after the last step, accuracy of
+    the sampled answers per step) of a run_opd_steps run."""
+    from opd_verl.demo.runs import val_accuracy_key
 
     kl = [steps[s]["opd/kl_per_token"] for s in range(1, STEPS + 1)]
+    val_key = val_accuracy_key(steps)
+    assert val_key and val_key in steps[0], f"no validation accuracy before training: {sorted(steps)}"
+    score = [steps[s]["critic/score/mean"] for s in range(1, STEPS + 1)]
+    return kl, steps[0][val_key], steps[STEPS][val_key], score
+
+
+def test_opd_lowers_the_kl_and_raises_the_reward(built, tmp_path):
+    teacher_acc = built.info["teacher"]["val_accuracy"]
+    assert teacher_acc >= 0.5, teacher_acc
+
+    kl, val_before, val_after, score = learning_curves(
+        run_opd_steps(built.noisy_student, built.teacher, built.data, tmp_path))
     kl_start, kl_end = _mean(kl[:3]), _mean(kl[-3:])
     assert kl_end <= 0.7 * kl_start, f"per-token reverse KL fell only from {kl_start:.3f} to {kl_end:.3f}: {kl}"
 
     # reward: greedy accuracy on the val split before training and after the last step, and the per-step
     # accuracy of the sampled answers (first vs last steps)
-    val_key = val_accuracy_key(steps)
-    assert val_key and val_key in steps[0], f"no validation accuracy before training: {sorted(steps)}"
-    val_before, val_after = steps[0][val_key], steps[STEPS][val_key]
-    score = [steps[s]["critic/score/mean"] for s in range(1, STEPS + 1)]
     assert val_before < teacher_acc - 0.2, f"the student must be weaker: {val_before:.3f} vs teacher {teacher_acc:.3f}"
     assert val_after > val_before, f"greedy val accuracy {val_before:.3f} -> {val_after:.3f}"
     assert _mean(score[-3:]) > _mean(score[:3]), f"sampled accuracy per step: {score}"
