@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import types
 
 from pathlib import Path
@@ -51,6 +52,7 @@ def test_every_patch_names_a_version_and_reason():
         "fsdp_engine_cpu_registry",
         "fsdp2_ref_offload_no_pin",
         "vllm_cpu_live_weight_linear",
+        "vllm_cpu_shm_reader_no_spin",
         "weight_sync_fail_fast",
         "weight_sync_socket_per_ray_session",
     ]
@@ -263,6 +265,61 @@ def test_vllm_cpu_linear_unpatched_drops_the_weight():
         return  # weight removed: an in-place weight update has nothing to write to
     layer.weight.data.copy_(torch.randn(64, 128))  # fallback kernel: stays live, nothing to show
     assert not torch.allclose(layer.cpu_linear(x, layer.weight, None), before)
+
+
+def _spin_condition_pair(make_reader):
+    import zmq
+
+    context = zmq.Context()
+    address = f"ipc:///tmp/opd-verl-test-spin-{os.getpid()}-{time.monotonic_ns()}"
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    writer = shm_broadcast.SpinCondition(False, context, address)
+    reader = make_reader(shm_broadcast.SpinCondition, context, address)
+    time.sleep(0.2)  # the SUB socket's subscription reaches the PUB socket
+    return context, writer, reader
+
+
+def _cpu_seconds_of_waits(reader, seconds: float) -> float:
+    """CPU seconds this thread spends in reader.wait() calls (as acquire_read makes them) for `seconds` of wall."""
+    start_cpu, end = time.thread_time(), time.monotonic() + seconds
+    while time.monotonic() < end:
+        reader.wait(timeout_ms=50)
+    return time.thread_time() - start_cpu
+
+
+def test_vllm_cpu_shm_reader_waits_on_the_notification_without_spinning():
+    context, writer, reader = _spin_condition_pair(lambda cls, ctx, addr: cls(True, ctx, addr))
+    try:
+        assert reader.busy_loop_s == 0.0
+        reader.record_read()  # just read: upstream would now spin for a second
+        assert _cpu_seconds_of_waits(reader, 0.5) < 0.1
+        writer.notify()  # a write wakes a waiting reader at once
+        start = time.monotonic()
+        reader.wait(timeout_ms=5000)
+        assert time.monotonic() - start < 1.0
+    finally:
+        context.destroy(linger=0)
+
+
+def test_vllm_shm_reader_unpatched_spins_for_a_second_after_a_read():
+    """Why the patch exists: upstream's reader burns a core (sched_yield in a loop) for 1 s after every read."""
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    original = shm_broadcast.SpinCondition.__init__.__wrapped__
+
+    def unpatched(cls, ctx, addr):
+        reader = cls.__new__(cls)
+        original(reader, True, ctx, addr)
+        return reader
+
+    context, _, reader = _spin_condition_pair(unpatched)
+    try:
+        assert reader.busy_loop_s == 1
+        reader.record_read()
+        assert _cpu_seconds_of_waits(reader, 0.5) > 0.25
+    finally:
+        context.destroy(linger=0)
 
 
 def test_weight_sync_recv_times_out_instead_of_hanging():
@@ -484,6 +541,8 @@ def test_cpu_platform_not_auto_detected_with_an_accelerator(monkeypatch):
 def test_no_patch_failed_to_apply():
     from verl.workers.engine.fsdp import transformer_impl  # noqa: F401
     from verl.workers.rollout.vllm_rollout import vllm_async_server, vllm_rollout  # noqa: F401
+    from verl.utils import distributed  # noqa: F401
+    from vllm.distributed.device_communicators import shm_broadcast  # noqa: F401
     from vllm.model_executor.layers import utils  # noqa: F401
 
     failed = {n: p.error for n, p in patches.PATCHES.items() if p.error}

