@@ -111,6 +111,10 @@ def _log(message: str) -> None:
     print(f"[step_profile] {message}", flush=True)
 
 
+def _cmdline(proc_dir: str) -> str:
+    return Path(proc_dir, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
 def snapshot(session: int | None) -> dict[int, tuple[str, float]]:
     """{pid: (name, CPU seconds)} of the processes of `session` (every process when None)."""
     out = {}
@@ -121,10 +125,9 @@ def snapshot(session: int | None) -> dict[int, tuple[str, float]]:
             sid, cpu = parse_stat(Path(entry.path, "stat").read_text())
             if session is not None and sid != session:
                 continue
-            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            out[int(entry.name)] = (process_name(_cmdline(entry.path)), cpu)
         except (OSError, ValueError, IndexError):
             continue
-        out[int(entry.name)] = (process_name(cmdline), cpu)
     return out
 
 
@@ -133,7 +136,7 @@ def find_session(marker: str) -> int | None:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmdline = _cmdline(entry.path)
                 if marker in cmdline and "main_opd" in cmdline:
                     return parse_stat(Path(entry.path, "stat").read_text())[0]
             except (OSError, ValueError, IndexError):

