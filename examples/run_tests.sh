@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash examples/setup_cpu.sh --tests || exit 1
-.venv/bin/python -m pytest -q -rs -m "not slow" "$@"
+.venv/bin/python -m pytest -q -rs --durations=15 -m "not slow" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests (exit 5): failing, a test run must run tests" >&2
