@@ -55,6 +55,11 @@ class LoopConfig:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adv_clip: tuple = (-5.0, 5.0)
+    # knobs the demo recipe leaves at verl's defaults (bench/opd_speed.py sweeps them)
+    mini_batches: int = 1  # updates per step: verl's ppo_mini_batch_size = prompts / mini_batches
+    epochs: int = 1  # verl's ppo_epochs
+    discount: float = 0.0  # opd.discount: A_t = sum_{j>=t} discount^(j-t) r_j
+    sft_steps: int = 0  # staged: the first sft_steps steps are SFT (token-mean NLL) on teacher samples, then OPD
 
 
 # ---- the math (tested in tests/test_bench_parity.py) ---------------------------------------------------------
@@ -66,18 +71,23 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
-def opd_advantage(q: torch.Tensor, s_old: torch.Tensor, mask: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    return (q - s_old).clamp(lo, hi) * mask
+def opd_advantage(q: torch.Tensor, s_old: torch.Tensor, mask: torch.Tensor, lo: float, hi: float,
+                  discount: float = 0.0) -> torch.Tensor:
+    from opd_verl.algorithms.advantages import discounted_reward_to_go
+
+    return discounted_reward_to_go((q - s_old).clamp(lo, hi) * mask, mask, discount)
 
 
 def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def sampled_opd_loss(s: torch.Tensor, q: torch.Tensor, mask: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Importance-sampling loss with ratio exp(s - s_old), s_old = s before the (only) update: token-mean -A*ratio."""
-    s_old = s.detach()
-    return token_mean(-opd_advantage(q, s_old, mask, lo, hi) * torch.exp(s - s_old), mask)
+def sampled_opd_loss(s: torch.Tensor, q: torch.Tensor, mask: torch.Tensor, lo: float, hi: float,
+                     s_old: torch.Tensor | None = None, discount: float = 0.0) -> torch.Tensor:
+    """Importance-sampling loss, token-mean of -A*ratio with ratio exp(s - s_old); s_old = the log-probs before the
+    step's first update (s itself, ratio 1, when there is one update per step)."""
+    s_old = s.detach() if s_old is None else s_old
+    return token_mean(-opd_advantage(q, s_old, mask, lo, hi, discount) * torch.exp(s - s_old), mask)
 
 
 def full_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -139,34 +149,44 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
         for row, i in enumerate(idx):
             seqs[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
             attn[row, width - len(prompt_ids[i]) :] = 1
+        sft = step <= cfg.sft_steps
+        sampler = teacher if sft else student
         student.eval()
         with torch.no_grad():
-            out = student.generate(input_ids=seqs, attention_mask=attn, do_sample=True, temperature=cfg.temperature,
+            out = sampler.generate(input_ids=seqs, attention_mask=attn, do_sample=True, temperature=cfg.temperature,
                                    top_p=1.0, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                                    pad_token_id=pad)
         resp = out[:, width:]
         mask = response_mask(resp, eos)
         full_attn = torch.cat([attn, mask], dim=1)
+        mf = mask.float()
         with torch.no_grad():
             t_logits, q = logits_and_logprobs(teacher, out, full_attn, width)
+            s_old = logits_and_logprobs(student, out, full_attn, width)[1]  # verl's old_log_probs
         student.train()
-        s_logits, s = logits_and_logprobs(student, out, full_attn, width)
-        mf = mask.float()
-        if cfg.mode == "sampled":
-            loss = sampled_opd_loss(s, q, mf, *cfg.adv_clip)
-        else:
-            loss = full_opd_loss(s_logits, t_logits, mf)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-        lr_used = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
+        rows = torch.arange(len(idx)).chunk(cfg.mini_batches)  # contiguous, as verl splits (actor.shuffle=false)
+        lr_used, losses = opt.param_groups[0]["lr"], []
+        for _ in range(cfg.epochs):
+            for r in rows:
+                s_logits, s = logits_and_logprobs(student, out[r], full_attn[r], width)
+                if sft:
+                    loss = token_mean(-s, mf[r])
+                elif cfg.mode == "sampled":
+                    loss = sampled_opd_loss(s, q[r], mf[r], *cfg.adv_clip, s_old=s_old[r], discount=cfg.discount)
+                else:
+                    loss = full_opd_loss(s_logits, t_logits[r], mf[r])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+                opt.step()
+                losses.append(loss.item())
+        sched.step()  # verl steps the scheduler once per training step, after all its updates
+        loss = torch.tensor(sum(losses) / len(losses))
         texts = tok.batch_decode([r[m.bool()] for r, m in zip(resp, mask)], skip_special_tokens=True)
         scores = [compute_score(train[i]["data_source"], t, train[i]["reward_model"]["ground_truth"]) for i, t in zip(idx, texts)]
         m = metrics.setdefault(step, {})
         m.update({
-            "opd/kl_per_token": token_mean(s.detach() - q, mf).item(),
+            "opd/kl_per_token": token_mean(s_old - q, mf).item(),
             "critic/score/mean": sum(scores) / len(scores),
             "response_length/mean": mf.sum(-1).mean().item(),
             "response_length/clip_ratio": (mf.sum(-1) == cfg.max_new_tokens).float().mean().item(),
@@ -176,7 +196,9 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
             "actor/lr_used": lr_used,
             "timing_s/step": time.monotonic() - t0,
         })
-        if cfg.mode == "full":
+        if sft:
+            m["sft/nll_per_token"] = loss.item()
+        elif cfg.mode == "full":
             m["opd/divergence_per_token"] = loss.item()
         if step % cfg.test_freq == 0 or step == cfg.steps:
             validate(step)
@@ -184,14 +206,29 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
     return metrics
 
 
+def parse_overrides(items) -> dict:
+    """["mini_batches=4", "betas=0.9,0.99"] -> {"mini_batches": 4, "betas": (0.9, 0.99)}, typed by LoopConfig."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in LoopConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(LoopConfig.__dataclass_fields__)}")
+        default = getattr(LoopConfig, key)
+        out[key] = tuple(float(v) for v in value.split(",")) if isinstance(default, tuple) else type(default)(value)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in ("mode", "seed", "steps", "test_freq", "lr"):
         default = getattr(LoopConfig, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other LoopConfig field, e.g. --set mini_batches=4 --set betas=0.9,0.99")
     p.add_argument("--json", help="write {step: metrics} here")
     args = p.parse_args(argv)
-    cfg = LoopConfig(mode=args.mode, seed=args.seed, steps=args.steps, test_freq=args.test_freq, lr=args.lr)
+    cfg = LoopConfig(mode=args.mode, seed=args.seed, steps=args.steps, test_freq=args.test_freq, lr=args.lr,
+                     **parse_overrides(args.set))
     metrics = run(cfg)
     if args.json:
         Path(args.json).write_text(json.dumps({"config": asdict(cfg), "metrics_by_step": metrics}, indent=1))

@@ -1,0 +1,153 @@
+"""What makes OPD learn fast on the demo task: one knob at a time around the demo recipe, in the reference loop.
+
+    .venv/bin/python bench/opd_speed.py                                   # every variant below, seeds 0 1, 40 steps
+    .venv/bin/python bench/opd_speed.py --variants base mb4 --seeds 0 1 2 --steps 60 --out /tmp/x.json
+
+Each variant is a set of bench/reference_loop.py LoopConfig fields on top of the demo recipe's (the loop matches
+main_opd step for step: bench/parity.py). The loop takes ~0.3 s per step, main_opd ~8 s on 2 CPU cores, which is
+why the sweep runs here; whatever wins is then run through main_opd (README -> Benchmarks). The score of a variant
+is the greedy val accuracy (300 prompts) at fixed step counts and the fraction of the student -> teacher gap it
+closes, mean over seeds. Writes bench/results/opd_speed.json (command, settings, curves per run, summary) and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reference_loop  # noqa: E402
+
+VAL_KEY = reference_loop.VAL_KEY
+KL_KEY = "opd/kl_per_token"
+#: name -> LoopConfig fields changed from the demo recipe (lr 3e-4, 5 warm-up steps, 32 prompts x 4, T=1, 32
+#: tokens, sampled k1 advantage, one update per step)
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "lr1e-4": {"lr": 1e-4},
+    "lr6e-4": {"lr": 6e-4},
+    "lr1e-3": {"lr": 1e-3},
+    "warmup0": {"warmup_steps": 0},
+    "beta2_0.99": {"betas": (0.9, 0.99)},
+    "mb2": {"mini_batches": 2},
+    "mb4": {"mini_batches": 4},
+    "mb8": {"mini_batches": 8},
+    "epochs2": {"epochs": 2},
+    "full": {"mode": "full"},
+    "full_mb4": {"mode": "full", "mini_batches": 4},
+    "discount1": {"discount": 1.0},
+    "discount0.9": {"discount": 0.9},
+    "n2": {"n": 2},
+    "n8": {"n": 8},
+    "prompts64": {"prompts": 64},
+    "temp0.7": {"temperature": 0.7},
+    "temp1.3": {"temperature": 1.3},
+    "len24": {"max_new_tokens": 24},
+    "sft5": {"sft_steps": 5},
+    "sft10": {"sft_steps": 10},
+}
+REPORT_STEPS = (10, 20, 40)
+
+
+def gap_closed(before: float, after: float, teacher: float) -> float:
+    return (after - before) / (teacher - before) if teacher > before else float("nan")
+
+
+def summarize(runs: dict[str, dict[int, dict]], teacher: float, report_steps=REPORT_STEPS) -> dict:
+    """{variant: {seed: metrics_by_step}} -> per variant: mean val and gap closed at each report step, the mean KL of
+    the first and last 3 OPD steps, seconds per step."""
+    out = {}
+    for name, by_seed in runs.items():
+        seeds = list(by_seed.values())
+        row = {"seeds": len(seeds)}
+        val0 = mean(m[0][VAL_KEY] for m in seeds)
+        row["val_0"] = val0
+        for s in report_steps:
+            vals = [m[s][VAL_KEY] for m in seeds if s in m and VAL_KEY in m[s]]
+            if len(vals) == len(seeds):
+                row[f"val_{s}"] = mean(vals)
+                row[f"gap_closed_{s}"] = gap_closed(val0, mean(vals), teacher)
+        steps = sorted(k for k in seeds[0] if k > 0)
+        opd_steps = [s for s in steps if "sft/nll_per_token" not in seeds[0][s]]  # the staged variants' OPD part
+        kl = [mean(m[s][KL_KEY] for m in seeds) for s in opd_steps]
+        row["kl_first3"], row["kl_last3"] = mean(kl[:3]), mean(kl[-3:])
+        row["loop_s_per_step"] = mean(m[s]["timing_s/step"] for m in seeds for s in steps)
+        out[name] = row
+    return out
+
+
+COLORS = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot(runs: dict, summary: dict, teacher: float, path: Path) -> str:
+    """The base recipe and the 6 variants with the best final val accuracy: val accuracy and KL per token."""
+    from opd_verl.demo.plots import plot_panels
+
+    last = max(int(k[4:]) for k in next(iter(summary.values())) if k.startswith("val_"))
+    best = sorted(summary, key=lambda n: -summary[n].get(f"val_{last}", 0))[:6]
+    val, kl = [], []
+    for name, color in zip(dict.fromkeys([n for n in ("base", *best) if n in runs]), COLORS):
+        seeds = list(runs[name].values())
+        vsteps = sorted(s for s in seeds[0] if VAL_KEY in seeds[0][s])
+        val.append((name, [(s, mean(m[s][VAL_KEY] for m in seeds)) for s in vsteps], color))
+        ksteps = sorted(s for s in seeds[0] if s > 0)
+        kl.append((name, [(s, mean(m[s][KL_KEY] for m in seeds)) for s in ksteps], color))
+    n = len(next(iter(runs.values())))
+    panels = [(f"greedy val accuracy, mean of {n} seed(s)", val, (0.0, 1.0), {f"teacher {100 * teacher:.0f}%": teacher}),
+              ("KL per token (s_old - q), mean of the seeds", kl, None, None)]
+    return plot_panels(panels, path, "OPD in the reference loop: the base recipe and the best variants")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--test-freq", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "opd_speed.json")
+    args = p.parse_args(argv)
+
+    from opd_verl.demo.build import build
+
+    built = build()
+    teacher = built.info["teacher"]["val_accuracy"]
+    runs: dict[str, dict[int, dict]] = {}
+    start = time.monotonic()
+    for name in args.variants:
+        for seed in args.seeds:
+            cfg = reference_loop.LoopConfig(seed=seed, steps=args.steps, test_freq=args.test_freq,
+                                            **VARIANTS[name])
+            t0 = time.monotonic()
+            runs.setdefault(name, {})[seed] = reference_loop.run(cfg, built, log=lambda m: None)
+            last = runs[name][seed][args.steps][VAL_KEY]
+            print(f"[opd_speed] {name} seed {seed}: val {100 * runs[name][seed][0][VAL_KEY]:.1f} -> "
+                  f"{100 * last:.1f}% in {time.monotonic() - t0:.0f}s", flush=True)
+    report = tuple(s for s in REPORT_STEPS if s <= args.steps) or (args.steps,)
+    summary = summarize(runs, teacher, report)
+    for name, row in summary.items():
+        print(f"[opd_speed] {name:12s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "seeds"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": "python bench/opd_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"node": platform.node(), "cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "seconds": time.monotonic() - start,
+        "teacher_val": teacher,
+        "base_config": asdict(reference_loop.LoopConfig()),
+        "variants": {n: VARIANTS[n] for n in args.variants},
+        "summary": summary,
+        "runs": runs,
+    }, indent=1, default=str))
+    plot(runs, summary, teacher, args.out.with_suffix(".png"))
+    print(f"[opd_speed] wrote {args.out} in {time.monotonic() - start:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
