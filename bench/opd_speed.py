@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -52,8 +53,24 @@ VARIANTS: dict[str, dict] = {
     "len24": {"max_new_tokens": 24},
     "sft5": {"sft_steps": 5},
     "sft10": {"sft_steps": 10},
+    # round 2: the full-vocabulary loss (round 1's best) with more or larger steps
+    "full_fwd": {"mode": "full", "divergence": "forward_kl"},
+    "full_mb8": {"mode": "full", "mini_batches": 8},
+    "full_lr1e-3": {"mode": "full", "lr": 1e-3},
+    "full_mb4_warmup0": {"mode": "full", "mini_batches": 4, "warmup_steps": 0},
+    "full_mb4_beta2": {"mode": "full", "mini_batches": 4, "betas": (0.9, 0.99)},
+    "full_mb4_n8": {"mode": "full", "mini_batches": 4, "n": 8},
+    "full_mb4_lr1e-3": {"mode": "full", "mini_batches": 4, "lr": 1e-3},
+    "full_mb4_ep2": {"mode": "full", "mini_batches": 4, "epochs": 2},
+    # round 3: forward KL (round 2's best) and JSD
+    "full_jsd": {"mode": "full", "divergence": "jsd"},
+    "full_fwd_mb4": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4},
+    "full_fwd_warmup0": {"mode": "full", "divergence": "forward_kl", "warmup_steps": 0},
+    "full_fwd_lr1e-3": {"mode": "full", "divergence": "forward_kl", "lr": 1e-3},
+    "full_fwd_mb4_warmup0": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4, "warmup_steps": 0},
 }
-REPORT_STEPS = (10, 20, 40)
+REPORT_STEPS = (10, 20, 40, 80, 150)
+GAP_TARGETS = (0.3, 0.5, 0.6)  # the demo's goal: 60% of the gap
 
 
 def gap_closed(before: float, after: float, teacher: float) -> float:
@@ -74,6 +91,10 @@ def summarize(runs: dict[str, dict[int, dict]], teacher: float, report_steps=REP
             if len(vals) == len(seeds):
                 row[f"val_{s}"] = mean(vals)
                 row[f"gap_closed_{s}"] = gap_closed(val0, mean(vals), teacher)
+        vsteps = sorted(s for s in seeds[0] if all(VAL_KEY in m.get(s, {}) for m in seeds))
+        for target in GAP_TARGETS:  # the first validation at which the seeds' mean closes that much of the gap
+            row[f"steps_to_gap_{round(100 * target)}"] = next(
+                (s for s in vsteps if gap_closed(val0, mean(m[s][VAL_KEY] for m in seeds), teacher) >= target), None)
         steps = sorted(k for k in seeds[0] if k > 0)
         opd_steps = [s for s in steps if "sft/nll_per_token" not in seeds[0][s]]  # the staged variants' OPD part
         kl = [mean(m[s][KL_KEY] for m in seeds) for s in opd_steps]
@@ -105,6 +126,19 @@ def plot(runs: dict, summary: dict, teacher: float, path: Path) -> str:
     return plot_panels(panels, path, "OPD in the reference loop: the base recipe and the best variants")
 
 
+def reusable_runs(args) -> dict[str, dict[int, dict]]:
+    """The runs stored in args.out whose variant fields, steps and test frequency are those asked for now."""
+    if not args.out.exists():
+        return {}
+    old = json.loads(args.out.read_text())
+    if old.get("settings", {}).get("steps") != args.steps or old["settings"].get("test_freq") != args.test_freq:
+        return {}
+    same = {n for n, fields in old["variants"].items()
+            if n in VARIANTS and json.loads(json.dumps(VARIANTS[n])) == fields}
+    return {n: {int(seed): {int(step): m for step, m in by_step.items()} for seed, by_step in old["runs"][n].items()}
+            for n in same}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -112,16 +146,38 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--test-freq", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "opd_speed.json")
+    p.add_argument("--reuse", action="store_true", help="keep the runs in --out made with the same variant, steps "
+                   "and test frequency")
     args = p.parse_args(argv)
 
     from opd_verl.demo.build import build
 
     built = build()
     teacher = built.info["teacher"]["val_accuracy"]
-    runs: dict[str, dict[int, dict]] = {}
+    runs: dict[str, dict[int, dict]] = reusable_runs(args) if args.reuse else {}
     start = time.monotonic()
+
+    def write() -> dict:
+        report = tuple(s for s in REPORT_STEPS if s <= args.steps) or (args.steps,)
+        summary = summarize(runs, teacher, report)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "command": "python bench/opd_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "seconds": time.monotonic() - start,
+            "settings": {"steps": args.steps, "test_freq": args.test_freq, "seeds": args.seeds},
+            "teacher_val": teacher,
+            "base_config": asdict(reference_loop.LoopConfig()),
+            "variants": {n: VARIANTS[n] for n in runs},
+            "summary": summary,
+            "runs": runs,
+        }, indent=1, default=str))
+        return summary
+
     for name in args.variants:
         for seed in args.seeds:
+            if seed in runs.get(name, {}):
+                continue
             cfg = reference_loop.LoopConfig(seed=seed, steps=args.steps, test_freq=args.test_freq,
                                             **VARIANTS[name])
             t0 = time.monotonic()
@@ -129,21 +185,11 @@ def main(argv=None) -> int:
             last = runs[name][seed][args.steps][VAL_KEY]
             print(f"[opd_speed] {name} seed {seed}: val {100 * runs[name][seed][0][VAL_KEY]:.1f} -> "
                   f"{100 * last:.1f}% in {time.monotonic() - t0:.0f}s", flush=True)
-    report = tuple(s for s in REPORT_STEPS if s <= args.steps) or (args.steps,)
-    summary = summarize(runs, teacher, report)
+            write()  # after every run: an interrupted sweep keeps what it measured (--reuse goes on from it)
+    summary = write()
     for name, row in summary.items():
-        print(f"[opd_speed] {name:12s} " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "seeds"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "command": "python bench/opd_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"node": platform.node(), "cpus": __import__("os").cpu_count(), "python": platform.python_version()},
-        "seconds": time.monotonic() - start,
-        "teacher_val": teacher,
-        "base_config": asdict(reference_loop.LoopConfig()),
-        "variants": {n: VARIANTS[n] for n in args.variants},
-        "summary": summary,
-        "runs": runs,
-    }, indent=1, default=str))
+        print(f"[opd_speed] {name:12s} " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in row.items() if k != "seeds"))
     plot(runs, summary, teacher, args.out.with_suffix(".png"))
     print(f"[opd_speed] wrote {args.out} in {time.monotonic() - start:.0f}s", flush=True)
     return 0

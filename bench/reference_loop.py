@@ -41,6 +41,7 @@ VAL_KEY = "val-core/openai/gsm8k/acc/mean@1"  # the key verl logs for the demo's
 @dataclass
 class LoopConfig:
     mode: str = "sampled"  # sampled | full
+    divergence: str = "reverse_kl"  # full mode: opd.divergence (reverse_kl | forward_kl | jsd)
     seed: int = 0
     steps: int = 30
     test_freq: int = 5
@@ -90,10 +91,21 @@ def sampled_opd_loss(s: torch.Tensor, q: torch.Tensor, mask: torch.Tensor, lo: f
     return token_mean(-opd_advantage(q, s_old, mask, lo, hi, discount) * torch.exp(s - s_old), mask)
 
 
-def full_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def full_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                  divergence: str = "reverse_kl") -> torch.Tensor:
     from opd_verl.algorithms.divergences import full_divergence
 
-    return token_mean(full_divergence(student_logits, teacher_logits, "reverse_kl"), mask)
+    return token_mean(full_divergence(student_logits, teacher_logits, divergence), mask)
+
+
+def prompt_batches(rows: int, prompts: int, steps: int, seed: int) -> list[list[int]]:
+    """The prompt indices of each step as verl's dataloader yields them: one torch.randperm per epoch from one
+    generator seeded with data.seed (RandomSampler), `prompts` per batch, the last partial batch dropped."""
+    g, out = torch.Generator().manual_seed(seed), []
+    while len(out) < steps:
+        perm = torch.randperm(rows, generator=g).tolist()
+        out += [perm[i : i + prompts] for i in range(0, rows - prompts + 1, prompts)]
+    return out[:steps]
 
 
 def warmup_factor(update: int, warmup_steps: int) -> float:
@@ -127,7 +139,7 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
     train = pq.read_table(built.data["train"]).to_pylist()
     val_rows = load_rows(built.data["val"])
     prompt_ids = render_prompts(tok, [list(r["prompt"]) for r in train])
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    batches = prompt_batches(len(train), cfg.prompts, cfg.steps, cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_factor(i + 1, cfg.warmup_steps))
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -142,7 +154,7 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
     validate(0)
     for step in range(1, cfg.steps + 1):
         t0 = time.monotonic()
-        idx = [i for i in order[(step - 1) * cfg.prompts : step * cfg.prompts] for _ in range(cfg.n)]
+        idx = [i for i in batches[step - 1] for _ in range(cfg.n)]
         width = max(len(prompt_ids[i]) for i in idx)
         seqs = torch.full((len(idx), width), pad)
         attn = torch.zeros_like(seqs)
@@ -174,7 +186,7 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
                 elif cfg.mode == "sampled":
                     loss = sampled_opd_loss(s, q[r], mf[r], *cfg.adv_clip, s_old=s_old[r], discount=cfg.discount)
                 else:
-                    loss = full_opd_loss(s_logits, t_logits[r], mf[r])
+                    loss = full_opd_loss(s_logits, t_logits[r], mf[r], cfg.divergence)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)

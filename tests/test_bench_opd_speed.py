@@ -94,4 +94,15 @@ def test_summary_gap_closed_and_kl_of_the_opd_steps_only():
     assert row["val_10"] == pytest.approx(0.65)
     assert row["gap_closed_10"] == pytest.approx((0.65 - 0.4) / (0.9 - 0.4))
     assert row["kl_first3"] == pytest.approx(1.0)  # the two SFT steps (KL 9) are left out
+    assert row["steps_to_gap_30"] == 10 and row["steps_to_gap_60"] is None  # 50% of the gap at step 10
     assert speed.gap_closed(0.5, 0.6, 0.5) != speed.gap_closed(0.5, 0.6, 0.5)  # nan when there is no gap
+
+
+def test_prompt_batches_are_verl_s_epochs_of_randperm_without_the_partial_batch():
+    """Epoch 1 is torch.randperm(rows) from a generator seeded with data.seed (the order the parity runs used);
+    later epochs continue the same generator (RandomSampler), and drop_last drops each epoch's partial batch."""
+    batches = ref.prompt_batches(rows=10, prompts=4, steps=5, seed=3)
+    g = torch.Generator().manual_seed(3)
+    first, second, third = (torch.randperm(10, generator=g).tolist() for _ in range(3))
+    assert batches == [first[0:4], first[4:8], second[0:4], second[4:8], third[0:4]]
+    assert all(len(b) == 4 for b in batches)
