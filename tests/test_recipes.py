@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "recipes"
 EXAMPLES_DIR = REPO / "examples"
 
-# recipes/demo_cpu.yaml belongs to the CPU demo (opd_verl.demo) and is tested with it.
-OWNED_ELSEWHERE = {"demo_cpu"}
+# recipes/demo_cpu*.yaml belong to the CPU demo (opd_verl.demo) and are tested with it.
+OWNED_ELSEWHERE = {"demo_cpu", "demo_cpu_forward_kl"}
 # examples/*.sh that are not recipe launchers; the one launcher is examples/run_recipe.sh <recipe>.
 # (quickstart_gpu.sh runs one recipe's GPU quickstart; tests/test_quickstart_gpu.py checks its commands.)
 NOT_LAUNCHERS = {"setup_cpu.sh", "run_tests.sh", "quickstart_gpu.sh"}

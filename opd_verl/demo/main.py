@@ -6,8 +6,10 @@
    by a hash of the build settings): a synthetic GSM8K-format arithmetic task (opd_verl.demo.task), a tokenizer
    (opd_verl.demo.tiny_models.build_tokenizer), a TEACHER trained here by SFT (opd_verl.demo.sft) to >= 90% greedy accuracy
    on the val split, and a smaller STUDENT given a short SFT phase (it knows the format, but is clearly weaker);
-2. OPD: `python -m opd_verl.main_opd` with recipes/demo_cpu.yaml (student = actor, teacher in the reference
-   role, reverse KL per token as the advantage), verl's per-step metrics on the console and in a JSONL file;
+2. OPD: `python -m opd_verl.main_opd` with recipes/demo_cpu_forward_kl.yaml (student = actor, teacher in the
+   reference role, forward KL over the vocabulary at every token of the student's samples, 4 updates per step;
+   --recipe demo_cpu: the sampled token's reverse KL as the advantage, one update per step), verl's per-step
+   metrics on the console and in a JSONL file;
 3. evaluation on the test split (opd_verl.evaluate): greedy accuracy, avg@k and pass@k of the teacher and of the
    student before and after OPD, the "gap closed" = (after - before) / (teacher - before), and a PNG plot of the
    per-token KL (opd/kl_per_token) and accuracy per step.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from opd_verl.demo.build import EVAL_BATCH, Built, _log, build, pick_threads
 from opd_verl.demo.plots import plot_metrics
-from opd_verl.demo.runs import find_final_actor, opd_command, read_metrics, run_opd
+from opd_verl.demo.runs import DEMO_RECIPE, find_final_actor, opd_command, read_metrics, run_opd
 
 
 def evaluate_all(built: Built, after: str | None, k: int, log=_log) -> dict:
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="OPD training steps (default %(default)s)")
     parser.add_argument("--test-freq", type=int, default=25, help="validate every N steps (default %(default)s)")
+    parser.add_argument("--recipe", default=DEMO_RECIPE, choices=[DEMO_RECIPE, "demo_cpu"],
+                        help="recipes/<name>.yaml (default %(default)s; demo_cpu: the sampled reverse-KL advantage)")
     parser.add_argument("--cache-dir", default=None,
                         help="build cache (default $OPD_VERL_CACHE or ~/.cache/opd_verl/demo)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild task, teacher and student")
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
-    cmd = opd_command(built, out, args.steps, args.test_freq, args.overrides)
+    cmd = opd_command(built, out, args.steps, args.test_freq, args.overrides, recipe=args.recipe)
     run = run_opd(cmd, out, args.timeout)
     timings["opd"] = run["seconds"]
     metrics = read_metrics(run["metrics"])
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["total"] = time.monotonic() - t0
 
     print()
-    print("== OPD demo ==")
+    print(f"== OPD demo (recipes/{args.recipe}.yaml) ==")
     info = built.info
     build_line = (f"build: {'cached, built in ' if built.cached else ''}"
                   f"{info.get('seconds', 0):.0f}s (task {info.get('task_seconds', 0):.1f}s, "
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if png:
         print(f"plot: {png}")
     result = {"build": built.info, "opd": run, "evaluation": evaluation, "timings": timings, "plot": png,
-              "student_after": after, "steps": args.steps}
+              "student_after": after, "steps": args.steps, "recipe": args.recipe}
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"results: {out / 'results.json'}")
     return 0 if after is not None else 1

@@ -19,12 +19,15 @@ from pathlib import Path
 from opd_verl.demo.build import Built, _log
 
 REPO_DIR = Path(__file__).resolve().parents[2]
+#: the recipe of the benchmarks and e2e tests: pure OPD, the sampled token's reverse KL as the advantage
 RECIPE = "demo_cpu"
+#: the recipe `python -m opd_verl.demo` runs: demo_cpu with the full-vocabulary forward KL, 4 updates per step
+DEMO_RECIPE = "demo_cpu_forward_kl"
 
 
-def recipe_dir() -> Path:
+def recipe_dir(recipe: str = RECIPE) -> Path:
     """The directory holding recipes/ (the repository root)."""
-    path = REPO_DIR / "recipes" / f"{RECIPE}.yaml"
+    path = REPO_DIR / "recipes" / f"{recipe}.yaml"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: run the demo from a source checkout of opd_verl (the recipes live in the repository)"
@@ -33,9 +36,9 @@ def recipe_dir() -> Path:
 
 
 def opd_command(built: Built, out: Path, steps: int, test_freq: int, extra: list[str] = (),
-                save_freq: int | None = None) -> list[str]:
-    """`python -m opd_verl.main_opd` with recipes/demo_cpu.yaml and the demo's paths; the actor is saved at the
-    last step unless `save_freq` says otherwise (-1: never)."""
+                save_freq: int | None = None, recipe: str = RECIPE) -> list[str]:
+    """`python -m opd_verl.main_opd` with recipes/<recipe>.yaml (default demo_cpu) and the demo's paths; the actor
+    is saved at the last step unless `save_freq` says otherwise (-1: never)."""
     overrides = [
         f"actor_rollout_ref.model.path={built.student}",
         f"opd.teacher.path={built.teacher}",
@@ -49,7 +52,7 @@ def opd_command(built: Built, out: Path, steps: int, test_freq: int, extra: list
         "actor_rollout_ref.actor.checkpoint.save_contents=['model','hf_model']",
         f"hydra.run.dir={out / 'hydra'}",
     ]
-    return [sys.executable, "-m", "opd_verl.main_opd", "--config-dir", str(recipe_dir()), f"+recipes={RECIPE}",
+    return [sys.executable, "-m", "opd_verl.main_opd", "--config-dir", str(recipe_dir(recipe)), f"+recipes={recipe}",
             *overrides, *extra]
 
 

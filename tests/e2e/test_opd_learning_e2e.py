@@ -1,5 +1,6 @@
 """OPD learns, end to end on CPU: a teacher trained here and a weaker student, a few OPD steps through
-`python -m opd_verl.main_opd` with the demo's recipe (recipes/demo_cpu.yaml) on the demo's task.
+`python -m opd_verl.main_opd` with the demo's recipes on the demo's task: recipes/demo_cpu_forward_kl.yaml (what
+`python -m opd_verl.demo` runs; in CI) and recipes/demo_cpu.yaml (the sampled advantage; slow).
 
 The teacher is a small version of the demo's (opd_verl.demo.build with the settings below, ~15 s of SFT on
 2 cores). The student is that teacher with Gaussian noise added to its weight matrices: much weaker (greedy
@@ -71,12 +72,12 @@ def _mean(values):
     return sum(values) / len(values)
 
 
-def run_opd_steps(student, teacher, data, tmp_path, *extra):
-    """STEPS OPD steps of the demo's recipe from `student` towards `teacher` on the demo task's `data` (its train and
+def run_opd_steps(student, teacher, data, tmp_path, *extra, recipe="demo_cpu"):
+    """STEPS OPD steps of recipes/<recipe>.yaml from `student` towards `teacher` on the demo task's `data` (its train and
     val files), with greedy validation before training and after the last step; returns the console metrics per
     step (step 0: the validation before training)."""
     overrides = [
-        "--config-dir", str(REPO), "+recipes=demo_cpu",
+        "--config-dir", str(REPO), f"+recipes={recipe}",
         f"actor_rollout_ref.model.path={student}",
         f"opd.teacher.path={teacher}",
         f"data.train_files={data['train']}",
@@ -108,12 +109,13 @@ def learning_curves(steps):
     return kl, steps[0][val_key], steps[STEPS][val_key], score
 
 
-def test_opd_lowers_the_kl_and_raises_the_reward(built, tmp_path):
+@pytest.mark.parametrize("recipe", ["demo_cpu_forward_kl", pytest.param("demo_cpu", marks=pytest.mark.slow)])
+def test_opd_lowers_the_kl_and_raises_the_reward(built, tmp_path, recipe):
     teacher_acc = built.info["teacher"]["val_accuracy"]
     assert teacher_acc >= 0.5, teacher_acc
 
     kl, val_before, val_after, score = learning_curves(
-        run_opd_steps(built.noisy_student, built.teacher, built.data, tmp_path))
+        run_opd_steps(built.noisy_student, built.teacher, built.data, tmp_path, recipe=recipe))
     kl_start, kl_end = _mean(kl[:3]), _mean(kl[-3:])
     assert kl_end <= 0.7 * kl_start, f"per-token reverse KL fell only from {kl_start:.3f} to {kl_end:.3f}: {kl}"
 
