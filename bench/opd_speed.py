@@ -68,6 +68,12 @@ VARIANTS: dict[str, dict] = {
     "full_fwd_warmup0": {"mode": "full", "divergence": "forward_kl", "warmup_steps": 0},
     "full_fwd_lr1e-3": {"mode": "full", "divergence": "forward_kl", "lr": 1e-3},
     "full_fwd_mb4_warmup0": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4, "warmup_steps": 0},
+    # round 4 (150 steps: the plateau): a cosine decay of the lr to 0 over the run, from 3e-4 and from higher peaks
+    "full_fwd_mb4_cosine": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4, "schedule": "cosine"},
+    "full_fwd_mb4_cosine_lr6e-4": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4, "schedule": "cosine",
+                                   "lr": 6e-4},
+    "full_fwd_mb4_cosine_lr1e-3": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4, "schedule": "cosine",
+                                   "lr": 1e-3},
 }
 REPORT_STEPS = (10, 20, 40, 80, 150)
 GAP_TARGETS = (0.3, 0.5, 0.6)  # the demo's goal: 60% of the gap

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -61,6 +62,8 @@ class LoopConfig:
     epochs: int = 1  # verl's ppo_epochs
     discount: float = 0.0  # opd.discount: A_t = sum_{j>=t} discount^(j-t) r_j
     sft_steps: int = 0  # staged: the first sft_steps steps are SFT (token-mean NLL) on teacher samples, then OPD
+    schedule: str = "constant"  # optim.lr_scheduler_type: constant | cosine (to min_lr_ratio at the last step)
+    min_lr_ratio: float = 0.0  # optim.min_lr_ratio (cosine)
 
 
 # ---- the math (tested in tests/test_bench_parity.py) ---------------------------------------------------------
@@ -113,6 +116,24 @@ def warmup_factor(update: int, warmup_steps: int) -> float:
     return min(1.0, (update - 1) / max(1.0, warmup_steps))
 
 
+def cosine_factor(update: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """verl's get_cosine_schedule_with_warmup (num_cycles 0.5, zero-indexed steps) for update k (1-based): linear
+    warm-up, then a half cosine from 1 to min_lr_ratio over the remaining total_steps - warmup_steps updates."""
+    i = update - 1
+    if i < warmup_steps:
+        return i / max(1, warmup_steps)
+    progress = (i - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(min_lr_ratio, math.cos(math.pi * progress) * (1 - min_lr_ratio) / 2 + (1 + min_lr_ratio) / 2)
+
+
+def lr_factor(update: int, cfg: LoopConfig) -> float:
+    if cfg.schedule == "cosine":
+        return cosine_factor(update, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    if cfg.schedule != "constant":
+        raise ValueError(f"schedule={cfg.schedule!r}: expected constant or cosine")
+    return warmup_factor(update, cfg.warmup_steps)
+
+
 # ---- the loop ------------------------------------------------------------------------------------------------
 
 
@@ -141,7 +162,7 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
     prompt_ids = render_prompts(tok, [list(r["prompt"]) for r in train])
     batches = prompt_batches(len(train), cfg.prompts, cfg.steps, cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_factor(i + 1, cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i + 1, cfg))
     eos, pad = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(cfg.seed)
     metrics: dict[int, dict[str, float]] = {}

@@ -106,3 +106,23 @@ def test_prompt_batches_are_verl_s_epochs_of_randperm_without_the_partial_batch(
     first, second, third = (torch.randperm(10, generator=g).tolist() for _ in range(3))
     assert batches == [first[0:4], first[4:8], second[0:4], second[4:8], third[0:4]]
     assert all(len(b) == 4 for b in batches)
+
+
+@pytest.mark.parametrize("warmup,min_ratio", [(5, 0.0), (0, 0.1)])
+def test_cosine_schedule_matches_verl_get_cosine_schedule_with_warmup(warmup, min_ratio):
+    from verl.utils.torch_functional import get_cosine_schedule_with_warmup
+
+    steps = 20
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=steps,
+                                            min_lr_ratio=min_ratio)
+    used = []
+    for _ in range(steps):  # verl: optimizer.step() with the current lr, then lr_scheduler.step()
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    cfg = ref.LoopConfig(schedule="cosine", warmup_steps=warmup, steps=steps, min_lr_ratio=min_ratio)
+    assert used == pytest.approx([3e-4 * ref.lr_factor(k, cfg) for k in range(1, steps + 1)], abs=1e-15)
+    assert used[warmup] == pytest.approx(3e-4) and used[-1] < 3e-4 * (min_ratio + 0.02)
+    with pytest.raises(ValueError, match="schedule="):
+        ref.lr_factor(1, ref.LoopConfig(schedule="linear"))
