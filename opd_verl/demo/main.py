@@ -7,8 +7,8 @@
    (opd_verl.demo.tiny_models.build_tokenizer), a TEACHER trained here by SFT (opd_verl.demo.sft) to >= 90% greedy accuracy
    on the val split, and a smaller STUDENT given a short SFT phase (it knows the format, but is clearly weaker);
 2. OPD: `python -m opd_verl.main_opd` with recipes/demo_cpu_forward_kl.yaml (student = actor, teacher in the
-   reference role, forward KL over the vocabulary at every token of the student's samples, 4 updates per step;
-   --recipe demo_cpu: the sampled token's reverse KL as the advantage, one update per step), verl's per-step
+   reference role, forward KL over the vocabulary at every token of the student's samples, 4 updates per step, a
+   cosine lr; --recipe demo_cpu: the sampled token's reverse KL as the advantage, one update per step), verl's per-step
    metrics on the console and in a JSONL file;
 3. evaluation on the test split (opd_verl.evaluate): greedy accuracy, avg@k and pass@k of the teacher and of the
    student before and after OPD, the "gap closed" = (after - before) / (teacher - before), and a PNG plot of the
