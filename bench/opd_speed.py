@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_loop  # noqa: E402
 
+from opd_verl.evaluate import gap_closed  # noqa: E402
+
 VAL_KEY = reference_loop.VAL_KEY
 KL_KEY = "opd/kl_per_token"
 #: name -> LoopConfig fields changed from the demo recipe (lr 3e-4, 5 warm-up steps, 32 prompts x 4, T=1, 32
@@ -77,10 +79,6 @@ VARIANTS: dict[str, dict] = {
 }
 REPORT_STEPS = (10, 20, 40, 80, 150)
 GAP_TARGETS = (0.3, 0.5, 0.6)  # the demo's goal: 60% of the gap
-
-
-def gap_closed(before: float, after: float, teacher: float) -> float:
-    return (after - before) / (teacher - before) if teacher > before else float("nan")
 
 
 def summarize(runs: dict[str, dict[int, dict]], teacher: float, report_steps=REPORT_STEPS) -> dict:
