@@ -214,7 +214,7 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
                 opt.step()
                 losses.append(loss.item())
         sched.step()  # verl steps the scheduler once per training step, after all its updates
-        loss = torch.tensor(sum(losses) / len(losses))
+        mean_loss = sum(losses) / len(losses)  # over the step's updates
         texts = tok.batch_decode([r[m.bool()] for r, m in zip(resp, mask)], skip_special_tokens=True)
         scores = [compute_score(train[i]["data_source"], t, train[i]["reward_model"]["ground_truth"]) for i, t in zip(idx, texts)]
         m = metrics.setdefault(step, {})
@@ -223,16 +223,16 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
             "critic/score/mean": sum(scores) / len(scores),
             "response_length/mean": mf.sum(-1).mean().item(),
             "response_length/clip_ratio": (mf.sum(-1) == cfg.max_new_tokens).float().mean().item(),
-            "actor/pg_loss": loss.item(),
+            "actor/pg_loss": mean_loss,
             "actor/grad_norm": grad_norm.item(),
             "actor/lr": sched.get_last_lr()[0],  # as verl logs it: after the scheduler's step (the next update's)
             "actor/lr_used": lr_used,
             "timing_s/step": time.monotonic() - t0,
         })
         if sft:
-            m["sft/nll_per_token"] = loss.item()
+            m["sft/nll_per_token"] = mean_loss
         elif cfg.mode == "full":
-            m["opd/divergence_per_token"] = loss.item()
+            m["opd/divergence_per_token"] = mean_loss
         if step % cfg.test_freq == 0 or step == cfg.steps:
             validate(step)
         log(json.dumps({"step": step, **{k: round(v, 5) for k, v in m.items()}}))
