@@ -13,6 +13,10 @@ It mirrors recipes/demo_cpu.yaml plus verl 0.9.1's defaults, setting by setting:
   ratio = exp(s - s_old) = 1 (one optimizer step per batch); verl's loss_agg_mode=token-mean.
 * full vocabulary (ppo_plus_distill, lambda_rl=0, support=full, reverse_kl): loss = token-mean of
   KL(pi_s || pi_t) over the vocabulary at every response token (opd_verl.algorithms.divergences.full_divergence).
+* the baselines of bench/sample_efficiency_loop.py: grpo (adv_estimator=grpo, no teacher in the loss): the
+  exact-match reward of each sample normalized within its prompt's n samples (verl's
+  compute_grpo_outcome_advantage) on every response token, verl's PPO clip loss (compute_policy_loss_vanilla,
+  clip 0.2, dual clip 3); sft: token-mean NLL of the teacher's own samples (T=1), every step.
 * optimizer: torch AdamW(lr 3e-4, betas (0.9, 0.999), eps 1e-8, weight_decay 0); verl's constant schedule with
   lr_warmup_steps=5: update k (1-based) uses lr * min(1, (k-1)/5) (the first update has lr 0); grad-norm clip 1.
 * logging as verl does: step k's opd/kl_per_token = mean over response tokens of s_old - q on step k's batch
@@ -37,11 +41,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 VAL_KEY = "val-core/openai/gsm8k/acc/mean@1"  # the key verl logs for the demo's val split
+MODES = ("sampled", "full", "grpo", "sft")
 
 
 @dataclass
 class LoopConfig:
-    mode: str = "sampled"  # sampled | full
+    mode: str = "sampled"  # sampled | full (OPD); grpo | sft (the baselines)
     divergence: str = "reverse_kl"  # full mode: opd.divergence (reverse_kl | forward_kl | jsd)
     seed: int = 0
     steps: int = 30
@@ -92,6 +97,24 @@ def sampled_opd_loss(s: torch.Tensor, q: torch.Tensor, mask: torch.Tensor, lo: f
     step's first update (s itself, ratio 1, when there is one update per step)."""
     s_old = s.detach() if s_old is None else s_old
     return token_mean(-opd_advantage(q, s_old, mask, lo, hi, discount) * torch.exp(s - s_old), mask)
+
+
+def grpo_advantage(scores: torch.Tensor, n: int, eps: float = 1e-6) -> torch.Tensor:
+    """verl's compute_grpo_outcome_advantage per sample, each prompt's n samples in adjacent rows: (r - mean) /
+    (std + eps) within the group, std unbiased; a prompt with one sample keeps r (verl: mean 0, std 1)."""
+    if n == 1:
+        return scores / (1 + eps)
+    groups = scores.view(-1, n)
+    return ((groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + eps)).view(-1)
+
+
+def ppo_clip_loss(s: torch.Tensor, s_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float = 0.2,
+                  clip_c: float = 3.0) -> torch.Tensor:
+    """verl's compute_policy_loss_vanilla, token-mean: max(-A r, -A clip(r, 1 -/+ clip)), and for A < 0 at most
+    -A clip_c (dual clip); r = exp(s - s_old), the log-ratio clamped to +-20."""
+    ratio = torch.exp((s - s_old).clamp(-20.0, 20.0))
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    return token_mean(torch.where(adv < 0, torch.minimum(loss, -adv * clip_c), loss), mask)
 
 
 def full_opd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -145,15 +168,18 @@ def logits_and_logprobs(model, seqs, attn, width: int):
     return logits, torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
-    """Train the demo's student for cfg.steps steps; returns {step: metrics} under verl's metric names."""
+def run(cfg: LoopConfig, built=None, log=print, threads: int | None = None) -> dict[int, dict[str, float]]:
+    """Train the demo's student for cfg.steps steps; returns {step: metrics} under verl's metric names. `threads`:
+    torch's intra-op threads (default: opd_verl.demo.build.pick_threads)."""
     import pyarrow.parquet as pq
 
     from opd_verl.demo.build import build, pick_threads
     from opd_verl.evaluate import greedy_accuracy, load_model, load_rows, render_prompts
     from opd_verl.rewards import compute_score
 
-    torch.set_num_threads(pick_threads())  # 1 on a busy machine: spinning OpenMP threads make a step 10x slower
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r}: expected one of {', '.join(MODES)}")
+    torch.set_num_threads(threads or pick_threads())  # 1 on a busy machine: spinning OpenMP threads make a step 10x slower
     built = built or build()
     student, tok = load_model(built.student)
     teacher, _ = load_model(built.teacher)
@@ -182,7 +208,7 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
         for row, i in enumerate(idx):
             seqs[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
             attn[row, width - len(prompt_ids[i]) :] = 1
-        sft = step <= cfg.sft_steps
+        sft = step <= cfg.sft_steps or cfg.mode == "sft"
         sampler = teacher if sft else student
         student.eval()
         with torch.no_grad():
@@ -193,6 +219,10 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
         mask = response_mask(resp, eos)
         full_attn = torch.cat([attn, mask], dim=1)
         mf = mask.float()
+        texts = tok.batch_decode([r[m.bool()] for r, m in zip(resp, mask)], skip_special_tokens=True)
+        scores = [compute_score(train[i]["data_source"], t, train[i]["reward_model"]["ground_truth"]) for i, t in zip(idx, texts)]
+        if cfg.mode == "grpo":
+            adv = grpo_advantage(torch.tensor(scores, dtype=torch.float32), cfg.n).unsqueeze(-1) * mf
         with torch.no_grad():
             t_logits, q = logits_and_logprobs(teacher, out, full_attn, width)
             s_old = logits_and_logprobs(student, out, full_attn, width)[1]  # verl's old_log_probs
@@ -206,6 +236,8 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
                     loss = token_mean(-s, mf[r])
                 elif cfg.mode == "sampled":
                     loss = sampled_opd_loss(s, q[r], mf[r], *cfg.adv_clip, s_old=s_old[r], discount=cfg.discount)
+                elif cfg.mode == "grpo":
+                    loss = ppo_clip_loss(s, s_old[r], adv[r], mf[r])
                 else:
                     loss = full_opd_loss(s_logits, t_logits[r], mf[r], cfg.divergence)
                 opt.zero_grad(set_to_none=True)
@@ -215,8 +247,6 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
                 losses.append(loss.item())
         sched.step()  # verl steps the scheduler once per training step, after all its updates
         mean_loss = sum(losses) / len(losses)  # over the step's updates
-        texts = tok.batch_decode([r[m.bool()] for r, m in zip(resp, mask)], skip_special_tokens=True)
-        scores = [compute_score(train[i]["data_source"], t, train[i]["reward_model"]["ground_truth"]) for i, t in zip(idx, texts)]
         m = metrics.setdefault(step, {})
         m.update({
             "opd/kl_per_token": token_mean(s_old - q, mf).item(),
@@ -227,6 +257,7 @@ def run(cfg: LoopConfig, built=None, log=print) -> dict[int, dict[str, float]]:
             "actor/grad_norm": grad_norm.item(),
             "actor/lr": sched.get_last_lr()[0],  # as verl logs it: after the scheduler's step (the next update's)
             "actor/lr_used": lr_used,
+            "tokens": full_attn.sum().item(),  # prompt + response tokens of the step's samples (FLOPs)
             "timing_s/step": time.monotonic() - t0,
         })
         if sft:

@@ -95,20 +95,22 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]
     return [(s, mean(m[s] for m in maps)) for s in sorted(common)]
 
 
-def compare_steps(opd: list[int | None], grpo: list[int | None], budget: int) -> dict:
-    """Steps to a threshold per seed (None = not reached within `budget`) -> means and the ratio GRPO/OPD.
+def compare_steps(opd: list[int | None], grpo: list[int | None], budget: int, grpo_budget: int | None = None) -> dict:
+    """Steps to a threshold per seed (None = not reached within the budget) -> means and the ratio GRPO/OPD.
 
-    A seed that did not reach the threshold counts as `budget` in the mean, which makes that mean a lower bound;
-    the ratio of the means is then a lower bound (GRPO censored), an upper bound (OPD censored) or undefined."""
+    A seed that did not reach the threshold counts as its method's budget (`budget`, or `grpo_budget` for the
+    second method when its budget differs) in the mean, which makes that mean a lower bound; the ratio of the means
+    is then a lower bound (GRPO censored), an upper bound (OPD censored) or undefined."""
+    grpo_budget = budget if grpo_budget is None else grpo_budget
 
-    def side(values):
+    def side(values, cap):
         reached = [v for v in values if v is not None]
         censored = len(reached) < len(values)
-        m = mean(v if v is not None else budget for v in values) if values else None
+        m = mean(v if v is not None else cap for v in values) if values else None
         return {"per_seed": values, "reached": len(reached), "runs": len(values), "mean": m, "censored": censored,
-                "text": _steps_text(m, censored, budget, len(reached))}
+                "text": _steps_text(m, censored, cap, len(reached))}
 
-    o, g = side(opd), side(grpo)
+    o, g = side(opd, budget), side(grpo, grpo_budget)
     ratio = {"value": None, "kind": "undefined", "text": "n/a"}
     if o["reached"] and g["reached"] and not (o["censored"] and g["censored"]) and o["mean"] > 0:
         value = g["mean"] / o["mean"]
@@ -116,14 +118,14 @@ def compare_steps(opd: list[int | None], grpo: list[int | None], budget: int) ->
         ratio = {"value": value, "kind": kind, "text": {"exact": "", "lower_bound": ">= ", "upper_bound": "<= "}[kind]
                  + f"{value:.1f}x"}
     elif o["reached"] == o["runs"] and o["runs"] and not g["reached"] and o["mean"] > 0:
-        value = budget / o["mean"]  # GRPO needs more than `budget` steps on every seed
+        value = grpo_budget / o["mean"]  # GRPO needs more than its budget on every seed
         ratio = {"value": value, "kind": "lower_bound", "text": f"> {value:.1f}x"}
     per_seed = []
     for a, b in zip(opd, grpo):
         if a is not None and b is not None and a > 0:
             per_seed.append({"value": b / a, "kind": "exact"})
         elif a is not None and b is None and a > 0:
-            per_seed.append({"value": budget / a, "kind": "lower_bound"})
+            per_seed.append({"value": grpo_budget / a, "kind": "lower_bound"})
         elif a is None and b is not None:
             per_seed.append({"value": b / budget, "kind": "upper_bound"})
         else:

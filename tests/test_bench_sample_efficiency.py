@@ -61,6 +61,17 @@ def test_compare_steps_exact_and_censored():
     assert se.compare_steps([0], [0], budget=80)["ratio_grpo_over_opd"]["kind"] == "undefined"
 
 
+def test_compare_steps_censors_each_method_at_its_own_budget():
+    """GRPO given 10x OPD's budget: a GRPO miss counts its own budget (not OPD's), an OPD miss OPD's."""
+    lower = se.compare_steps([10, 20], [400, None], budget=150, grpo_budget=1500)
+    assert lower["grpo"]["mean"] == 950 and lower["grpo"]["text"] == ">= 950.0"
+    assert lower["ratio_per_seed"][1] == {"value": 75.0, "kind": "lower_bound"}
+    never = se.compare_steps([30, 30], [None, None], budget=150, grpo_budget=1500)
+    assert never["grpo"]["text"] == "> 1500" and never["ratio_grpo_over_opd"]["value"] == 50.0
+    upper = se.compare_steps([None, 50], [600, 600], budget=150, grpo_budget=1500)
+    assert upper["opd"]["mean"] == 100 and upper["ratio_per_seed"][0] == {"value": 4.0, "kind": "upper_bound"}
+
+
 def test_thresholds_of_teacher_and_of_gap():
     rows = se.thresholds(teacher=0.9, start=0.3, teacher_fractions=[0.5, 0.9], gap_fractions=[0.5])
     assert [r["name"] for r in rows] == ["50% of teacher", "90% of teacher", "50% of gap"]

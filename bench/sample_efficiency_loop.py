@@ -1,0 +1,315 @@
+"""Sample efficiency, OPD (the demo's recipe) vs GRPO vs SFT on teacher samples, in the reference loop.
+
+    .venv/bin/python bench/sample_efficiency_loop.py            # lr grid on seed 0, then seeds 1 2 at each best lr
+    .venv/bin/python bench/sample_efficiency_loop.py --quick    # smoke run: 1 seed, 1 lr, a few steps
+
+Every run starts from the demo's SFT student on the demo's prompts, in verl's order for the seed (the same prompts
+at every step for every method), 32 prompts x 4 samples a step, T = 1, 32 tokens, AdamW with 5 warm-up steps and
+a cosine decay to 0 over the method's budget, 4 updates per step (mini-batches), grad clip 1 - the recipe
+recipes/demo_cpu_forward_kl.yaml as bench/reference_loop.py mirrors it (bench/parity.py: the loop matches
+main_opd step for step). The methods differ only in their loss and their learning rate:
+* opd: the recipe, the full-vocabulary forward KL(teacher || student) on the student's own samples;
+* grpo: the exact-match reward, group-normalized over each prompt's 4 samples, verl's PPO clip loss; no teacher;
+* sft: token-mean NLL of the teacher's own samples (T = 1) of the same prompts: sequence-level distillation.
+Each method's lr is the best of a small grid on seed 0 (the highest mean greedy val accuracy over the run's
+validations); seeds 1 and 2 then run at that lr. Greedy val accuracy (300 prompts) every --test-freq steps.
+Steps, wall time and FLOPs to 50/70/90% of the teacher's greedy val accuracy: the first validated step from which
+two validations in a row reach it (one lucky validation does not count). FLOPs = 2 x parameters x tokens per
+forward pass, 6 x per forward + backward (parameters without the input embedding; attention's own FLOPs, ~1% at
+these lengths, left out), counting what the method needs: opd generation + the teacher's forward + the old
+log-probs + the updates; grpo the same without the teacher; sft the teacher's generation + the updates. The wall
+time is the loop's (it also computes the teacher's log-probs for the KL metric in every mode); main_opd takes
+~9 s per step on 2 cores. Writes bench/results/sample_efficiency_loop.json and a PNG of the curves (step, log x)
+and one against FLOPs; runs are kept in --work-dir, so an interrupted benchmark goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import opd_speed  # noqa: E402
+import reference_loop  # noqa: E402
+from sample_efficiency import compare_steps  # noqa: E402
+
+VAL_KEY = reference_loop.VAL_KEY
+#: LoopConfig fields of each method (the lr comes from the grid)
+METHODS: dict[str, dict] = {
+    "opd": opd_speed.VARIANTS["full_fwd_mb4_cosine"],  # recipes/demo_cpu_forward_kl.yaml
+    "grpo": {"mode": "grpo", "mini_batches": 4, "schedule": "cosine"},
+    "sft": {"mode": "sft", "mini_batches": 4, "schedule": "cosine"},
+}
+FULL = {
+    "budget": {"opd": 150, "sft": 300, "grpo": 1500},  # GRPO: 10x OPD's budget
+    # GRPO at 1e-3 collapsed through main_opd even with one update per step (results/sample_efficiency_lr_tuning.json)
+    "lr_grid": {"opd": [1e-4, 3e-4, 1e-3], "sft": [3e-4, 1e-3, 3e-3], "grpo": [1e-4, 3e-4]},
+    "seeds": [0, 1, 2],
+    "test_freq": 10,
+    "teacher_fractions": [0.5, 0.7, 0.9],
+    "parallel": 2,
+}
+QUICK = {**FULL, "budget": {"opd": 4, "sft": 4, "grpo": 8}, "lr_grid": {m: [3e-4] for m in METHODS}, "seeds": [0],
+         "test_freq": 2}
+COLORS = {"opd": (200, 60, 40), "grpo": (40, 110, 200), "sft": (40, 150, 60)}
+
+
+# ---- pure parts (tested in tests/test_bench_sample_efficiency_loop.py) --------------------------------------
+
+
+def flop_params(model) -> int:
+    """Parameters that cost 2 FLOPs per token in a forward pass: all but the input embedding (a lookup), whose
+    weights count when the output head is tied to it."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
+    return sum(p.numel() for p in model.parameters()) - (0 if tied else emb.numel())
+
+
+def step_flops(method: str, tokens: float, student: int, teacher: int, epochs: int = 1) -> float:
+    """FLOPs of one step over `tokens` prompt + response tokens: the rollout (2 N per token, with a KV cache), the
+    forward passes the method needs (2 N) and the updates (6 N per epoch)."""
+    update = 6 * student * tokens * epochs
+    if method == "sft":  # the teacher samples; no old log-probs (no ratio in the NLL)
+        return 2 * teacher * tokens + update
+    rollout_and_old_logprobs = 2 * 2 * student * tokens
+    if method == "grpo":
+        return rollout_and_old_logprobs + update
+    if method == "opd":
+        return rollout_and_old_logprobs + 2 * teacher * tokens + update
+    raise ValueError(f"unknown method {method!r}")
+
+
+def steps_to_sustained(points: list[tuple[int, float]], threshold: float, times: int = 2) -> int | None:
+    """The first step from which `times` validations in a row are >= threshold; None if there is none."""
+    points = sorted(points)
+    for i in range(len(points) - times + 1):
+        if all(v >= threshold - 1e-12 for _, v in points[i : i + times]):
+            return points[i][0]
+    return None
+
+
+def cumulative(metrics: dict[int, dict], key: str) -> dict[int, float]:
+    """{step: sum of metrics[s][key] for s in 1..step}, and 0 at step 0."""
+    out, total = {0: 0.0}, 0.0
+    for step in sorted(s for s in metrics if s > 0):
+        total += metrics[step][key]
+        out[step] = total
+    return out
+
+
+def val_curve(metrics: dict[int, dict]) -> list[tuple[int, float]]:
+    return sorted((s, m[VAL_KEY]) for s, m in metrics.items() if VAL_KEY in m)
+
+
+def best_lr(grid_runs: dict[float, dict[int, dict]]) -> float:
+    """The lr whose run has the highest mean greedy val accuracy over its validations after step 0."""
+    return max(grid_runs, key=lambda lr: mean(v for s, v in val_curve(grid_runs[lr]) if s > 0))
+
+
+def summarize(runs: dict[str, dict[int, dict]], teacher: float, cfg: dict, flops: dict[str, list[float]]) -> dict:
+    """runs = {method: {seed: metrics_by_step}} at each method's best lr; flops = {method: per-step FLOPs per seed
+    aligned with the metrics} -> per threshold: steps, wall and FLOPs per seed and method, and the ratios of the
+    steps over OPD's (compare_steps: a method that does not reach a threshold counts its budget, a bound)."""
+    rows = []
+    for fraction in cfg["teacher_fractions"]:
+        thr = fraction * teacher
+        row = {"name": f"{round(100 * fraction)}% of teacher", "value": thr, "methods": {}}
+        for method, by_seed in runs.items():
+            per = []
+            for seed, metrics in sorted(by_seed.items()):
+                step = steps_to_sustained(val_curve(metrics), thr)
+                wall, fl = cumulative(metrics, "timing_s/step"), flops[method][seed]
+                per.append({"seed": seed, "steps": step, "wall_s": None if step is None else wall[step],
+                            "flops": None if step is None else fl[step]})
+            reached = [p for p in per if p["steps"] is not None]
+            row["methods"][method] = {
+                "per_seed": per, "reached": len(reached), "runs": len(per),
+                **{f"mean_{k}": mean(p[k] for p in reached) if len(reached) == len(per) else None
+                   for k in ("steps", "wall_s", "flops")}}
+        for other in (m for m in runs if m != "opd"):
+            if "opd" in runs:
+                cmp = compare_steps([p["steps"] for p in row["methods"]["opd"]["per_seed"]],
+                                    [p["steps"] for p in row["methods"][other]["per_seed"]],
+                                    cfg["budget"]["opd"], cfg["budget"][other])
+                row[f"{other}_over_opd_steps"] = {"ratio": cmp["ratio_grpo_over_opd"], "per_seed": cmp["ratio_per_seed"],
+                                                  "text": {"opd": cmp["opd"]["text"], other: cmp["grpo"]["text"]}}
+        rows.append(row)
+    return {"teacher": teacher, "rows": rows}
+
+
+def format_table(summary: dict, methods) -> str:
+    head = " | ".join(f"{m.upper()} steps (per seed) / wall s / GFLOPs" for m in methods)
+    lines = [f"| threshold | accuracy | {head} | GRPO / OPD steps | SFT / OPD steps |",
+             "| --- | --- | " + " | ".join("---" for _ in methods) + " | --- | --- |"]
+    for row in summary["rows"]:
+        cells = []
+        for m in methods:
+            r = row["methods"].get(m)
+            if r is None:
+                cells.append("—")
+                continue
+            seeds = ", ".join("—" if p["steps"] is None else str(p["steps"]) for p in r["per_seed"])
+            if r["mean_steps"] is None:
+                cells.append(f"{r['reached']}/{r['runs']} reached ({seeds})")
+            else:
+                cells.append(f"{r['mean_steps']:.0f} ({seeds}) / {r['mean_wall_s']:.0f} / {r['mean_flops'] / 1e9:.0f}")
+        ratios = [row.get(f"{m}_over_opd_steps", {}).get("ratio", {}).get("text", "—") for m in ("grpo", "sft")]
+        lines.append(f"| {row['name']} | {100 * row['value']:.1f}% | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+# ---- runs ----------------------------------------------------------------------------------------------------
+
+
+def _job_path(work_dir: Path, method: str, lr: float, seed: int, steps: int, test_freq: int) -> Path:
+    return work_dir / f"{method}_lr{lr:g}_seed{seed}_steps{steps}_tf{test_freq}.json"
+
+
+def _run_job(job: dict) -> dict:
+    """One run in its own process (1 torch thread; the pool runs --parallel of them), stored at job["path"]."""
+    cfg = reference_loop.LoopConfig(**job["fields"])
+    t0, name = time.monotonic(), Path(job["path"]).stem
+
+    def progress(line):  # one line per 50 steps: the reference loop logs every step as JSON
+        step = json.loads(line)
+        if step["step"] % 50 == 0:
+            print(f"[sample_efficiency_loop] {name}: step {step['step']}/{cfg.steps}, "
+                  f"{time.monotonic() - t0:.0f} s", flush=True)
+
+    metrics = reference_loop.run(cfg, log=progress, threads=1)
+    record = {"config": asdict(cfg), "seconds": time.monotonic() - t0, "metrics_by_step": metrics}
+    Path(job["path"]).write_text(json.dumps(record))
+    return {"path": job["path"], "seconds": record["seconds"]}
+
+
+def _load(path: Path) -> dict[int, dict]:
+    return {int(s): m for s, m in json.loads(path.read_text())["metrics_by_step"].items()}
+
+
+def run_jobs(jobs: list[dict], parallel: int, log) -> None:
+    todo = [j for j in jobs if not Path(j["path"]).exists()]
+    for j in jobs:
+        if j not in todo:
+            log(f"reusing {j['path']}")
+    todo.sort(key=lambda j: -j["fields"]["steps"])  # longest first: the pool ends together
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in pool.map(_run_job, todo):
+            metrics = _load(Path(done["path"]))
+            curve = val_curve(metrics)
+            log(f"{Path(done['path']).name}: val {100 * curve[0][1]:.1f} -> {100 * curve[-1][1]:.1f}% "
+                f"(max {100 * max(v for _, v in curve):.1f}%) in {done['seconds']:.0f} s")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--parallel", type=int, default=None, help="runs at a time, one torch thread each (default 2)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="where each run is stored (default ~/.cache/opd_verl/bench/sample_efficiency_loop[_quick])")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    cfg = json.loads(json.dumps(QUICK if args.quick else FULL))
+    cfg["parallel"] = args.parallel or cfg["parallel"]
+    name = "sample_efficiency_loop" + ("_quick" if args.quick else "")
+    work_dir = args.work_dir or Path.home() / ".cache" / "opd_verl" / "bench" / name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out or Path(__file__).parent / "results" / f"{name}.json"
+
+    def log(message):
+        print(f"[sample_efficiency_loop] {message}", flush=True)
+
+    from transformers import AutoModelForCausalLM
+
+    from opd_verl.demo.build import build
+
+    start = time.monotonic()
+    built = build(log=log)
+    teacher_acc = built.info["teacher"]["val_accuracy"]
+    params = {role: flop_params(AutoModelForCausalLM.from_pretrained(path)) for role, path in
+              (("student", built.student), ("teacher", built.teacher))}
+    log(f"teacher val {100 * teacher_acc:.1f}%, FLOP parameters {params}")
+
+    def job(method, lr, seed):
+        steps = cfg["budget"][method]
+        return {"fields": {**METHODS[method], "lr": lr, "seed": seed, "steps": steps, "test_freq": cfg["test_freq"]},
+                "path": str(_job_path(work_dir, method, lr, seed, steps, cfg["test_freq"]))}
+
+    seed0 = cfg["seeds"][0]
+    log("lr grid on seed " + str(seed0) + ": " + json.dumps({m: cfg["lr_grid"][m] for m in args.methods}))
+    run_jobs([job(m, lr, seed0) for m in args.methods for lr in cfg["lr_grid"][m]], cfg["parallel"], log)
+    grid = {m: {lr: _load(Path(job(m, lr, seed0)["path"])) for lr in cfg["lr_grid"][m]} for m in args.methods}
+    best = {m: best_lr(grid[m]) for m in args.methods}
+    log(f"best lr: {best}")
+    run_jobs([job(m, best[m], s) for m in args.methods for s in cfg["seeds"][1:]], cfg["parallel"], log)
+    runs = {m: {s: _load(Path(job(m, best[m], s)["path"])) for s in cfg["seeds"]} for m in args.methods}
+    flops = {m: {s: {step: f for step, f in cumulative(
+        {k: {"f": step_flops(m, v["tokens"], params["student"], params["teacher"])} for k, v in metrics.items() if k > 0},
+        "f").items()} for s, metrics in by_seed.items()} for m, by_seed in runs.items()}
+    summary = summarize(runs, teacher_acc, cfg, flops)
+    mean_curves = {m: [(s, mean(dict(val_curve(r))[s] for r in by_seed.values())) for s, _ in
+                       val_curve(next(iter(by_seed.values())))] for m, by_seed in runs.items()}
+    result = {
+        "benchmark": "sample_efficiency_loop",
+        "command": "python bench/sample_efficiency_loop.py " + " ".join(argv),
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
+        "settings": cfg,
+        "methods": METHODS,
+        "base_config": asdict(reference_loop.LoopConfig()),
+        "teacher_val": teacher_acc,
+        "student_val": built.info["student"]["val_accuracy"],
+        "flop_params": params,
+        "grid": {m: {str(lr): {"mean_val": mean(v for s, v in val_curve(r) if s > 0), "val": val_curve(r)}
+                     for lr, r in g.items()} for m, g in grid.items()},
+        "best_lr": best,
+        "summary": summary,
+        "mean_val_curves": mean_curves,
+        "mean_kl_curves": {m: [(s, mean(r[s]["opd/kl_per_token"] for r in by_seed.values()))
+                               for s in sorted(next(iter(by_seed.values()))) if s > 0] for m, by_seed in runs.items()},
+        "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
+        "seconds": time.monotonic() - start,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"), flops)
+    print(format_table(summary, args.methods))
+    log(f"wrote {out} ({result['seconds']:.0f} s)")
+    return 0
+
+
+def plot(result: dict, path: Path, flops: dict) -> None:
+    from opd_verl.demo.plots import plot_panels
+
+    teacher = result["teacher_val"]
+    refs = {f"teacher {100 * teacher:.0f}%": teacher, **{f"{round(100 * f)}%": f * teacher
+                                                       for f in result["settings"]["teacher_fractions"]}}
+    n = len(result["settings"]["seeds"])
+    label = {m: f"{m.upper()} lr {result['best_lr'][m]:g}" for m in result["mean_val_curves"]}
+    series = [(label[m], pts, COLORS[m]) for m, pts in result["mean_val_curves"].items()]
+    kl = [(label[m], pts, COLORS[m]) for m, pts in result["mean_kl_curves"].items()]
+    plot_panels([(f"greedy val accuracy, mean of {n} seeds", series, (0.0, 1.0), refs),
+                 ("per-token s_old - q on the step's samples (for SFT: on the teacher's)", kl, None, None)],
+                path, "OPD vs GRPO vs SFT on teacher samples (reference loop), each at its best lr", logx=True)
+    by_flops = []
+    for m, by_seed in result["runs"].items():
+        seed0 = next(iter(flops[m]))
+        by_flops.append((label[m], [(flops[m][seed0][s], v) for s, v in result["mean_val_curves"][m] if s > 0],
+                         COLORS[m]))
+    plot_panels([(f"greedy val accuracy, mean of {n} seeds (x: FLOPs of seed {seed0}'s run)", by_flops, (0.0, 1.0), refs)],
+                path.with_name(path.stem + "_flops.png"), "The same curves against training FLOPs",
+                xlabel="FLOPs", logx=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""bench/sample_efficiency_loop.py and the reference loop's baselines (bench/reference_loop.py: GRPO's advantage
+and PPO clip loss) against verl's own functions and brute-force float64 references; FLOPs, thresholds, the lr
+choice and the summary on synthetic curves. No training runs."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import reference_loop as ref  # noqa: E402  (bench/ is on sys.path)
+import sample_efficiency_loop as sel  # noqa: E402
+
+
+def test_grpo_advantage_is_verl_s_and_the_brute_force_group_z_score():
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    n, prompts, length = 4, 5, 6
+    scores = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0.5, 1, 0, 1], dtype=torch.float64)
+    lengths = torch.tensor([1, 6, 3, 2, 6] * 4)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).double()
+    rewards = torch.zeros(n * prompts, length, dtype=torch.float64)
+    rewards[torch.arange(n * prompts), lengths - 1] = scores  # verl puts the score on the last response token
+    theirs, _ = compute_grpo_outcome_advantage(rewards, mask, np.repeat(np.arange(prompts), n))
+    ours = ref.grpo_advantage(scores, n).unsqueeze(-1) * mask
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    for b in range(n * prompts):
+        group = scores[(b // n) * n : (b // n + 1) * n].tolist()
+        expected = (scores[b].item() - statistics.mean(group)) / (statistics.stdev(group) + 1e-6)
+        assert math.isclose(ours[b, 0].item(), expected, abs_tol=1e-9), b
+    assert torch.all(ours[4:8] == 0)  # a group that all got the same reward has nothing to learn from
+
+
+def test_ppo_clip_loss_is_verl_s_vanilla_loss_with_its_gradient():
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    g = torch.Generator().manual_seed(0)
+    s_old = -torch.rand(6, 5, generator=g, dtype=torch.float64) * 3
+    s_now = s_old + torch.randn(6, 5, generator=g, dtype=torch.float64) * 0.6  # ratios well outside [0.8, 1.2]
+    adv = torch.randn(6, 1, generator=g, dtype=torch.float64).expand(6, 5) * 2
+    mask = (torch.arange(5)[None, :] < torch.tensor([5, 2, 4, 1, 3, 5])[:, None]).double()
+    config = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0,
+                               "global_batch_info": {}})
+    ours_in, theirs_in = s_now.clone().requires_grad_(True), s_now.clone().requires_grad_(True)
+    ours = ref.ppo_clip_loss(ours_in, s_old, adv, mask)
+    theirs, metrics = compute_policy_loss_vanilla(s_old, theirs_in, adv, mask, "token-mean", config)
+    ours.backward()
+    theirs.backward()
+    assert 0 < metrics["actor/pg_clipfrac"] < 1 and metrics["actor/pg_clipfrac_lower"] > 0  # every branch is hit
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=0, atol=1e-12)
+
+
+def test_an_unknown_mode_is_refused_before_anything_loads():
+    with pytest.raises(ValueError, match="mode='grp'"):
+        ref.run(ref.LoopConfig(mode="grp"), built=object())
+
+
+def test_flop_params_leave_out_the_input_embedding_unless_the_head_is_tied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for tied in (False, True):
+        cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+        model = LlamaForCausalLM(cfg)
+        total = sum(p.numel() for p in model.parameters())  # a tied weight is listed once
+        assert sel.flop_params(model) == (total if tied else total - 50 * 16)
+
+
+def test_step_flops_count_what_each_method_needs():
+    tokens, ns, nt = 1000, 10, 40
+    assert sel.step_flops("opd", tokens, ns, nt) == 2 * ns * tokens * 2 + 2 * nt * tokens + 6 * ns * tokens
+    assert sel.step_flops("grpo", tokens, ns, nt) == 2 * ns * tokens * 2 + 6 * ns * tokens
+    assert sel.step_flops("sft", tokens, ns, nt) == 2 * nt * tokens + 6 * ns * tokens
+    assert sel.step_flops("opd", tokens, ns, nt, epochs=2) - sel.step_flops("opd", tokens, ns, nt) == 6 * ns * tokens
+    with pytest.raises(ValueError):
+        sel.step_flops("ppo", tokens, ns, nt)
+
+
+def test_a_threshold_counts_from_two_validations_in_a_row():
+    pts = [(0, 0.3), (10, 0.72), (20, 0.6), (30, 0.71), (40, 0.75), (50, 0.8)]
+    assert sel.steps_to_sustained(pts, 0.7) == 30  # step 10 was one lucky validation
+    assert sel.steps_to_sustained(pts, 0.3) == 0
+    assert sel.steps_to_sustained(pts, 0.8) is None  # the last validation alone does not count
+    assert sel.steps_to_sustained(pts, 0.8, times=1) == 50
+
+
+def test_cumulative_sums_steps_from_one_and_best_lr_is_the_highest_mean_val():
+    metrics = {0: {}, 1: {"t": 0.5}, 2: {"t": 0.25}, 3: {"t": 1.0}}
+    assert sel.cumulative(metrics, "t") == {0: 0.0, 1: 0.5, 2: 0.75, 3: 1.75}
+    key = sel.VAL_KEY
+    grid = {1e-4: {0: {key: 0.9}, 10: {key: 0.4}, 20: {key: 0.5}},  # step 0 does not count
+            3e-4: {0: {key: 0.3}, 10: {key: 0.5}, 20: {key: 0.6}},
+            1e-3: {0: {key: 0.3}, 10: {key: 0.7}, 20: {key: 0.1}}}
+    assert sel.best_lr(grid) == 3e-4
+
+
+def test_summary_steps_wall_flops_and_bounded_ratios():
+    key = sel.VAL_KEY
+
+    def run(vals, freq):
+        out = {0: {key: 0.4}}
+        for i, v in enumerate(vals, 1):
+            for s in range((i - 1) * freq + 1, i * freq + 1):
+                out[s] = {"timing_s/step": 0.5}
+            out[i * freq][key] = v
+        return out
+
+    cfg = {"teacher_fractions": [0.5, 0.7, 0.9], "budget": {"opd": 30, "grpo": 300, "sft": 30}}
+    runs = {"opd": {0: run([0.55, 0.6, 0.8], 10)},            # 50% (0.475) from 10, 70% (0.665) at 30 alone: not
+            "grpo": {0: run([0.5] * 9 + [0.6] * 21, 10)},       # 50% from 10; 70% never within 300
+            "sft": {0: run([0.4, 0.5, 0.5], 10)}}               # 50% from 20
+    flops = {m: {0: {s: 2.0 * s for s in r[0]}} for m, r in runs.items()}
+    summary = sel.summarize(runs, 0.95, cfg, flops)
+    half, seventy = summary["rows"][0], summary["rows"][1]
+    assert half["methods"]["opd"]["per_seed"][0] == {"seed": 0, "steps": 10, "wall_s": 5.0, "flops": 20.0}
+    assert half["methods"]["sft"]["mean_steps"] == 20
+    assert half["grpo_over_opd_steps"]["ratio"]["value"] == 1.0
+    assert half["sft_over_opd_steps"]["ratio"]["value"] == 2.0
+    assert seventy["methods"]["opd"]["mean_steps"] is None and seventy["methods"]["grpo"]["reached"] == 0
+    assert seventy["grpo_over_opd_steps"]["ratio"]["kind"] == "undefined"
+    table = sel.format_table(summary, ["opd", "grpo", "sft"])
+    assert "| 50% of teacher | 47.5% | 10 (10) / 5 / 0 |" in table and "0/1 reached" in table
