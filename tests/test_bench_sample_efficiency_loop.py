@@ -130,3 +130,15 @@ def test_summary_steps_wall_flops_and_bounded_ratios():
     assert seventy["grpo_over_opd_steps"]["ratio"]["kind"] == "undefined"
     table = sel.format_table(summary, ["opd", "grpo", "sft"])
     assert "| 50% of teacher | 47.5% | 10 (10) / 5 / 0 |" in table and "0/1 reached" in table
+
+
+def test_grid_summary_reports_every_lr_with_its_steps_to_the_thresholds():
+    key = sel.VAL_KEY
+    grid = {"opd": {3e-4: {0: {key: 0.4}, 10: {key: 0.6}, 20: {key: 0.7}, 30: {key: 0.72}},
+                    1e-3: {0: {key: 0.4}, 10: {key: 0.2}, 20: {key: 0.3}, 30: {key: 0.5}}}}
+    out = sel.grid_summary(grid, 0.95, [0.5, 0.7])
+    assert out["opd"]["0.0003"]["steps_to"] == {"50%": 10, "70%": 20}
+    assert out["opd"]["0.001"]["steps_to"] == {"50%": None, "70%": None}  # 0.5 >= 0.475 at the last one only
+    assert out["opd"]["0.001"]["last_val"] == 0.5 and out["opd"]["0.0003"]["mean_val"] == pytest.approx((0.6 + 0.7 + 0.72) / 3)
+    table = sel.format_grid(out)
+    assert "| opd | 0.0003 | 67.3% | 72.0% | 10 | 20 |" in table and "| opd | 0.001 | 33.3% | 50.0% | — | — |" in table
