@@ -303,7 +303,8 @@ def main(argv=None) -> int:
         "mean_kl_curves": {m: [(s, mean(r[s]["opd/kl_per_token"] for r in by_seed.values()))
                                for s in sorted(next(iter(by_seed.values()))) if s > 0] for m, by_seed in runs.items()},
         "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
-        "seconds": time.monotonic() - start,
+        "run_seconds": {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(work_dir.glob("*.json"))},
+        "seconds": time.monotonic() - start,  # this invocation's (runs reused from --work-dir take none)
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
