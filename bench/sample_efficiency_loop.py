@@ -194,6 +194,17 @@ def format_table(summary: dict, methods) -> str:
     return "\n".join(lines)
 
 
+def parse_budgets(items) -> dict[str, int]:
+    """["opd=300"] -> {"opd": 300}; an unknown method or a step count < 1 is an error."""
+    out = {}
+    for item in items:
+        method, _, steps = item.partition("=")
+        if method not in METHODS or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"--budget {item!r}: expected METHOD=STEPS with METHOD one of {', '.join(METHODS)}")
+        out[method] = int(steps)
+    return out
+
+
 # ---- runs ----------------------------------------------------------------------------------------------------
 
 
@@ -242,12 +253,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--parallel", type=int, default=None, help="runs at a time, one torch thread each (default 2)")
+    p.add_argument("--budget", action="append", default=[], metavar="METHOD=STEPS",
+                   help="a method's budget in steps instead of the preset's, e.g. --budget opd=300")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where each run is stored (default ~/.cache/opd_verl/bench/sample_efficiency_loop[_quick])")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps(QUICK if args.quick else FULL))
     cfg["parallel"] = args.parallel or cfg["parallel"]
+    cfg["budget"].update(parse_budgets(args.budget))
     name = "sample_efficiency_loop" + ("_quick" if args.quick else "")
     work_dir = args.work_dir or Path.home() / ".cache" / "opd_verl" / "bench" / name
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -142,3 +142,10 @@ def test_grid_summary_reports_every_lr_with_its_steps_to_the_thresholds():
     assert out["opd"]["0.001"]["last_val"] == 0.5 and out["opd"]["0.0003"]["mean_val"] == pytest.approx((0.6 + 0.7 + 0.72) / 3)
     table = sel.format_grid(out)
     assert "| opd | 0.0003 | 67.3% | 72.0% | 10 | 20 |" in table and "| opd | 0.001 | 33.3% | 50.0% | — | — |" in table
+
+
+def test_budgets_are_parsed_per_method_and_bad_ones_refused():
+    assert sel.parse_budgets(["opd=300", "grpo=3000"]) == {"opd": 300, "grpo": 3000}
+    for bad in ("ppo=10", "opd=0", "opd=ten", "opd"):
+        with pytest.raises(SystemExit, match="--budget"):
+            sel.parse_budgets([bad])
