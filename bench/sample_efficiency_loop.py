@@ -90,6 +90,13 @@ def step_flops(method: str, tokens: float, student: int, teacher: int, epochs: i
     raise ValueError(f"unknown method {method!r}")
 
 
+def cumulative_flops(method: str, metrics: dict[int, dict], params: dict[str, int]) -> dict[int, float]:
+    """{step: FLOPs of steps 1..step} of a run, from each step's token count."""
+    per_step = {s: {"flops": step_flops(method, m["tokens"], params["student"], params["teacher"])}
+                for s, m in metrics.items() if s > 0}
+    return cumulative(per_step, "flops")
+
+
 def steps_to_sustained(points: list[tuple[int, float]], threshold: float, times: int = 2) -> int | None:
     """The first step from which `times` validations in a row are >= threshold; None if there is none."""
     points = sorted(points)
@@ -288,15 +295,15 @@ def main(argv=None) -> int:
 
     seed0 = cfg["seeds"][0]
     log("lr grid on seed " + str(seed0) + ": " + json.dumps({m: cfg["lr_grid"][m] for m in args.methods}))
-    run_jobs([job(m, lr, seed0) for m in args.methods for lr in cfg["lr_grid"][m]], cfg["parallel"], log)
+    jobs = [job(m, lr, seed0) for m in args.methods for lr in cfg["lr_grid"][m]]
+    run_jobs(jobs, cfg["parallel"], log)
     grid = {m: {lr: _load(Path(job(m, lr, seed0)["path"])) for lr in cfg["lr_grid"][m]} for m in args.methods}
     best = {m: best_lr(grid[m]) for m in args.methods}
     log(f"best lr: {best}")
-    run_jobs([job(m, best[m], s) for m in args.methods for s in cfg["seeds"][1:]], cfg["parallel"], log)
+    jobs += [job(m, best[m], s) for m in args.methods for s in cfg["seeds"][1:]]
+    run_jobs(jobs, cfg["parallel"], log)  # the grid's are there: reused
     runs = {m: {s: _load(Path(job(m, best[m], s)["path"])) for s in cfg["seeds"]} for m in args.methods}
-    flops = {m: {s: {step: f for step, f in cumulative(
-        {k: {"f": step_flops(m, v["tokens"], params["student"], params["teacher"])} for k, v in metrics.items() if k > 0},
-        "f").items()} for s, metrics in by_seed.items()} for m, by_seed in runs.items()}
+    flops = {m: {s: cumulative_flops(m, metrics, params) for s, metrics in by_seed.items()} for m, by_seed in runs.items()}
     summary = summarize(runs, teacher_acc, cfg, flops)
     mean_curves = {m: [(s, mean(dict(val_curve(r))[s] for r in by_seed.values())) for s, _ in
                        val_curve(next(iter(by_seed.values())))] for m, by_seed in runs.items()}
@@ -317,7 +324,7 @@ def main(argv=None) -> int:
         "mean_kl_curves": {m: [(s, mean(r[s]["opd/kl_per_token"] for r in by_seed.values()))
                                for s in sorted(next(iter(by_seed.values()))) if s > 0] for m, by_seed in runs.items()},
         "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
-        "run_seconds": {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(work_dir.glob("*.json"))},
+        "run_seconds": {Path(j["path"]).stem: json.loads(Path(j["path"]).read_text())["seconds"] for j in jobs},
         "seconds": time.monotonic() - start,  # this invocation's (runs reused from --work-dir take none)
     }
     out.parent.mkdir(parents=True, exist_ok=True)

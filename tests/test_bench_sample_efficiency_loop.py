@@ -149,3 +149,10 @@ def test_budgets_are_parsed_per_method_and_bad_ones_refused():
     for bad in ("ppo=10", "opd=0", "opd=ten", "opd"):
         with pytest.raises(SystemExit, match="--budget"):
             sel.parse_budgets([bad])
+
+
+def test_cumulative_flops_sum_each_step_s_tokens():
+    metrics = {0: {sel.VAL_KEY: 0.3}, 1: {"tokens": 100}, 2: {"tokens": 50}}
+    params = {"student": 10, "teacher": 40}
+    out = sel.cumulative_flops("grpo", metrics, params)
+    assert out == {0: 0.0, 1: 10 * 10 * 100, 2: 10 * 10 * 150}  # grpo: (2 + 2 + 6) * N_student per token
