@@ -353,11 +353,11 @@ def plot(result: dict, path: Path, flops: dict) -> None:
     by_flops = []
     for m, by_seed in result["runs"].items():
         seed0 = next(iter(flops[m]))
-        by_flops.append((label[m], [(flops[m][seed0][s], v) for s, v in result["mean_val_curves"][m] if s > 0],
+        by_flops.append((label[m], [(flops[m][seed0][s] / 1e9, v) for s, v in result["mean_val_curves"][m] if s > 0],
                          COLORS[m]))
-    plot_panels([(f"greedy val accuracy, mean of {n} seeds (x: FLOPs of seed {seed0}'s run)", by_flops, (0.0, 1.0), refs)],
+    plot_panels([(f"greedy val accuracy, mean of {n} seeds (x: GFLOPs of seed {seed0}'s run)", by_flops, (0.0, 1.0), refs)],
                 path.with_name(path.stem + "_flops.png"), "The same curves against training FLOPs",
-                xlabel="FLOPs", logx=True)
+                xlabel="GFLOPs", logx=True)
 
 
 if __name__ == "__main__":
