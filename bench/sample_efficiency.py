@@ -68,11 +68,13 @@ QUICK = {**FULL, "seeds": [0], "steps": 4, "test_freq": 2, "parallel": 1, "smoot
 # --------------------------------------------------------------------------------------------------------------
 
 
-def steps_to_threshold(points: list[tuple[int, float]], threshold: float) -> int | None:
-    """The first step whose value is >= threshold (points in any order); None if none is."""
-    for step, value in sorted(points):
-        if value >= threshold - 1e-12:
-            return step
+def steps_to_threshold(points: list[tuple[int, float]], threshold: float, times: int = 1) -> int | None:
+    """The first step from which `times` points in a row (by step; points in any order) are >= threshold; None if
+    there is none."""
+    points = sorted(points)
+    for i in range(len(points) - times + 1):
+        if all(v >= threshold - 1e-12 for _, v in points[i : i + times]):
+            return points[i][0]
     return None
 
 

@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import opd_speed  # noqa: E402
 import reference_loop  # noqa: E402
-from sample_efficiency import compare_steps  # noqa: E402
+from sample_efficiency import compare_steps, steps_to_threshold  # noqa: E402
 
 VAL_KEY = reference_loop.VAL_KEY
+SUSTAINED = 2  # a threshold counts as reached from the first of this many validations in a row at or above it
 #: LoopConfig fields of each method (the lr comes from the grid)
 METHODS: dict[str, dict] = {
     "opd": opd_speed.VARIANTS["full_fwd_mb4_cosine"],  # recipes/demo_cpu_forward_kl.yaml
@@ -97,15 +98,6 @@ def cumulative_flops(method: str, metrics: dict[int, dict], params: dict[str, in
     return cumulative(per_step, "flops")
 
 
-def steps_to_sustained(points: list[tuple[int, float]], threshold: float, times: int = 2) -> int | None:
-    """The first step from which `times` validations in a row are >= threshold; None if there is none."""
-    points = sorted(points)
-    for i in range(len(points) - times + 1):
-        if all(v >= threshold - 1e-12 for _, v in points[i : i + times]):
-            return points[i][0]
-    return None
-
-
 def cumulative(metrics: dict[int, dict], key: str) -> dict[int, float]:
     """{step: sum of metrics[s][key] for s in 1..step}, and 0 at step 0."""
     out, total = {0: 0.0}, 0.0
@@ -133,15 +125,15 @@ def grid_summary(grid: dict[str, dict[float, dict[int, dict]]], teacher: float, 
         for lr, metrics in sorted(by_lr.items()):
             curve = val_curve(metrics)
             out[method][str(lr)] = {"mean_val": mean(v for s, v in curve if s > 0), "last_val": curve[-1][1],
-                                    "steps_to": {f"{round(100 * f)}%": steps_to_sustained(curve, f * teacher)
+                                    "steps_to": {f"{round(100 * f)}%": steps_to_threshold(curve, f * teacher, SUSTAINED)
                                                  for f in fractions}, "val": curve}
     return out
 
 
 def format_grid(grid: dict) -> str:
-    lines = ["| method | lr | mean val | last val | " + " | ".join(
-        f"steps to {k} of teacher" for k in next(iter(next(iter(grid.values())).values()))["steps_to"]) + " |"]
-    lines.append("| --- " * (4 + len(next(iter(next(iter(grid.values())).values()))["steps_to"])) + "|")
+    names = list(next(iter(next(iter(grid.values())).values()))["steps_to"])  # the same fractions in every row
+    lines = ["| method | lr | mean val | last val | " + " | ".join(f"steps to {k} of teacher" for k in names) + " |",
+             "| --- " * (4 + len(names)) + "|"]
     for method, by_lr in grid.items():
         for lr, row in by_lr.items():
             steps = " | ".join("—" if v is None else str(v) for v in row["steps_to"].values())
@@ -149,9 +141,10 @@ def format_grid(grid: dict) -> str:
     return "\n".join(lines)
 
 
-def summarize(runs: dict[str, dict[int, dict]], teacher: float, cfg: dict, flops: dict[str, list[float]]) -> dict:
-    """runs = {method: {seed: metrics_by_step}} at each method's best lr; flops = {method: per-step FLOPs per seed
-    aligned with the metrics} -> per threshold: steps, wall and FLOPs per seed and method, and the ratios of the
+def summarize(runs: dict[str, dict[int, dict]], teacher: float, cfg: dict,
+              flops: dict[str, dict[int, dict[int, float]]]) -> dict:
+    """runs = {method: {seed: metrics_by_step}} at each method's best lr; flops = {method: {seed: cumulative_flops}}
+    -> per threshold: steps, wall and FLOPs per seed and method, and the ratios of the
     steps over OPD's (compare_steps: a method that does not reach a threshold counts its budget, a bound)."""
     rows = []
     for fraction in cfg["teacher_fractions"]:
@@ -160,7 +153,7 @@ def summarize(runs: dict[str, dict[int, dict]], teacher: float, cfg: dict, flops
         for method, by_seed in runs.items():
             per = []
             for seed, metrics in sorted(by_seed.items()):
-                step = steps_to_sustained(val_curve(metrics), thr)
+                step = steps_to_threshold(val_curve(metrics), thr, SUSTAINED)
                 wall, fl = cumulative(metrics, "timing_s/step"), flops[method][seed]
                 per.append({"seed": seed, "steps": step, "wall_s": None if step is None else wall[step],
                             "flops": None if step is None else fl[step]})
@@ -300,8 +293,9 @@ def main(argv=None) -> int:
     grid = {m: {lr: _load(Path(job(m, lr, seed0)["path"])) for lr in cfg["lr_grid"][m]} for m in args.methods}
     best = {m: best_lr(grid[m]) for m in args.methods}
     log(f"best lr: {best}")
-    jobs += [job(m, best[m], s) for m in args.methods for s in cfg["seeds"][1:]]
-    run_jobs(jobs, cfg["parallel"], log)  # the grid's are there: reused
+    seed_jobs = [job(m, best[m], s) for m in args.methods for s in cfg["seeds"][1:]]
+    run_jobs(seed_jobs, cfg["parallel"], log)
+    jobs += seed_jobs
     runs = {m: {s: _load(Path(job(m, best[m], s)["path"])) for s in cfg["seeds"]} for m in args.methods}
     flops = {m: {s: cumulative_flops(m, metrics, params) for s, metrics in by_seed.items()} for m, by_seed in runs.items()}
     summary = summarize(runs, teacher_acc, cfg, flops)
@@ -350,11 +344,9 @@ def plot(result: dict, path: Path, flops: dict) -> None:
     plot_panels([(f"greedy val accuracy, mean of {n} seeds", series, (0.0, 1.0), refs),
                  ("per-token s_old - q on the step's samples (for SFT: on the teacher's)", kl, None, None)],
                 path, "OPD vs GRPO vs SFT on teacher samples (reference loop), each at its best lr", logx=True)
-    by_flops = []
-    for m, by_seed in result["runs"].items():
-        seed0 = next(iter(flops[m]))
-        by_flops.append((label[m], [(flops[m][seed0][s] / 1e9, v) for s, v in result["mean_val_curves"][m] if s > 0],
-                         COLORS[m]))
+    seed0 = result["settings"]["seeds"][0]
+    by_flops = [(label[m], [(flops[m][seed0][s] / 1e9, v) for s, v in pts if s > 0], COLORS[m])
+                for m, pts in result["mean_val_curves"].items()]
     plot_panels([(f"greedy val accuracy, mean of {n} seeds (x: GFLOPs of seed {seed0}'s run)", by_flops, (0.0, 1.0), refs)],
                 path.with_name(path.stem + "_flops.png"), "The same curves against training FLOPs",
                 xlabel="GFLOPs", logx=True)

@@ -88,10 +88,11 @@ def test_step_flops_count_what_each_method_needs():
 
 def test_a_threshold_counts_from_two_validations_in_a_row():
     pts = [(0, 0.3), (10, 0.72), (20, 0.6), (30, 0.71), (40, 0.75), (50, 0.8)]
-    assert sel.steps_to_sustained(pts, 0.7) == 30  # step 10 was one lucky validation
-    assert sel.steps_to_sustained(pts, 0.3) == 0
-    assert sel.steps_to_sustained(pts, 0.8) is None  # the last validation alone does not count
-    assert sel.steps_to_sustained(pts, 0.8, times=1) == 50
+    assert sel.SUSTAINED == 2
+    assert sel.steps_to_threshold(pts, 0.7, sel.SUSTAINED) == 30  # step 10 was one lucky validation
+    assert sel.steps_to_threshold(pts, 0.3, sel.SUSTAINED) == 0
+    assert sel.steps_to_threshold(pts, 0.8, sel.SUSTAINED) is None  # the last validation alone does not count
+    assert sel.steps_to_threshold(pts, 0.8) == 50
 
 
 def test_cumulative_sums_steps_from_one_and_best_lr_is_the_highest_mean_val():
