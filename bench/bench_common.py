@@ -153,12 +153,13 @@ class LoadSampler:
 
 
 def run_trainer(built, out: Path, steps: int, test_freq: int, overrides: list[str], timeout: float, log,
-                stall_timeout: float = STALL_TIMEOUT, retries: int = 1) -> dict:
-    """One trainer run (no checkpoints) in OUT; returns run_opd's record plus the per-step metrics. A run that
-    stalls (no step for `stall_timeout` s) is stopped and started again from scratch, up to `retries` times."""
-    from opd_verl.demo.runs import opd_command, read_metrics, run_opd
+                stall_timeout: float = STALL_TIMEOUT, retries: int = 1, recipe: str | None = None) -> dict:
+    """One trainer run (no checkpoints) in OUT of recipes/<recipe>.yaml (default demo_cpu); returns run_opd's record
+    plus the per-step metrics. A run that stalls (no step for `stall_timeout` s) is stopped and started again from
+    scratch, up to `retries` times."""
+    from opd_verl.demo.runs import RECIPE, opd_command, read_metrics, run_opd
 
-    cmd = opd_command(built, out, steps, test_freq, overrides, save_freq=-1)
+    cmd = opd_command(built, out, steps, test_freq, overrides, save_freq=-1, recipe=recipe or RECIPE)
     for attempt in range(1, retries + 2):
         run = run_opd(cmd, out, timeout, log=log, label=out.name, stall_timeout=stall_timeout)
         if not run["stalled"]:

@@ -6,7 +6,7 @@
 
 Writes ``bench/results/step_profile.json`` (``..._quick.json`` with ``--quick``) and prints a table.
 
-Each variant is one run of recipes/demo_cpu.yaml on the embedded task (32 prompts x n=4, no validation, no
+Each variant is one run of recipes/demo_cpu.yaml (--recipe demo_cpu_forward_kl: the demo's) on the embedded task (32 prompts x n=4, no validation, no
 checkpoints), one trainer at a time. At every console step line the CPU time (utime + stime, /proc/PID/stat) of every
 process of the run's session is read; the steps after the first --warmup ones give
 
@@ -29,6 +29,8 @@ from statistics import median
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as common  # noqa: E402
+
+from opd_verl.demo.runs import DEMO_RECIPE, RECIPE  # noqa: E402
 
 FULL = {"steps": 14, "warmup": 3, "seed": 0, "timeout": 1200.0}
 QUICK = {"steps": 4, "warmup": 1, "seed": 0, "timeout": 900.0}
@@ -95,11 +97,18 @@ def timing_medians(metrics: dict[int, dict[str, float]], warmup: int) -> dict[st
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """'name=key=value,key=value' -> (name, [overrides])."""
+    """'name=key=value,key=value' -> (name, [overrides]); a comma-separated part without '=' belongs to the value
+    before it (a quoted Hydra value holding commas: key='a,b')."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"--variant {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
-    return name, [o for o in rest.split(",") if o]
+    overrides: list[str] = []
+    for part in rest.split(","):
+        if "=" not in part and overrides:
+            overrides[-1] += "," + part
+        elif part:
+            overrides.append(part)
+    return name, overrides
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def run_variant(built, name: str, overrides: list[str], cfg: dict) -> dict:
         marks.append((int(match.group(1)), time.monotonic(), snapshot(session[0])))
 
     run = common.run_trainer(built, out, cfg["steps"], -1, list(COMMON_OVERRIDES) + overrides, cfg["timeout"],
-                             log=on_line)
+                             log=on_line, recipe=cfg["recipe"])
     metrics = run.pop("metrics_by_step")
     first = min(marks, key=lambda m: m[0]) if marks else None
     return {**run, "variant": name, "overrides": overrides,
@@ -178,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
                    help="a run with these overrides, after the 'defaults' run (repeatable)")
     p.add_argument("--no-defaults", action="store_true", help="leave out the run of the recipe as it is")
+    p.add_argument("--recipe", default=RECIPE, choices=[RECIPE, DEMO_RECIPE],
+                   help=f"recipes/<name>.yaml (default {RECIPE}; {DEMO_RECIPE}: the demo's)")
     p.add_argument("--work-dir", type=Path, default=None, help="run directories")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/step_profile.json)")
     args = p.parse_args(argv)
@@ -196,6 +207,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
     cfg["variants"] = variants
     cfg["out"], cfg["work_dir"] = common.output_paths("step_profile", args.quick, args.out, args.work_dir)
     cfg["quick"] = args.quick
+    cfg["recipe"] = args.recipe
     cfg["argv"] = list(argv or [])
     return cfg
 

@@ -70,6 +70,8 @@ def test_timing_medians_leave_out_warmup_steps():
 
 def test_variants_and_arguments():
     assert sp.parse_variant("omp1=a.b=1,c=x") == ("omp1", ["a.b=1", "c=x"])
+    # a quoted Hydra value holding commas stays one override
+    assert sp.parse_variant("off=env.X='p,q,r',b=False") == ("off", ["env.X='p,q,r'", "b=False"])
     with pytest.raises(ValueError, match="NAME=KEY=VALUE"):
         sp.parse_variant("novalue")
     cfg = sp.parse_args(["--variant", "v=a=1", "--steps", "6", "--warmup", "2"])
