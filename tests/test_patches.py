@@ -55,6 +55,7 @@ def test_every_patch_names_a_version_and_reason():
         "vllm_cpu_shm_reader_no_spin",
         "agent_loop_reuse_single_turn",
         "logprobs_chunked_logsumexp",
+        "micro_batch_on_cpu_no_copy",
         "weight_sync_fail_fast",
         "weight_sync_socket_per_ray_session",
     ]
@@ -405,6 +406,31 @@ def test_agent_loop_reuse_keeps_one_single_turn_text_loop_per_worker():
     assert build_count(text_worker, SingleTurnAgentLoop, name="another_agent") == (1, 1)
     assert build_count(pytypes.SimpleNamespace(processor=None), OtherLoop) == (3, 3)
     assert build_count(pytypes.SimpleNamespace(processor=object()), SingleTurnAgentLoop) == (3, 3)
+
+
+def test_micro_batch_on_cpu_is_not_rebuilt_by_forward_step():
+    """micro_batch_on_cpu_no_copy: on CPU, forward_step's `micro_batch.to(device)` returns the micro-batch itself
+    instead of rebuilding it (every per-sample non-tensor entry included); the caller's data is unchanged."""
+    import torch
+    from tensordict import NonTensorData, NonTensorStack, TensorDict
+    from verl.workers.engine.fsdp import transformer_impl
+
+    from opd_verl.cpu.patches.step_overhead import mark_on_cpu
+
+    assert patches.PATCHES["micro_batch_on_cpu_no_copy"].applied
+    assert getattr(transformer_impl.FSDPEngineWithLMHead.forward_step, patches._MARK, False)
+
+    def micro_batch():
+        td = TensorDict({"input_ids": torch.arange(12).view(3, 4)}, batch_size=[3])
+        td["raw_prompt"] = NonTensorStack(*[NonTensorData(f"prompt {i}") for i in range(3)])
+        return td
+
+    unpatched = micro_batch()
+    assert unpatched.to("cpu") is not unpatched  # what verl does on CPU without the patch: a rebuilt copy
+    td = micro_batch()
+    mark_on_cpu(td)
+    assert td.device == torch.device("cpu") and td.to("cpu") is td
+    assert torch.equal(td["input_ids"], torch.arange(12).view(3, 4)) and td["raw_prompt"] == [f"prompt {i}" for i in range(3)]
 
 
 def test_weight_sync_recv_times_out_instead_of_hanging():

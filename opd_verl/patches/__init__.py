@@ -29,6 +29,8 @@ GPU run with another verl gets verl's own behaviour, never a patch built for oth
                                                                 (an agent loop instantiated per sample)    verl 0.9.1
     logprobs_chunked_logsumexp          step_overhead           verl.utils.torch_functional.logprobs_from_logits_v2
                                                                 (logsumexp row by row)                     verl 0.9.1
+    micro_batch_on_cpu_no_copy          step_overhead           verl...FSDPEngineWithLMHead.forward_step
+                                                                (micro_batch.to(device) rebuilds it)       verl 0.9.1
     -- opd_verl.patches (every platform, strict) --
     weight_sync_fail_fast               weight_sync             verl.workers.rollout.vllm_rollout ServerAdapter.update_weights
                                                                                                            verl 0.9.1

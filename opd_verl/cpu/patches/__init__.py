@@ -29,6 +29,7 @@ ORDER = (
     "vllm_cpu_shm_reader_no_spin",
     "agent_loop_reuse_single_turn",
     "logprobs_chunked_logsumexp",
+    "micro_batch_on_cpu_no_copy",
 )
 
 from . import distributed, step_overhead, vllm_cpu  # noqa: E402,F401  (registration on import)

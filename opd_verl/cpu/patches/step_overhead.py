@@ -3,6 +3,7 @@
 
     agent_loop_reuse_single_turn   verl/experimental/agent_loop/agent_loop.py: AgentLoopWorker._run_agent_loop
     logprobs_chunked_logsumexp     verl/utils/torch_functional.py: logprobs_from_logits_v2
+    micro_batch_on_cpu_no_copy     verl/workers/engine/fsdp/transformer_impl.py: FSDPEngineWithLMHead.forward_step
 """
 
 from __future__ import annotations
@@ -121,3 +122,38 @@ def _patch_logprobs_chunked(module) -> None:
         return logprobs_from_logits_v2
 
     _wrap_once(module, "logprobs_from_logits_v2", make)
+
+
+# --- verl 0.9.1: `FSDPEngineWithLMHead.forward_step` starts with `micro_batch.to(get_device_id())`. A micro-batch read
+# from TransferQueue has no device, so on CPU the call rebuilds it, every per-sample non-tensor entry (prompts, data
+# sources, extra info: one NonTensorData per sample and field) included: 17% of the actor/teacher worker's CPU in a
+# demo step, to move nothing. On the CPU platform every tensor is on the CPU already: the micro-batch (a fresh chunk
+# of the batch) is marked as being there, and tensordict's `to` returns it as it is (its `device == self.device`
+# shortcut, pinned below).
+def mark_on_cpu(micro_batch) -> None:
+    """Set the device of a device-less TensorDict whose tensors are all on the CPU to "cpu", without a copy."""
+    if micro_batch.device is None:
+        object.__setattr__(micro_batch, "_device", torch.device("cpu"))
+
+
+@_register(
+    "micro_batch_on_cpu_no_copy",
+    "verl.workers.engine.fsdp.transformer_impl",
+    "verl",
+    "0.9.1",
+    "forward_step rebuilds every micro-batch (all its per-sample non-tensor entries) to move it to the device it is on",
+    {
+        "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.forward_step": "dc1a472be40ea7b8e6da4be553dfb3881e15d60dc5e098c809dfe6ea7725643b",
+        "tensordict.base:TensorDictBase.to": "bc56f233fed46553c3087b68290986ab4dd14d89f42099ed46706ea3b4233518",
+    },
+)
+def _patch_micro_batch_on_cpu(module) -> None:
+    def make(original):
+        def forward_step(self, micro_batch, loss_function, forward_only):
+            if _on_cpu_platform():
+                mark_on_cpu(micro_batch)
+            return original(self, micro_batch, loss_function, forward_only)
+
+        return forward_step
+
+    _wrap_once(module.FSDPEngineWithLMHead, "forward_step", make)
