@@ -86,8 +86,8 @@ def _patch_agent_loop_reuse(module) -> None:
 # --- verl 0.9.1: without flash-attn's cross entropy (every CPU run), `logprobs_from_logits` takes
 # `logprobs_from_logits_v2`, which for fp32/fp64 logits calls torch.logsumexp once per row, in a Python loop, to bound
 # the peak memory: one call (and one autograd node) per token of the micro-batch, 10% of the actor/teacher worker's
-# CPU in a demo step. On CPU tensors the rows are taken in chunks of up to LOGSUMEXP_CHUNK_ELEMENTS logits instead: the same values
-# (each row's reduction is the same) with the peak bounded by the chunk.
+# CPU in a demo step. On CPU tensors the rows are taken in chunks of up to LOGSUMEXP_CHUNK_ELEMENTS logits instead:
+# the same values and gradients (each row's reduction is the same), the peak still bounded, by the chunk.
 LOGSUMEXP_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 logits per logsumexp call
 
 
