@@ -333,7 +333,6 @@ def test_vllm_cpu_shm_reader_rechecks_the_buffer_every_20_ms():
     timeouts = shm_broadcast.MessageQueue.ReadTimeoutWithWarnings
     for timeout, should_warn in ((None, True), (None, False), (30.0, True)):
         assert timeouts(timeout, should_warn).timeout_ms() == vllm_cpu.SHM_READER_RECHECK_MS_CPU == 20
-    assert 0 < timeouts(0.005, False).timeout_ms() <= 5  # a shorter deadline still wins
     unpatched = timeouts.timeout_ms.__wrapped__
     assert unpatched(timeouts(None, True)) == shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS == 5000
 
