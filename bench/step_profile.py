@@ -6,9 +6,10 @@
 
 Writes ``bench/results/step_profile.json`` (``..._quick.json`` with ``--quick``) and prints a table.
 
-Each variant is one run of recipes/demo_cpu.yaml (--recipe demo_cpu_forward_kl: the demo's) on the embedded task (32 prompts x n=4, no validation, no
-checkpoints), one trainer at a time. At every console step line the CPU time (utime + stime, /proc/PID/stat) of every
-process of the run's session is read; the steps after the first --warmup ones give
+Each variant is one run of recipes/demo_cpu.yaml (--recipe demo_cpu_forward_kl: the demo's) on the embedded task
+(32 prompts x n=4, no validation, no checkpoints), one trainer at a time. At every console step line the CPU time
+(utime + stime, /proc/PID/stat) of every process of the run's session is read; the steps after the first --warmup
+ones give
 
 * wall seconds per step (between step lines) and verl's ``timing_s/*`` medians;
 * CPU seconds per step of each process, by its name (``ray::AgentLoopWorkerTQ``, ``VLLM::Worker``, ``raylet``, ...),

@@ -29,7 +29,7 @@ def _reusable_agent_loop(worker, agent_name: str, build):
     if agent_name in cache:
         return cache[agent_name]
     agent_loop = build()
-    if type(agent_loop) is SingleTurnAgentLoop and worker.processor is None and _on_cpu_platform():
+    if type(agent_loop) is SingleTurnAgentLoop and worker.processor is None:
         cache[agent_name] = agent_loop
     return agent_loop
 
@@ -48,9 +48,11 @@ def _reusable_agent_loop(worker, agent_name: str, build):
 )
 def _patch_agent_loop_reuse(module) -> None:
     # mirrors verl 0.9.1 AgentLoopWorker._run_agent_loop (pinned above); the change: the instance comes from
-    # _reusable_agent_loop
+    # _reusable_agent_loop. Off the CPU platform verl's own method runs.
     def make(original):
         async def _run_agent_loop(self, sampling_params, trajectory, *, agent_name, trace=True, **kwargs):
+            if not _on_cpu_platform():
+                return await original(self, sampling_params, trajectory, agent_name=agent_name, trace=trace, **kwargs)
             with module.rollout_trace_attr(
                 step=trajectory["step"],
                 sample_index=trajectory["sample_index"],
@@ -94,9 +96,9 @@ LOGSUMEXP_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 logits per logsumexp call
 def chunked_logsumexp(logits: torch.Tensor, max_elements: int = LOGSUMEXP_CHUNK_ELEMENTS) -> torch.Tensor:
     """torch.logsumexp(logits, -1) over chunks of leading rows of at most `max_elements` elements each (at least one
     row per chunk); logits [N, ..., V] -> [N, ...]."""
-    rows = max(1, max_elements // max(1, logits[0].numel())) if logits.dim() > 1 and len(logits) else 1
-    if logits.dim() == 1 or len(logits) <= rows:
+    if logits.dim() == 1 or logits.numel() <= max_elements:
         return torch.logsumexp(logits, dim=-1)
+    rows = max(1, max_elements // logits[0].numel())
     return torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in logits.split(rows)])
 
 
