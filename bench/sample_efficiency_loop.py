@@ -6,7 +6,8 @@
 Every run starts from the demo's SFT student on the demo's prompts, in verl's order for the seed (the same prompts
 at every step for every method), 32 prompts x 4 samples a step, T = 1, 32 tokens, AdamW with 5 warm-up steps and
 a cosine decay to 0 over the method's budget, 4 updates per step (mini-batches), grad clip 1 - the recipe
-recipes/demo_cpu_forward_kl.yaml as bench/reference_loop.py mirrors it (bench/parity.py: the loop matches
+recipes/demo_cpu_forward_kl.yaml had until 2026-12-07 (since then: 128 prompts x 1, 2 epochs, lr 6e-4; not rerun
+here) as bench/reference_loop.py mirrors it (bench/parity.py: the loop matches
 main_opd step for step). The methods differ only in their loss and their learning rate:
 * opd: the recipe, the full-vocabulary forward KL(teacher || student) on the student's own samples;
 * grpo: the exact-match reward, group-normalized over each prompt's 4 samples, verl's PPO clip loss; no teacher;
@@ -46,7 +47,7 @@ VAL_KEY = reference_loop.VAL_KEY
 SUSTAINED = 2  # a threshold counts as reached from the first of this many validations in a row at or above it
 #: LoopConfig fields of each method (the lr comes from the grid)
 METHODS: dict[str, dict] = {
-    "opd": opd_speed.VARIANTS["full_fwd_mb4_cosine"],  # recipes/demo_cpu_forward_kl.yaml
+    "opd": opd_speed.VARIANTS["full_fwd_mb4_cosine"],  # recipes/demo_cpu_forward_kl.yaml before 2026-12-07
     "grpo": {"mode": "grpo", "mini_batches": 4, "schedule": "cosine"},
     "sft": {"mode": "sft", "mini_batches": 4, "schedule": "cosine"},
 }

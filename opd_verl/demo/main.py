@@ -7,9 +7,9 @@
    (opd_verl.demo.tiny_models.build_tokenizer), a TEACHER trained here by SFT (opd_verl.demo.sft) to >= 90% greedy accuracy
    on the val split, and a smaller STUDENT given a short SFT phase (it knows the format, but is clearly weaker);
 2. OPD: `python -m opd_verl.main_opd` with recipes/demo_cpu_forward_kl.yaml (student = actor, teacher in the
-   reference role, forward KL over the vocabulary at every token of the student's samples, 4 updates per step, a
-   cosine lr; --recipe demo_cpu: the sampled token's reverse KL as the advantage, one update per step), verl's per-step
-   metrics on the console and in a JSONL file;
+   reference role, forward KL over the vocabulary at every token of the student's samples, one sample of each of 128
+   prompts, 8 updates per step, a cosine lr; --recipe demo_cpu: the sampled token's reverse KL as the advantage,
+   32 prompts x 4, one update per step), verl's per-step metrics on the console and in a JSONL file;
 3. evaluation on the test split (opd_verl.evaluate): greedy accuracy, avg@k and pass@k of the teacher and of the
    student before and after OPD, the "gap closed" = (after - before) / (teacher - before), and a PNG plot of the
    per-token KL (opd/kl_per_token) and accuracy per step.
@@ -62,8 +62,8 @@ def evaluate_all(built: Built, after: str | None, k: int, log=_log) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m opd_verl.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=50, help="OPD training steps (default %(default)s)")
-    parser.add_argument("--test-freq", type=int, default=25, help="validate every N steps (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="OPD training steps (default %(default)s)")
+    parser.add_argument("--test-freq", type=int, default=15, help="validate every N steps (default %(default)s)")
     parser.add_argument("--recipe", default=DEMO_RECIPE, choices=[DEMO_RECIPE, "demo_cpu"],
                         help="recipes/<name>.yaml (default %(default)s; demo_cpu: the sampled reverse-KL advantage)")
     parser.add_argument("--cache-dir", default=None,

@@ -21,7 +21,8 @@ from opd_verl.demo.build import Built, _log
 REPO_DIR = Path(__file__).resolve().parents[2]
 #: the recipe of the benchmarks and e2e tests: pure OPD, the sampled token's reverse KL as the advantage
 RECIPE = "demo_cpu"
-#: the recipe `python -m opd_verl.demo` runs: demo_cpu + the full-vocabulary forward KL, 4 updates per step, cosine lr
+#: the recipe `python -m opd_verl.demo` runs: demo_cpu + the full-vocabulary forward KL, 128 prompts x 1, 8 updates
+#: per step, cosine lr
 DEMO_RECIPE = "demo_cpu_forward_kl"
 
 
