@@ -48,22 +48,25 @@ SUSTAINED = 2  # a threshold counts as reached from the first of this many valid
 #: LoopConfig fields of each method (the lr comes from the grid)
 METHODS: dict[str, dict] = {
     "opd": opd_speed.VARIANTS["full_fwd_mb4_cosine"],  # recipes/demo_cpu_forward_kl.yaml before 2026-12-07
+    # recipes/demo_cpu_forward_kl.yaml since 2026-12-07: the same 128 samples a step as 128 prompts x 1, 2 epochs
+    "opd128": opd_speed.VARIANTS["fwd_cos_p128n1_ep2_lr6e-4"],
     "grpo": {"mode": "grpo", "mini_batches": 4, "schedule": "cosine"},
     "sft": {"mode": "sft", "mini_batches": 4, "schedule": "cosine"},
 }
 FULL = {
-    "budget": {"opd": 150, "sft": 300, "grpo": 1500},  # GRPO: 10x OPD's budget
+    "budget": {"opd": 150, "opd128": 150, "sft": 300, "grpo": 1500},  # GRPO: 10x OPD's budget
     # GRPO at 1e-3 collapsed through main_opd even with one update per step (results/sample_efficiency_lr_tuning.json);
     # 3e-5 was added when 1e-4 came out best, at the edge of the first grid
-    "lr_grid": {"opd": [1e-4, 3e-4, 1e-3], "sft": [3e-4, 1e-3, 3e-3], "grpo": [3e-5, 1e-4, 3e-4]},
+    "lr_grid": {"opd": [1e-4, 3e-4, 1e-3], "opd128": [3e-4, 6e-4, 1e-3], "sft": [3e-4, 1e-3, 3e-3],
+                "grpo": [3e-5, 1e-4, 3e-4]},
     "seeds": [0, 1, 2],
     "test_freq": 10,
     "teacher_fractions": [0.5, 0.7, 0.9],
     "parallel": 2,
 }
-QUICK = {**FULL, "budget": {"opd": 4, "sft": 4, "grpo": 8}, "lr_grid": {m: [3e-4] for m in METHODS}, "seeds": [0],
+QUICK = {**FULL, "budget": {"opd": 4, "opd128": 4, "sft": 4, "grpo": 8}, "lr_grid": {m: [3e-4] for m in METHODS}, "seeds": [0],
          "test_freq": 2}
-COLORS = {"opd": (200, 60, 40), "grpo": (40, 110, 200), "sft": (40, 150, 60)}
+COLORS = {"opd": (200, 60, 40), "opd128": (140, 30, 140), "grpo": (40, 110, 200), "sft": (40, 150, 60)}
 
 
 # ---- pure parts (tested in tests/test_bench_sample_efficiency_loop.py) --------------------------------------
@@ -92,9 +95,17 @@ def step_flops(method: str, tokens: float, student: int, teacher: int, epochs: i
     raise ValueError(f"unknown method {method!r}")
 
 
+def flops_kind(method: str) -> str:
+    """The step_flops method of a METHODS entry: both OPD recipes count as "opd"."""
+    mode = METHODS[method]["mode"]
+    return "opd" if mode in ("full", "sampled") else mode
+
+
 def cumulative_flops(method: str, metrics: dict[int, dict], params: dict[str, int]) -> dict[int, float]:
-    """{step: FLOPs of steps 1..step} of a run, from each step's token count."""
-    per_step = {s: {"flops": step_flops(method, m["tokens"], params["student"], params["teacher"])}
+    """{step: FLOPs of steps 1..step} of a run, from each step's token count (and the method's epochs)."""
+    epochs = METHODS[method].get("epochs", 1)
+    per_step = {s: {"flops": step_flops(flops_kind(method), m["tokens"], params["student"], params["teacher"],
+                                        epochs)}
                 for s, m in metrics.items() if s > 0}
     return cumulative(per_step, "flops")
 
@@ -163,21 +174,28 @@ def summarize(runs: dict[str, dict[int, dict]], teacher: float, cfg: dict,
                 "per_seed": per, "reached": len(reached), "runs": len(per),
                 **{f"mean_{k}": mean(p[k] for p in reached) if len(reached) == len(per) else None
                    for k in ("steps", "wall_s", "flops")}}
-        for other in (m for m in runs if m != "opd"):
-            if "opd" in runs:
-                cmp = compare_steps([p["steps"] for p in row["methods"]["opd"]["per_seed"]],
+        for ref in opd_methods(runs):
+            for other in (m for m in runs if m not in opd_methods(runs)):
+                cmp = compare_steps([p["steps"] for p in row["methods"][ref]["per_seed"]],
                                     [p["steps"] for p in row["methods"][other]["per_seed"]],
-                                    cfg["budget"]["opd"], cfg["budget"][other])
-                row[f"{other}_over_opd_steps"] = {"ratio": cmp["ratio_grpo_over_opd"], "per_seed": cmp["ratio_per_seed"],
-                                                  "text": {"opd": cmp["opd"]["text"], other: cmp["grpo"]["text"]}}
+                                    cfg["budget"][ref], cfg["budget"][other])
+                row[f"{other}_over_{ref}_steps"] = {"ratio": cmp["ratio_grpo_over_opd"],
+                                                    "per_seed": cmp["ratio_per_seed"],
+                                                    "text": {ref: cmp["opd"]["text"], other: cmp["grpo"]["text"]}}
         rows.append(row)
     return {"teacher": teacher, "rows": rows}
 
 
+def opd_methods(methods) -> list[str]:
+    """The OPD recipes among `methods` (the others are compared with each of them)."""
+    return [m for m in methods if flops_kind(m) == "opd"]
+
+
 def format_table(summary: dict, methods) -> str:
     head = " | ".join(f"{m.upper()} steps (per seed) / wall s / GFLOPs" for m in methods)
-    lines = [f"| threshold | accuracy | {head} | GRPO / OPD steps | SFT / OPD steps |",
-             "| --- | --- | " + " | ".join("---" for _ in methods) + " | --- | --- |"]
+    pairs = [(m, ref) for ref in opd_methods(methods) for m in ("grpo", "sft")]
+    lines = [f"| threshold | accuracy | {head} | " + " | ".join(f"{m.upper()} / {ref.upper()} steps" for m, ref in pairs)
+             + " |", "| --- | --- | " + " | ".join("---" for _ in [*methods, *pairs]) + " |"]
     for row in summary["rows"]:
         cells = []
         for m in methods:
@@ -190,9 +208,29 @@ def format_table(summary: dict, methods) -> str:
                 cells.append(f"{r['reached']}/{r['runs']} reached ({seeds})")
             else:
                 cells.append(f"{r['mean_steps']:.0f} ({seeds}) / {r['mean_wall_s']:.0f} / {r['mean_flops'] / 1e9:.0f}")
-        ratios = [row.get(f"{m}_over_opd_steps", {}).get("ratio", {}).get("text", "—") for m in ("grpo", "sft")]
+        ratios = [row.get(f"{m}_over_{ref}_steps", {}).get("ratio", {}).get("text", "—") for m, ref in pairs]
         lines.append(f"| {row['name']} | {100 * row['value']:.1f}% | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
+
+
+def stored_methods(old: dict, path, cfg: dict, running) -> dict[str, dict]:
+    """The methods of an earlier result (`old`, read from `path`) that are not `running` now: their runs at their
+    best lr, that lr, their grid summary and budget. Refused (SystemExit) when the earlier result used other method
+    fields, seeds, test frequency or thresholds, which would make the comparison unfair."""
+    same = {k: old["settings"][k] == cfg[k] for k in ("seeds", "test_freq", "teacher_fractions")}
+    if not all(same.values()):
+        raise SystemExit(f"--with-results {path}: its {', '.join(k for k, ok in same.items() if not ok)} differ from "
+                         f"this run's; rerun those methods here instead")
+    out = {}
+    for m, by_seed in old["runs"].items():
+        if m in running:
+            continue
+        if m not in METHODS or old["methods"][m] != json.loads(json.dumps(METHODS[m])):
+            raise SystemExit(f"--with-results {path}: method {m!r} was run with fields {old['methods'].get(m)}, not "
+                             f"{METHODS.get(m)}; rerun it here instead")
+        out[m] = {"runs": {int(seed): {int(step): met for step, met in r.items()} for seed, r in by_seed.items()},
+                  "best_lr": old["best_lr"][m], "grid": old["grid"][m], "budget": old["settings"]["budget"][m]}
+    return out
 
 
 def parse_budgets(items) -> dict[str, int]:
@@ -259,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where each run is stored (default ~/.cache/opd_verl/bench/sample_efficiency_loop[_quick])")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--with-results", type=Path, default=None, metavar="JSON",
+                   help="add the other methods' runs stored in an earlier result of this benchmark (same settings)")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps(QUICK if args.quick else FULL))
     cfg["parallel"] = args.parallel or cfg["parallel"]
@@ -298,6 +338,13 @@ def main(argv=None) -> int:
     run_jobs(seed_jobs, cfg["parallel"], log)
     jobs += seed_jobs
     runs = {m: {s: _load(Path(job(m, best[m], s)["path"])) for s in cfg["seeds"]} for m in args.methods}
+    grid = grid_summary(grid, teacher_acc, cfg["teacher_fractions"])
+    if args.with_results:
+        for m, stored in stored_methods(json.loads(args.with_results.read_text()), args.with_results, cfg,
+                                        args.methods).items():
+            runs[m], best[m], grid[m] = stored["runs"], stored["best_lr"], stored["grid"]
+            cfg["budget"][m] = stored["budget"]
+            log(f"{m}: {len(stored['runs'])} runs at lr {stored['best_lr']:g} from {args.with_results}")
     flops = {m: {s: cumulative_flops(m, metrics, params) for s, metrics in by_seed.items()} for m, by_seed in runs.items()}
     summary = summarize(runs, teacher_acc, cfg, flops)
     mean_curves = {m: [(s, mean(dict(val_curve(r))[s] for r in by_seed.values())) for s, _ in
@@ -312,7 +359,8 @@ def main(argv=None) -> int:
         "teacher_val": teacher_acc,
         "student_val": built.info["student"]["val_accuracy"],
         "flop_params": params,
-        "grid": grid_summary(grid, teacher_acc, cfg["teacher_fractions"]),
+        "grid": grid,
+        "with_results": None if args.with_results is None else str(args.with_results),
         "best_lr": best,
         "summary": summary,
         "mean_val_curves": mean_curves,
@@ -327,7 +375,7 @@ def main(argv=None) -> int:
     plot(result, out.with_suffix(".png"), flops)
     print(format_grid(result["grid"]))
     print()
-    print(format_table(summary, args.methods))
+    print(format_table(summary, list(runs)))
     log(f"wrote {out} ({result['seconds']:.0f} s)")
     return 0
 

@@ -157,3 +157,42 @@ def test_cumulative_flops_sum_each_step_s_tokens():
     params = {"student": 10, "teacher": 40}
     out = sel.cumulative_flops("grpo", metrics, params)
     assert out == {0: 0.0, 1: 10 * 10 * 100, 2: 10 * 10 * 150}  # grpo: (2 + 2 + 6) * N_student per token
+
+
+def test_each_other_method_is_compared_with_each_opd_recipe():
+    key = sel.VAL_KEY
+    run = lambda vals: {0: {key: 0.4}, **{10 * i: {key: v, "timing_s/step": 1.0} for i, v in enumerate(vals, 1)}}
+    cfg = {"teacher_fractions": [0.5], "budget": {"opd": 30, "opd128": 30, "grpo": 60}}
+    runs = {"opd": {0: run([0.3, 0.5, 0.5])}, "opd128": {0: run([0.5, 0.5, 0.5])},  # 50% (0.475) from 20 / 10
+            "grpo": {0: run([0.3, 0.3, 0.3, 0.5, 0.5, 0.5])}}                     # from 40
+    flops = {m: {0: {s: float(s) for s in r[0]}} for m, r in runs.items()}
+    row = sel.summarize(runs, 0.95, cfg, flops)["rows"][0]
+    assert row["grpo_over_opd_steps"]["ratio"]["value"] == 2.0
+    assert row["grpo_over_opd128_steps"]["ratio"]["value"] == 4.0
+    assert "opd128_over_opd_steps" not in row  # the two OPD recipes are references, not compared with each other
+    table = sel.format_table(sel.summarize(runs, 0.95, cfg, flops), ["opd", "opd128", "grpo"])
+    assert "GRPO / OPD128 steps" in table and table.splitlines()[-1].endswith("| 2.0x | — | 4.0x | — |")
+
+
+def test_stored_methods_are_added_only_when_run_with_the_same_settings():
+    cfg = {"seeds": [0], "test_freq": 10, "teacher_fractions": [0.5]}
+    old = {"settings": {**cfg, "budget": {"grpo": 60, "opd": 30}}, "best_lr": {"grpo": 1e-4, "opd": 3e-4},
+           "methods": {"grpo": dict(sel.METHODS["grpo"]), "opd": dict(sel.METHODS["opd"])},
+           "grid": {"grpo": {"0.0001": {}}, "opd": {}},
+           "runs": {"grpo": {"0": {"0": {sel.VAL_KEY: 0.4}, "10": {sel.VAL_KEY: 0.5}}}, "opd": {"0": {}}}}
+    out = sel.stored_methods(old, "old.json", cfg, running=["opd", "opd128"])
+    assert list(out) == ["grpo"]  # opd runs now: its stored runs are not used
+    assert out["grpo"]["runs"] == {0: {0: {sel.VAL_KEY: 0.4}, 10: {sel.VAL_KEY: 0.5}}}
+    assert out["grpo"]["best_lr"] == 1e-4 and out["grpo"]["budget"] == 60
+    with pytest.raises(SystemExit, match="seeds"):
+        sel.stored_methods(old, "old.json", {**cfg, "seeds": [0, 1]}, running=["opd128"])
+    changed = {**old, "methods": {**old["methods"], "grpo": {**sel.METHODS["grpo"], "mini_batches": 1}}}
+    with pytest.raises(SystemExit, match="'grpo' was run with fields"):
+        sel.stored_methods(changed, "old.json", cfg, running=["opd128"])
+
+
+def test_flops_count_the_opd128_recipe_as_opd_with_its_two_epochs():
+    metrics = {0: {sel.VAL_KEY: 0.3}, 1: {"tokens": 100}}
+    params = {"student": 10, "teacher": 40}
+    assert sel.cumulative_flops("opd128", metrics, params)[1] == sel.step_flops("opd", 100, 10, 40, epochs=2)
+    assert sel.cumulative_flops("opd", metrics, params)[1] == sel.step_flops("opd", 100, 10, 40)
