@@ -191,6 +191,10 @@ def test_old_loss_mode_name_still_works_with_a_deprecation_line(composed_config)
         ("grpo", "ppo_plus_distill", {"support": "topk", "kl_estimator": "k3"}, "opd.support=sampled"),
         ("grpo", "ppo_plus_distill", {"support": "full", "beta": 0.3}, "opd.divergence=jsd"),
         ("opd", None, {"multi_teacher_mode": "route"}, "several teachers"),
+        # the loss-level mode with lambda_rl = 0: the estimator's advantage enters no loss
+        ("opd", "ppo_plus_distill", {"discount": 0.5}, "opd.lambda_rl > 0"),
+        ("opd", "ppo_plus_distill", {"adv_clip_min": -5.0}, "opd.lambda_rl > 0"),
+        ("opd_hybrid", "ppo_plus_distill", {"adv_clip_max": 5.0}, "opd.lambda_rl > 0"),
     ],
 )
 def test_an_option_the_mode_never_reads_is_an_error(composed_config, estimator, loss_mode, setting, needs):
@@ -212,7 +216,8 @@ def test_an_option_the_mode_never_reads_is_an_error(composed_config, estimator, 
                                       "chunk_size": 64, "lambda_rl": 1.0}),
         ("grpo", "ppo_plus_distill", {"support": "topk", "topk": 5, "divergence": "forward_kl", "chunk_size": 64}),
         ("grpo", "ppo_plus_distill", {"support": "sampled", "kl_estimator": "k3"}),
-        ("opd", "ppo_plus_distill", {"discount": 0.5, "support": "full"}),  # both paths active: both read
+        # both paths active (lambda_rl > 0): both read
+        ("opd", "ppo_plus_distill", {"discount": 0.5, "adv_clip_max": 3.0, "support": "full", "lambda_rl": 0.5}),
     ],
 )
 def test_options_the_mode_reads_are_accepted(composed_config, estimator, loss_mode, setting):

@@ -427,6 +427,10 @@ def unread_options(config: Mapping) -> dict[str, str]:
             unread[key] = "algorithm.adv_estimator=opd|opd_hybrid"
     if estimator != "opd":
         unread["discount"] = "algorithm.adv_estimator=opd"
+    if loss_level and float(opd["lambda_rl"]) == 0.0:  # the advantage reaches the loss only through the PG term
+        for key in ("adv_clip_min", "adv_clip_max", "discount"):
+            unread.setdefault(key, "opd.lambda_rl > 0 (the advantage enters the loss-level mode's loss only "
+                                   "through the policy-gradient term)")
     if estimator != "opd_hybrid":
         unread["hybrid_alpha"] = unread["hybrid_base_estimator"] = "algorithm.adv_estimator=opd_hybrid"
     if not loss_level:
