@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/sample_efficiency_loop.py            # lr grid on seed 0, then seeds 1 2 at each best lr
     .venv/bin/python bench/sample_efficiency_loop.py --quick    # smoke run: 1 seed, 1 lr, a few steps
+    .venv/bin/python bench/sample_efficiency_loop.py --methods opd128 --with-results OLD.json   # + OLD's other runs
 
 Every run starts from the demo's SFT student on the demo's prompts, in verl's order for the seed (the same prompts
 at every step for every method), 32 prompts x 4 samples a step, T = 1, 32 tokens, AdamW with 5 warm-up steps and
 a cosine decay to 0 over the method's budget, 4 updates per step (mini-batches), grad clip 1 - the recipe
-recipes/demo_cpu_forward_kl.yaml had until 2026-12-07 (since then: 128 prompts x 1, 2 epochs, lr 6e-4; not rerun
-here) as bench/reference_loop.py mirrors it (bench/parity.py: the loop matches
-main_opd step for step). The methods differ only in their loss and their learning rate:
+recipes/demo_cpu_forward_kl.yaml had until 2026-12-07 as bench/reference_loop.py mirrors it (bench/parity.py: the
+loop matches main_opd step for step). The methods differ only in their loss and their learning rate (opd128 also in
+its prompts per step and epochs):
 * opd: the recipe, the full-vocabulary forward KL(teacher || student) on the student's own samples;
+* opd128: the demo's recipe since 2026-12-07: the same loss, the step's 128 samples as 128 prompts x 1, 2 epochs;
 * grpo: the exact-match reward, group-normalized over each prompt's 4 samples, verl's PPO clip loss; no teacher;
 * sft: token-mean NLL of the teacher's own samples (T = 1) of the same prompts: sequence-level distillation.
 Each method's lr is the best of a small grid on seed 0 (the highest mean greedy val accuracy over the run's
