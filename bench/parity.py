@@ -34,8 +34,9 @@ import reference_loop  # noqa: E402
 
 MODES = {
     "sampled": [],  # the recipe as it is: adv_estimator=opd, importance_sampling
+    # demo_cpu's +-5 advantage clip goes back to the default: with lambda_rl=0 no loss reads it (refused otherwise)
     "full": ["actor_rollout_ref.actor.policy_loss.loss_mode=ppo_plus_distill", "opd.lambda_rl=0", "opd.support=full",
-             "opd.divergence=reverse_kl"],
+             "opd.divergence=reverse_kl", "opd.adv_clip_min=-10.0", "opd.adv_clip_max=10.0"],
 }
 KL_KEY = "opd/kl_per_token"
 VAL_KEY = reference_loop.VAL_KEY

@@ -734,3 +734,23 @@ def test_launcher_cfg_job_composes_the_recipe(name, cfg_job, composed):
         if key not in changed:
             assert plain(OmegaConf.select(cfg, key)) == plain(OmegaConf.select(composed[name], key)), key
     assert OmegaConf.select(cfg, "trainer.experiment_name") == name
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    ("demo_cpu", []),
+    ("demo_cpu_forward_kl", []),
+    ("demo_cpu", "PARITY_FULL"),  # bench/parity.py's full-vocabulary mode on top of demo_cpu
+])
+def test_the_demo_recipes_pass_our_option_checks(recipe, extra):
+    """The demo recipes are run by opd_verl.demo and the benches; their opd: sections (demo_cpu_forward_kl inherits
+    demo_cpu's) must pass opd_verl's checks, e.g. no option the mode never reads (an inherited +-5 clip under
+    ppo_plus_distill with lambda_rl=0)."""
+    from opd_verl.checks.options import validate_config
+
+    if extra == "PARITY_FULL":
+        sys.path.insert(0, str(REPO / "bench"))
+        import parity
+
+        extra = parity.MODES["full"]
+    cfg = compose("opd", recipe, ["opd.teacher.path=/t", *extra])
+    validate_config(OmegaConf.to_container(cfg, resolve=True))
