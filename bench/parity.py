@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/parity.py                          # 3 seeds x {sampled, full} x 30 steps (the default)
     .venv/bin/python bench/parity.py --modes sampled --seeds 0 1 --steps 20 --reuse
+    .venv/bin/python bench/parity.py --modes demo --out bench/results/parity_demo.json   # the demo's own recipe
 
-For each mode and seed, one trainer run (`python -m opd_verl.main_opd`, recipes/demo_cpu.yaml, overrides of
+For each mode and seed, one trainer run (`python -m opd_verl.main_opd`, recipes/demo_cpu.yaml (mode demo:
+recipes/demo_cpu_forward_kl.yaml), overrides of
 bench_common.method_overrides("opd", seed) plus the mode's below) and one reference-loop run with the same seed
 (data.seed sets the prompt order of both: the same prompts at every step; the sampling RNGs differ: vLLM vs
 transformers). Metrics compared per step: greedy val accuracy (every --test-freq steps and step 0) and the
@@ -30,14 +32,22 @@ from statistics import mean, stdev
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as common  # noqa: E402
+import opd_speed  # noqa: E402
 import reference_loop  # noqa: E402
+
+from opd_verl.demo.runs import DEMO_RECIPE, RECIPE  # noqa: E402
 
 MODES = {
     "sampled": [],  # the recipe as it is: adv_estimator=opd, importance_sampling
     # demo_cpu's +-5 advantage clip goes back to the default: with lambda_rl=0 no loss reads it (refused otherwise)
     "full": ["actor_rollout_ref.actor.policy_loss.loss_mode=ppo_plus_distill", "opd.lambda_rl=0", "opd.support=full",
              "opd.divergence=reverse_kl", "opd.adv_clip_min=-10.0", "opd.adv_clip_max=10.0"],
+    "demo": [],  # recipes/demo_cpu_forward_kl.yaml as it is (TRAINER_RECIPE)
 }
+#: the recipe each mode's trainer runs (default demo_cpu) and the reference loop's LoopConfig fields that mirror it
+TRAINER_RECIPE = {"demo": DEMO_RECIPE}
+LOOP_FIELDS = {"sampled": {"mode": "sampled"}, "full": {"mode": "full"},
+               "demo": opd_speed.VARIANTS["fwd_cos_p128n1_ep2_lr6e-4"]}
 KL_KEY = "opd/kl_per_token"
 VAL_KEY = reference_loop.VAL_KEY
 METRICS = (VAL_KEY, KL_KEY)
@@ -121,7 +131,8 @@ def trainer_run(built, mode: str, seed: int, cfg: dict, work: Path) -> dict:
                 and rec.get("returncode") == 0:
             _log(f"trainer {mode} seed {seed}: reusing {record_path}")
             return rec
-    run = common.run_trainer(built, out, cfg["steps"], cfg["test_freq"], overrides, cfg["timeout"], _log)
+    run = common.run_trainer(built, out, cfg["steps"], cfg["test_freq"], overrides, cfg["timeout"], _log,
+                             recipe=TRAINER_RECIPE.get(mode, RECIPE))
     run.update(overrides=overrides, steps=cfg["steps"], test_freq=cfg["test_freq"])
     record_path.write_text(json.dumps(run))
     return run
@@ -129,7 +140,7 @@ def trainer_run(built, mode: str, seed: int, cfg: dict, work: Path) -> dict:
 
 def reference_run(built, mode: str, seed: int, cfg: dict, work: Path) -> dict:
     path = work / f"reference_{mode}_seed{seed}.json"
-    lc = reference_loop.LoopConfig(mode=mode, seed=seed, steps=cfg["steps"], test_freq=cfg["test_freq"])
+    lc = reference_loop.LoopConfig(seed=seed, steps=cfg["steps"], test_freq=cfg["test_freq"], **LOOP_FIELDS[mode])
     if cfg["reuse"] and path.is_file():
         rec = json.loads(path.read_text())
         if rec.get("config") == json.loads(json.dumps(reference_loop.asdict(lc))):

@@ -159,3 +159,19 @@ def test_mode_overrides_and_defaults():
     assert parity.MODES["sampled"] == []
     assert "opd.support=full" in parity.MODES["full"] and "opd.lambda_rl=0" in parity.MODES["full"]
     assert parity.DEFAULTS["seeds"] == [0, 1, 2] and parity.DEFAULTS["steps"] == 30
+
+
+def test_the_demo_mode_mirrors_the_demo_recipe_in_the_reference_loop():
+    """parity's demo mode runs recipes/demo_cpu_forward_kl.yaml in main_opd and LOOP_FIELDS["demo"] in the loop:
+    the loop's fields must be the recipe's settings (prompts, samples, updates, epochs, lr, schedule, loss)."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(parity.__file__).parents[1] / "recipes" / f"{parity.DEMO_RECIPE}.yaml").read_text())
+    actor, loop = recipe["actor_rollout_ref"]["actor"], parity.LOOP_FIELDS["demo"]
+    assert parity.TRAINER_RECIPE["demo"] == parity.DEMO_RECIPE and parity.MODES["demo"] == []
+    assert loop["prompts"] == recipe["data"]["train_batch_size"]
+    assert loop["n"] == recipe["actor_rollout_ref"]["rollout"]["n"]
+    assert loop["mini_batches"] == recipe["data"]["train_batch_size"] // actor["ppo_mini_batch_size"]
+    assert loop["epochs"] == actor["ppo_epochs"] and loop["lr"] == actor["optim"]["lr"]
+    assert loop["schedule"] == actor["optim"]["lr_scheduler_type"]
+    assert (loop["mode"], loop["divergence"]) == (recipe["opd"]["support"], recipe["opd"]["divergence"])
