@@ -77,7 +77,7 @@ VARIANTS: dict[str, dict] = {
     "full_fwd_mb4_cosine_lr1e-3": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4, "schedule": "cosine",
                                    "lr": 1e-3},
     # round 5 (the demo's 50 steps): the cosine recipe with more updates, more prompts per sample budget (the same
-    # 128 samples a step: a CPU step's cost is per sample), 2 epochs, a faster second moment, no warm-up
+    # 128 samples a step to generate), 2 epochs, a faster second moment, no warm-up
     **{f"fwd_cos_{name}": {"mode": "full", "divergence": "forward_kl", "mini_batches": 4, "schedule": "cosine",
                            **fields}
        for name, fields in {"mb8": {"mini_batches": 8}, "p64n2": {"prompts": 64, "n": 2},
