@@ -176,8 +176,9 @@ def summarize(runs: dict[str, dict[int, dict]], teacher: float, cfg: dict,
                 "per_seed": per, "reached": len(reached), "runs": len(per),
                 **{f"mean_{k}": mean(p[k] for p in reached) if len(reached) == len(per) else None
                    for k in ("steps", "wall_s", "flops")}}
-        for ref in opd_methods(runs):
-            for other in (m for m in runs if m not in opd_methods(runs)):
+        refs = opd_methods(runs)
+        for ref in refs:
+            for other in (m for m in runs if m not in refs):
                 cmp = compare_steps([p["steps"] for p in row["methods"][ref]["per_seed"]],
                                     [p["steps"] for p in row["methods"][other]["per_seed"]],
                                     cfg["budget"][ref], cfg["budget"][other])
