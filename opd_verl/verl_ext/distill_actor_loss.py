@@ -175,7 +175,7 @@ def teacher_pass(
     if sample_teacher is not None:
         logits, divisor = route_rows(raw_logits, sample_teacher, lengths, rows), float(tau)
     else:
-        logits, divisor = teacher_mixture_at(raw_logits, weights, mode, tau)
+        logits, divisor = teacher_mixture_at(raw_logits, weights, mode, tau, chunk_size)
     label_logp = mixture_label_log_probs(raw_logits, weights, mode, labels, rollout_t, sample_teacher, lengths,
                                          chunk_size=chunk_size, rows=rows)
     absmax = torch.stack([_row_absmax(z, chunk_size) for z in raw_logits]).amax(0)
