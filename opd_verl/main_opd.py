@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from opd_verl.checks.device import check_device, is_cpu_run, user_override_keys
+from opd_verl.checks.device import check_device, device_note, is_cpu_run, user_override_keys
 from opd_verl.checks.verl_config import check_verl_config
 from opd_verl.checks.options import (
     OPDConfigError, check_override_keys, deprecation_notes, uses_opd, validate_config, view_notes,
@@ -67,7 +67,11 @@ def main(config: DictConfig) -> None:
 
     try:
         prepare(config)
-        if not _PRINT_ONLY["flag"]:
+        if _PRINT_ONLY["flag"]:
+            note = device_note(config, user_override_keys())
+            if note:
+                print(f"opd_verl: {note}", file=sys.stderr)
+        else:
             check_device(config, user_override_keys())
             check_data(OmegaConf.to_container(OmegaConf.masked_copy(config, ["data", "opd"]), resolve=True))
     except OPDConfigError as err:

@@ -52,7 +52,7 @@ def test_cpu_run_sets_what_cpu_needs():
         "actor_rollout_ref.actor.strategy": "fsdp2",
         "actor_rollout_ref.ref.strategy": "fsdp2",
         "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",
-        "actor_rollout_ref.model.use_remove_padding": False,
+        "actor_rollout_ref.model.use_remove_padding": True,  # verl's default, kept: sdpa packs rows on CPU
         "actor_rollout_ref.rollout.dtype": "float32",
         "actor_rollout_ref.rollout.enforce_eager": True,
         "actor_rollout_ref.rollout.enable_sleep_mode": False,
@@ -82,6 +82,7 @@ def test_cpu_run_sets_what_cpu_needs():
     assert len(lines) == len(changes) > 10
     assert "opd_verl[cpu]: actor_rollout_ref.rollout.dtype=float32 (was bfloat16)" in lines
     assert "opd_verl[cpu]: actor_rollout_ref.actor.strategy=fsdp2 (was fsdp)" in lines
+    assert not any("use_remove_padding" in line for line in lines)
     assert all(line.startswith("opd_verl[cpu]: ") and " (was " in line for line in lines)
     # the trainer.device the user set is not reported as a change
     assert not any(line.startswith("opd_verl[cpu]: trainer.device=") for line in lines)
@@ -94,7 +95,7 @@ def test_critic_configured_only_when_used():
     assert "critic." not in printed
     cfg, _, printed = _apply(["trainer.device=cpu", "algorithm.adv_estimator=gae"])
     assert sel(cfg, "critic.strategy") == "fsdp2"
-    assert sel(cfg, "critic.model.use_remove_padding") is False
+    assert sel(cfg, "critic.model.use_remove_padding") is True
     assert sel(cfg, "critic.model.override_config.attn_implementation") == "sdpa"
     assert OmegaConf.to_container(sel(cfg, "critic.fsdp.mixed_precision"))["param_dtype"] == "fp32"
 
@@ -153,7 +154,6 @@ def test_explicit_values_that_cannot_work_on_cpu_are_replaced_and_printed():
     overrides = [
         "trainer.device=cpu",
         "actor_rollout_ref.actor.strategy=fsdp",
-        "actor_rollout_ref.model.use_remove_padding=True",
         "actor_rollout_ref.rollout.free_cache_engine=True",
         "+actor_rollout_ref.rollout.enable_sleep_mode=True",
         "+actor_rollout_ref.model.override_config.attn_implementation=flash_attention_2",
@@ -161,7 +161,6 @@ def test_explicit_values_that_cannot_work_on_cpu_are_replaced_and_printed():
     ]
     cfg, _, printed = _apply(overrides)
     assert sel(cfg, "actor_rollout_ref.actor.strategy") == "fsdp2"
-    assert sel(cfg, "actor_rollout_ref.model.use_remove_padding") is False
     assert sel(cfg, "actor_rollout_ref.rollout.free_cache_engine") is False
     assert sel(cfg, "actor_rollout_ref.rollout.enable_sleep_mode") is False
     assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == "sdpa"
@@ -254,3 +253,78 @@ def test_lora_on_cpu_merges_the_adapter_for_vllm():
     changes = {key: new for key, new, _ in apply_cpu_defaults(cfg, overrides=["trainer.device=cpu"], out=open("/dev/null", "w"))}
     assert changes.get("actor_rollout_ref.model.lora.merge") is True
     assert cfg.actor_rollout_ref.model.lora.merge is True
+
+
+def test_packed_rows_dynamic_batches_and_bf16_set_by_the_user_are_kept():
+    """Packed rows, token-budget micro-batches and bf16 run on CPU: a CPU run never rewrites them."""
+    overrides = [
+        "trainer.device=cpu",
+        "actor_rollout_ref.model.use_remove_padding=True",
+        "actor_rollout_ref.actor.use_dynamic_bsz=True",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
+        "actor_rollout_ref.ref.fsdp_config.model_dtype=bf16",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:bf16,reduce_dtype:fp32,buffer_dtype:fp32}",
+    ]
+    cfg, _, printed = _apply(overrides)
+    assert sel(cfg, "actor_rollout_ref.model.use_remove_padding") is True
+    assert sel(cfg, "actor_rollout_ref.actor.use_dynamic_bsz") is True
+    assert sel(cfg, "actor_rollout_ref.ref.fsdp_config.model_dtype") == "bf16"
+    assert sel(cfg, "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype") == "bf16"
+    for key in ("use_remove_padding", "use_dynamic_bsz", "ref.fsdp_config.model_dtype", "actor.fsdp_config.mixed"):
+        assert key not in printed
+
+
+RECIPE = "gsm8k_qwen2_0.5b_forward_kl"
+
+
+def test_a_recipes_settings_are_explicit_like_the_command_line():
+    """A recipe's values (8 GPUs, bf16 teacher, dynamic batches) are the user's: kept on a CPU run, where verl's
+    defaults of the same keys would be replaced."""
+    overrides = [f"+recipes={RECIPE}", "trainer.device=cpu", "opd.teacher.path=/x", "actor_rollout_ref.model.path=/y"]
+    cfg = _compose([f"hydra.searchpath=[pkg://verl.trainer.config,file://{REPO}]", *overrides])
+    out = io.StringIO()
+    apply_cpu_defaults(cfg, overrides=overrides, out=out, search_dirs=[REPO])
+    assert sel(cfg, "trainer.n_gpus_per_node") == 8  # verl's default 8 would become 1
+    assert sel(cfg, "actor_rollout_ref.ref.fsdp_config.model_dtype") == "bf16"
+    assert sel(cfg, "actor_rollout_ref.model.use_remove_padding") is True
+    assert "n_gpus_per_node" not in out.getvalue() and "model_dtype" not in out.getvalue()
+    keys = device.user_override_keys(overrides, [REPO])
+    assert {"trainer.device", "trainer.n_gpus_per_node", "opd.support", "trainer.logger"} <= keys
+    assert "recipes" not in keys
+
+
+def test_a_recipe_with_defaults_brings_the_keys_of_the_recipes_it_extends():
+    keys = device.user_override_keys(["+recipes=demo_cpu_forward_kl"], [REPO])
+    assert "opd.support" in keys  # its own
+    assert "actor_rollout_ref.rollout.max_num_seqs" in keys  # demo_cpu's
+
+
+def test_ulysses_on_cpu_takes_the_varlen_kernel_for_the_student_and_a_teacher_with_flash():
+    from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION
+
+    cfg, _, printed = _apply(["trainer.device=cpu", "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
+                              "opd.teacher.path=/t",
+                              "+opd.teacher.model.override_config.attn_implementation=flash_attention_2"])
+    assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == CPU_VARLEN_ATTENTION
+    assert sel(cfg, "opd.teacher.model.override_config.attn_implementation") == CPU_VARLEN_ATTENTION
+    assert f"attn_implementation={CPU_VARLEN_ATTENTION} (was None)" in printed
+    cfg, _, _ = _apply(["trainer.device=cpu"])
+    assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == "sdpa"
+
+
+def test_cfg_job_of_a_gpu_recipe_on_a_host_without_gpu_prints_the_gpu_config():
+    """The recipe's trainer.device=cuda is explicit: `--cfg job` on a GPU-less login node prints the config the
+    cluster will run (no CPU rewrite) and says this host has no accelerator; a real launch stops before Ray."""
+    recipe = [f"--config-dir={REPO}", f"+recipes={RECIPE}"]  # its hub names: skipped by the preflight offline
+    out = _main_opd("--cfg", "job", *recipe)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["trainer"]["device"] == "cuda" and cfg["trainer"]["n_gpus_per_node"] == 8
+    assert cfg["actor_rollout_ref"]["ref"]["fsdp_config"]["model_dtype"] == "bf16"
+    assert cfg["actor_rollout_ref"]["rollout"]["dtype"] == "bfloat16"
+    assert "opd_verl[cpu]" not in out.stderr
+    assert "this host has no accelerator" in out.stderr
+    launch = _main_opd(*recipe)
+    assert launch.returncode == 2
+    assert "opd_verl: error: trainer.device=cuda but this machine has no accelerator" in launch.stderr
+    assert "Started a local Ray instance" not in launch.stdout + launch.stderr

@@ -39,11 +39,71 @@ def _sel(config, key, default=None):
     return OmegaConf.select(config, key, default=default)
 
 
-def ulysses_size(config) -> int:
-    """The actor's Ulysses sequence-parallel size (fsdp_config's, or the deprecated actor-level key)."""
-    sizes = [_sel(config, f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size"),
-             _sel(config, f"{ACTOR}.ulysses_sequence_parallel_size")]
+REF = "actor_rollout_ref.ref"
+# verl 0.9.1's attention when override_config names none (verl/workers/config/model.py, HFModelConfig)
+VERL_DEFAULT_ATTENTION = "flash_attention_2"
+# The attention implementations verl's Ulysses patch reaches (it replaces transformers' flash-attention forward):
+# flash-attn's, and opd_verl's pure-torch variable-length kernel for CPU runs (opd_verl.cpu.varlen_attention).
+ULYSSES_ATTENTION_PREFIX = "flash"
+CPU_VARLEN_ATTENTION = "opd_cpu_varlen"
+
+
+def _role_ulysses_size(config, role: str) -> int:
+    """A role's Ulysses sequence-parallel size (fsdp_config's, or the deprecated role-level key)."""
+    sizes = [_sel(config, f"{role}.fsdp_config.ulysses_sequence_parallel_size"),
+             _sel(config, f"{role}.ulysses_sequence_parallel_size")]
     return max(int(v or 1) for v in sizes)
+
+
+def ulysses_size(config) -> int:
+    """The actor's Ulysses sequence-parallel size."""
+    return _role_ulysses_size(config, ACTOR)
+
+
+def ulysses_sizes(config) -> dict[str, int]:
+    """Ulysses sequence-parallel sizes: the actor's, and the teacher's (verl's reference role, whose size defaults to
+    the actor's)."""
+    return {"actor": ulysses_size(config), "teacher": _role_ulysses_size(config, REF)}
+
+
+def _teacher_attentions(config) -> dict[str, str]:
+    """{the key that sets it: attention} of each teacher: its own model.override_config.attn_implementation, else the
+    student's (opd_verl.verl_ext.teacher_worker.teacher_model_config), else verl's default."""
+    student = _sel(config, "actor_rollout_ref.model.override_config.attn_implementation") or VERL_DEFAULT_ATTENTION
+    entries = [("opd.teacher", _sel(config, "opd.teacher"))] if not _sel(config, "opd.teachers") else [
+        (f"opd.teachers.{i}", t) for i, t in enumerate(_sel(config, "opd.teachers"))]
+    out = {}
+    for key, entry in entries:
+        own = OmegaConf.select(entry, "model.override_config.attn_implementation", default=None) if entry else None
+        source = f"{key}.model.override_config.attn_implementation" if own else \
+            "actor_rollout_ref.model.override_config.attn_implementation"
+        out[source] = own or student
+    return out
+
+
+def _reaches_ulysses(attention: str) -> bool:
+    return str(attention).startswith(ULYSSES_ATTENTION_PREFIX) or attention == CPU_VARLEN_ATTENTION
+
+
+def check_sequence_parallel_attention(config: DictConfig) -> None:
+    """Ulysses SP > 1 with an attention that verl's Ulysses patch does not reach (sdpa, eager: it replaces the
+    flash-attention forward only) computes each rank's attention over its own slice of the sequence: silently
+    wrong log-probs. The student's (actor) and each teacher's (reference role) are checked."""
+    sizes = ulysses_sizes(config)
+    checks = []
+    if sizes["actor"] > 1:
+        student = _sel(config, "actor_rollout_ref.model.override_config.attn_implementation") or VERL_DEFAULT_ATTENTION
+        checks.append((f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size", sizes["actor"],
+                       "actor_rollout_ref.model.override_config.attn_implementation", student))
+    if sizes["teacher"] > 1 and (_sel(config, "opd.teacher.path") or _sel(config, "opd.teachers")):
+        checks += [(f"{REF}.ulysses_sequence_parallel_size", sizes["teacher"], key, attention)
+                   for key, attention in _teacher_attentions(config).items()]
+    for sp_key, size, attn_key, attention in checks:
+        if not _reaches_ulysses(attention):
+            raise OPDConfigError(
+                f"{sp_key}={size} with {attn_key}={attention}: verl's Ulysses sequence parallel patches the "
+                "flash-attention path only, so each rank would attend over its own slice of the sequence (wrong "
+                f"log-probs); use flash_attention_2 (GPUs), {CPU_VARLEN_ATTENTION} (CPU), or set the size to 1")
 
 
 def check_batch_arithmetic(config: DictConfig) -> None:
@@ -60,8 +120,7 @@ def check_batch_arithmetic(config: DictConfig) -> None:
     if sp > 1 and not _sel(config, "actor_rollout_ref.model.use_remove_padding"):
         raise OPDConfigError(
             f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size={sp} needs actor_rollout_ref.model.use_remove_padding="
-            "True (verl asserts it once the models load); on CPU remove-padding is off (it needs flash attention), "
-            "so sequence parallel runs on GPUs only")
+            "True (verl asserts it once the models load); set it to True")
     dp = world // sp
     n = int(_sel(config, f"{ROLLOUT}.n"))
     train, mini = int(_sel(config, "data.train_batch_size")), int(_sel(config, f"{ACTOR}.ppo_mini_batch_size"))
@@ -119,12 +178,14 @@ def check_loss_level_support(config: DictConfig) -> None:
         return
     support = _sel(config, "opd.support")
     if support in ("topk", "full"):
-        if ulysses_size(config) > 1:
-            raise OPDConfigError(
-                f"opd.support={support} with Ulysses sequence parallel ({ACTOR}.fsdp_config."
-                f"ulysses_sequence_parallel_size={ulysses_size(config)}) is not supported: each rank holds a slice of "
-                "the sequence's logits while the teacher's are recomputed for the whole one; set the size to 1, or "
-                "opd.support=sampled")
+        sizes = ulysses_sizes(config)
+        for role, key in (("actor", f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size"),
+                          ("teacher", f"{REF}.ulysses_sequence_parallel_size")):
+            if sizes[role] > 1:
+                raise OPDConfigError(
+                    f"opd.support={support} with Ulysses sequence parallel ({key}={sizes[role]}) is not supported: "
+                    "each rank would hold a slice of the sequence's logits while the loss indexes the whole packed "
+                    "sequence; set the size to 1, or opd.support=sampled")
         if _sel(config, f"{ACTOR}.use_fused_kernels") or _sel(config, "actor_rollout_ref.model.use_fused_kernels"):
             raise OPDConfigError(
                 f"opd.support={support} needs the student's logits, which use_fused_kernels=True never materialises; "
@@ -144,5 +205,6 @@ def check_loss_level_support(config: DictConfig) -> None:
 def check_verl_config(config: DictConfig) -> None:
     check_missing_values(config)
     check_loss_level_support(config)
+    check_sequence_parallel_attention(config)
     check_batch_arithmetic(config)
     replay_poll_interval(config)

@@ -4,11 +4,15 @@
 `trainer.device=cpu`, or no device given, no Ray cluster to join and no accelerator visible); it checks again and
 does nothing otherwise. On a CPU run it:
 
-- replaces values that cannot work on CPU (FSDP1, flash attention, remove-padding, fused/liger kernels, vLLM sleep
-  mode and cache freeing), whether or not the user set them;
-- sets CPU-sized values where the user left verl's default (fp32 everywhere, eager vLLM, small vLLM batch sizes,
+- replaces values that cannot work on CPU (FSDP1, flash-attn kernels, fused/liger kernels, vLLM sleep mode and cache
+  freeing), whether or not the user set them. Flash attention becomes sdpa, or with Ulysses sequence parallel the
+  pure-torch variable-length kernel of opd_verl.cpu.varlen_attention (verl's Ulysses patch acts on the
+  flash-attention path only);
+- sets CPU-sized values where the user left verl's default (fp32 compute, eager vLLM, small vLLM batch sizes,
   one worker per process pool, 1 fake GPU, the Ray resources verl's placement groups ask for);
-- keeps every value the user set on the command line, when it can work on CPU;
+- keeps every value the user set, on the command line or in a recipe, when it can work on CPU: packed rows
+  (use_remove_padding: transformers' sdpa builds the block-diagonal mask from the restarting position_ids),
+  token-budget micro-batches, bf16, several ranks;
 - checks that Ray has enough CPUs for the placement groups verl will request: too few is an error here
   (verl would otherwise wait forever for the resources).
 
@@ -45,7 +49,6 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 # fp32 for the FSDP engines' mixed precision (verl defaults param_dtype to bf16 when this is null, which rounds
 # log-probs to ~1/32 steps).
 FP32_MIXED_PRECISION = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
-_HALF_DTYPES = ("bf16", "bfloat16", "fp16", "float16", "half")
 
 
 class _Applier:
@@ -94,6 +97,13 @@ class _Applier:
             self.set(key, value, current)
 
 
+def teacher_model_sections(config) -> list[str]:
+    """The keys of the teachers' own `model` options that are set: opd.teacher.model, opd.teachers.<i>.model."""
+    sections = ["opd.teacher.model"] if OmegaConf.select(config, "opd.teacher.model", default=None) else []
+    teachers = OmegaConf.select(config, "opd.teachers", default=None) or []
+    return sections + [f"opd.teachers.{i}.model" for i, t in enumerate(teachers) if t.get("model")]
+
+
 def required_ray_cpus(config) -> int:
     """Ray CPUs verl's placement groups and actors reserve on a CPU run (one node)."""
     get = lambda key, default: OmegaConf.select(config, key, default=default)  # noqa: E731
@@ -120,12 +130,14 @@ def _needs_critic(config) -> bool:
         return OmegaConf.select(config, "algorithm.adv_estimator", default="") == "gae"
 
 
-def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, out=None) -> list[tuple[str, Any, Any]]:
+def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, out=None,
+                       search_dirs: list | None = None) -> list[tuple[str, Any, Any]]:
     """Make `config` runnable on CPU (see the module doc). Returns the changes as (key, new, old).
 
-    `overrides`: the command-line overrides (default: Hydra's task overrides of the running app).
+    `overrides`: the command-line overrides (default: Hydra's task overrides of the running app); `search_dirs`:
+    where their recipes are (default: the running app's config search path).
     """
-    explicit = user_override_keys(overrides)
+    explicit = user_override_keys(overrides, search_dirs)
     if not is_cpu_run(config, explicit):
         return []
     a = _Applier(config, explicit, out=out)
@@ -148,27 +160,30 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     # -- the replay buffer polls for finished rollouts every 2 s (verl's default): most of a CPU step's time
     a.prefer("trainer.v1.sampler.sampler_kwargs.poll_interval", CPU_POLL_INTERVAL, None)
 
-    # -- training engines (actor, reference; critic when used): FSDP2, sdpa, padded inputs, fp32
+    # -- training engines (actor, reference; critic when used): FSDP2, sdpa (the varlen kernel under Ulysses), fp32
     roles = [("actor_rollout_ref.actor", "actor_rollout_ref.model"), ("actor_rollout_ref.ref", None)]
     if _needs_critic(config):
         roles.append(("critic", "critic.model"))
+    from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION, ulysses_sizes
+
+    cpu_attention = CPU_VARLEN_ATTENTION if max(ulysses_sizes(config).values()) > 1 else "sdpa"
     for role, model in roles:
         strategy_key = f"{role}.strategy"
         a.force(strategy_key, "fsdp2", lambda v: v == "fsdp")
         fsdp = "critic.fsdp" if role == "critic" else f"{role}.fsdp_config"
         a.prefer(f"{fsdp}.mixed_precision", dict(FP32_MIXED_PRECISION), None)
-        if not a.explicit_set(f"{fsdp}.model_dtype"):
-            a.force(f"{fsdp}.model_dtype", "fp32", lambda v: v in _HALF_DTYPES)
         if model is None:
             continue
         a.force(
             f"{model}.override_config.attn_implementation",
-            "sdpa",
+            cpu_attention,
             lambda v: v is None or str(v).startswith("flash"),
         )
-        a.force(f"{model}.use_remove_padding", False, lambda v: v is True)
         a.force(f"{model}.use_fused_kernels", False, lambda v: v is True)
         a.force(f"{model}.use_liger", False, lambda v: v is True)
+    for teacher in teacher_model_sections(config):  # a teacher's own flash attention (opd.teacher.model)
+        a.force(f"{teacher}.override_config.attn_implementation", cpu_attention,
+                lambda v: v is not None and str(v).startswith("flash"))
 
     # -- the rollout (vLLM's CPU backend)
     r = "actor_rollout_ref.rollout"
