@@ -290,3 +290,88 @@ def test_fused_kernels_teacher_is_an_error_where_its_logits_are_needed(composed_
         validate_config(cfg)
     cfg["opd"]["support"] = "sampled"  # the reference pass needs the sampled tokens' log-probs only
     validate_config(cfg)
+
+
+BYPASS = "algorithm.rollout_correction.bypass_mode"
+
+
+def _bypass_config(make, estimator="opd", loss_mode=None, bypass=True, accept=False, **rollout):
+    cfg = _opd_config(make, estimator=estimator)
+    if loss_mode:
+        cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = loss_mode
+    cfg["algorithm"]["rollout_correction"]["bypass_mode"] = bypass
+    cfg["opd"]["accept_rollout_log_probs"] = accept
+    cfg["actor_rollout_ref"]["rollout"].update(rollout)
+    return cfg
+
+
+def test_rollout_sampling_defaults_are_untruncated(composed_config):
+    # the truncation check below treats top_p=1 and top_k<=0 as "off": verl 0.9.1's defaults must be those
+    rollout = composed_config()["actor_rollout_ref"]["rollout"]
+    assert float(rollout["top_p"]) == 1.0 and int(rollout["top_k"]) == -1
+    assert composed_config()["algorithm"]["rollout_correction"]["bypass_mode"] is False
+
+
+@pytest.mark.parametrize("estimator, loss_mode, setting", [
+    ("opd", None, {}),
+    ("opd_hybrid", None, {}),
+    ("opd", "ppo_plus_distill", {"lambda_rl": 0.5}),  # the PG term reads the advantage
+])
+def test_bypass_mode_on_the_advantage_path_needs_acceptance(composed_config, estimator, loss_mode, setting):
+    cfg = _bypass_config(composed_config, estimator, loss_mode)
+    cfg["opd"].update(setting)
+    with pytest.raises(OPDConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert message.startswith(f"{BYPASS}=true with algorithm.adv_estimator={estimator}: s_t of the OPD advantage")
+    assert f"set {BYPASS}=false, or opd.accept_rollout_log_probs=true to accept it" in message
+    assert "\n" not in message
+    cfg["opd"]["accept_rollout_log_probs"] = True
+    validate_config(cfg)
+    cfg["algorithm"]["rollout_correction"]["bypass_mode"] = False  # the actor recomputes s_t: nothing to accept
+    with pytest.raises(OPDConfigError, match=r"opd.accept_rollout_log_probs=True has no effect here: it is read only "
+                                             rf"with {re.escape(BYPASS)}=true and the OPD advantage in a loss"):
+        validate_config(cfg)
+    cfg["opd"]["accept_rollout_log_probs"] = False
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("rollout, named", [
+    ({"top_p": 0.9}, "actor_rollout_ref.rollout.top_p=0.9"),
+    ({"top_k": 20}, "actor_rollout_ref.rollout.top_k=20"),
+    ({"top_p": 0.95, "top_k": 50}, "actor_rollout_ref.rollout.top_p=0.95 and actor_rollout_ref.rollout.top_k=50"),
+])
+@pytest.mark.parametrize("accept", [False, True])
+def test_bypass_mode_with_a_truncated_rollout_is_always_an_error(composed_config, rollout, named, accept):
+    cfg = _bypass_config(composed_config, accept=accept, **rollout)
+    with pytest.raises(OPDConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert message.startswith(f"{BYPASS}=true with {named}: ") and "truncated, renormalised distribution" in message
+    assert f"set {BYPASS}=false" in message and "top_p=1 and top_k=-1" in message and "\n" not in message
+    cfg["algorithm"]["rollout_correction"]["bypass_mode"] = False
+    cfg["opd"]["accept_rollout_log_probs"] = False
+    validate_config(cfg)  # without bypass the actor recomputes s_t over the whole vocabulary
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_zero_or_minus_one_is_off(composed_config, top_k):
+    validate_config(_bypass_config(composed_config, accept=True, top_k=top_k, top_p=1.0))
+
+
+@pytest.mark.parametrize("estimator, loss_mode, setting", [
+    ("opd", "ppo_plus_distill", {"support": "full", "divergence": "forward_kl"}),  # lambda_rl=0: demo_cpu_forward_kl
+    ("opd_hybrid", "ppo_plus_distill", {}),
+    ("opd_hybrid", None, {"hybrid_alpha": 0.0}),  # A = A_base exactly: s_t enters no advantage
+    ("grpo", None, {}),  # no OPD advantage (and no teacher needed)
+    ("grpo", "ppo_plus_distill", {"lambda_rl": 1.0}),  # the loss-level pass reads the current log-probs, not s_t
+])
+def test_bypass_mode_where_the_opd_advantage_enters_no_loss(composed_config, estimator, loss_mode, setting):
+    cfg = _bypass_config(composed_config, estimator, loss_mode, top_p=0.9)
+    cfg["opd"].update(setting)
+    validate_config(cfg)  # nothing to accept, truncated or not
+    cfg["opd"]["accept_rollout_log_probs"] = True  # an option the mode never reads
+    with pytest.raises(OPDConfigError, match=r"^opd.accept_rollout_log_probs=True has no effect here: it is read only "
+                                             rf"with {re.escape(BYPASS)}=true and .*; set that, or drop "
+                                             r"opd.accept_rollout_log_probs \(default False\)$"):
+        validate_config(cfg)
