@@ -6,6 +6,7 @@
 #
 # One node, 8 GPUs:
 #   bash examples/quickstart_gpu.sh install        # .venv with the gpu extra (torch 2.11.0, vLLM 0.24.0, ...), then flash-attn
+#                                                  # (compiled from source: needs nvcc of CUDA 13, can take an hour)
 #   bash examples/quickstart_gpu.sh data           # GSM8K -> $DATA/gsm8k/{train,test}.parquet
 #   bash examples/quickstart_gpu.sh train          # train; metrics on the console and in $RUN_DIR/metrics.jsonl
 #   bash examples/quickstart_gpu.sh resume         # after a stop: continue from the newest checkpoint
@@ -20,7 +21,8 @@
 #
 # Settings (environment): DATA (default ~/data), RUN_DIR (checkpoints and metrics; default
 # ~/opd_runs/gsm8k_qwen2_0.5b_reverse_kl), NNODES (train-nodes; default 2: the recipe's 256 prompts x 4 samples
-# must divide by NNODES x 8 ranks), RAY_PORT (default 6379), PYTHON (default: .venv/bin/python).
+# must divide by NNODES x 8 ranks), RAY_PORT (default 6379), PYTHON (default: .venv/bin/python), MAX_JOBS (install:
+# flash-attn's parallel compile jobs; default 4).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -45,13 +47,22 @@ step="${1:-}"
 case "$step" in
 install)
     # flash-attn is not in the gpu extra: it builds against the installed torch (--no-build-isolation), so it is
-    # installed after it. Its setup fetches a prebuilt wheel for this torch/CUDA/Python when its release has one,
-    # else compiles (needs the CUDA toolkit's nvcc; MAX_JOBS=4 bounds the compiler's memory; can take an hour).
+    # installed after it. Its setup tries a prebuilt wheel from its GitHub release first, but 2.8.3's release has
+    # none for torch 2.11 (PyPI's build is CUDA 13.0), so it compiles: it needs the CUDA 13 toolkit's nvcc and can
+    # take an hour. MAX_JOBS compiles run at once, each up to ~9 GB of memory (flash-attn's estimate): 4 here unless
+    # you set MAX_JOBS (unset, flash-attn's setup would pick min(cores / 2, free GB / 9) itself).
+    fa_jobs="${MAX_JOBS:-4}"
+    if ! [[ "$fa_jobs" =~ ^[1-9][0-9]*$ ]]; then
+        echo "quickstart_gpu.sh: MAX_JOBS=$fa_jobs is not a positive integer; set e.g. MAX_JOBS=4" >&2
+        exit 2
+    fi
     [ -x "$PYTHON" ] || run python3 -m venv "$REPO/.venv"
     run "$PYTHON" -m pip install --upgrade "pip>=24"
     run "$PYTHON" -m pip install -e ".[gpu]"
     run "$PYTHON" -m pip install setuptools wheel packaging ninja psutil
-    run "$PYTHON" -m pip install flash-attn==2.8.3 --no-build-isolation
+    echo "quickstart_gpu.sh: flash-attn 2.8.3 has no prebuilt wheel for torch 2.11: it compiles from source" \
+         "with MAX_JOBS=$fa_jobs; this can take an hour" >&2
+    run env MAX_JOBS="$fa_jobs" "$PYTHON" -m pip install flash-attn==2.8.3 --no-build-isolation
     run "$PYTHON" -c "import torch, vllm, flash_attn, opd_verl.plugin as p; p.require_plugin_loaded(); print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| vllm', vllm.__version__, '| flash_attn', flash_attn.__version__)"
     ;;
 data)

@@ -69,6 +69,24 @@ def test_script_is_bash_clean_and_the_steps_print_their_commands(tmp_path):
     assert bad.returncode == 2 and "usage:" in bad.stderr
 
 
+@pytest.mark.parametrize("user_jobs, jobs", [("", "4"), ("16", "16")])  # "": unset (MAX_JOBS="" counts as unset)
+def test_flash_attn_compiles_with_max_jobs(tmp_path, user_jobs, jobs):
+    """flash-attn 2.8.3 has no prebuilt wheel for torch 2.11, so its install compiles: with MAX_JOBS on the command
+    (the user's, else 4), and a line on stderr saying so; a MAX_JOBS that is not a positive integer stops first."""
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PRINT": "1", "PYTHON": sys.executable, "MAX_JOBS": user_jobs},
+    )
+    assert result.returncode == 0, result.stderr
+    [(env, argv)] = [split_env(shlex.split(line)) for line in result.stdout.splitlines() if "flash-attn==" in line]
+    assert env == {"MAX_JOBS": jobs}
+    assert argv == [sys.executable, "-m", "pip", "install", "flash-attn==2.8.3", "--no-build-isolation"]
+    assert f"compiles from source with MAX_JOBS={jobs}; this can take an hour" in result.stderr
+    bad = subprocess.run(["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PRINT": "1", "PYTHON": sys.executable, "MAX_JOBS": "all"})
+    assert bad.returncode == 2 and "MAX_JOBS=all is not a positive integer" in bad.stderr and not bad.stdout
+
+
 @pytest.mark.parametrize("step,nnodes", [("train", 1), ("resume", 1), ("validate", 1), ("train-nodes", 2)])
 def test_main_opd_command_composes_and_validates(step, nnodes, tmp_path):
     commands = main_opd_commands(tmp_path, step, NNODES=str(nnodes) if step == "train-nodes" else "2")
