@@ -37,7 +37,9 @@ from opd_verl.verl_ext.distill_actor_loss import (
     rollout_temperature,
     sampled_distill_loss_matrix,
     shared_vocab,
+    student_at_loss_temperature,
     teacher_pass,
+    verl_temperature,
 )
 
 OPD = {"divergence": "jsd", "beta": 0.5, "temperature": 1.0, "chunk_size": 3, "topk": 4, "support": "full"}
@@ -75,6 +77,81 @@ def test_rollout_temperature_of_a_micro_batch():
     assert rollout_temperature({"input_ids": ids}, 5) == 1.0
     per_row = rollout_temperature({"input_ids": ids, "temperature": torch.tensor([0.5, 2.0])}, 7)
     assert torch.equal(per_row, torch.tensor([0.5, 0.5, 2.0, 2.0, 2.0, 1.0, 1.0]))  # engine pad rows: 1
+
+
+def verl_scaled(logits, temperature):
+    """verl 0.9.1's division of packed logits by the rollout temperature (float32 per row, as prepare_model_inputs
+    makes it), its own function."""
+    from verl.workers.engine.fsdp.transformer_impl import _scale_logits_by_temperature
+
+    t = torch.as_tensor(temperature, dtype=torch.float32).expand(logits.shape[0])
+    return _scale_logits_by_temperature(logits, t.unsqueeze(-1), is_unit_temperature=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, F64])
+def test_verl_temperature_is_the_value_verl_divides_by(dtype):
+    z = (torch.randn(4, 9, generator=torch.Generator().manual_seed(0), dtype=F64) * 5).to(dtype)
+    for t in (0.7, 0.9, 1.3):
+        assert torch.equal(verl_scaled(z, t), z / torch.tensor(verl_temperature(t, dtype), dtype=dtype))
+    per_row = torch.tensor([0.7, 0.9, 1.0, 1.3])
+    assert torch.equal(verl_scaled(z, per_row), z / verl_temperature(per_row, dtype).to(dtype).unsqueeze(-1))
+    assert verl_temperature(0.7, torch.bfloat16) == 0.69921875 and verl_temperature(1.0, torch.bfloat16) == 1.0
+
+
+def bf16_logits_verl_divides_exactly(temperature, rows=6, vocab=11, seed=0):
+    """bf16 logits z with z / bf16(T) exact in bf16: y = ±2^k and z = y·bf16(T) (bf16(0.7) = 179/256 and
+    bf16(0.9) = 115/128 have at most 8 significant bits, so z is a bf16 number), so that verl's division rounds
+    nothing and the distribution at τ can be compared with softmax(z / τ) to float precision."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, (rows, vocab), generator=g) * 2 - 1
+    y = (sign * 2.0 ** torch.randint(-2, 4, (rows, vocab), generator=g)).to(F64)
+    t = torch.as_tensor(temperature, dtype=torch.float32).expand(rows).to(torch.bfloat16).to(F64)
+    z = (y * t.unsqueeze(-1)).to(torch.bfloat16)
+    assert torch.equal(z.double(), y * t.unsqueeze(-1))  # exact in bf16
+    return z, y
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.3])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_student_at_tau_undoes_the_bf16_temperature_verl_divided_by(tau, per_row):
+    """bf16 student logits at rollout temperature 0.7: verl divides by bf16(0.7) = 0.69921875; the student's
+    distribution at τ is softmax(z / τ) of the original logits to float precision. Undoing the exact 0.7 (the code
+    before) leaves it at τ·0.69921875/0.7 (0.11% off)."""
+    t = torch.tensor([0.7, 0.9, 1.0, 0.7, 0.9, 0.7]) if per_row else 0.7
+    z, y = bf16_logits_verl_divides_exactly(t)
+    divided = verl_scaled(z, t)
+    assert torch.equal(divided.double(), y)  # what the loss receives
+    logits, divisor = student_at_loss_temperature(divided, t, tau)
+    expected = torch.log_softmax(z.double() / tau, -1)
+    assert (torch.log_softmax(logits.double() / divisor, -1) - expected).abs().max() < 1e-5
+    exact_t = torch.as_tensor(t, dtype=F64).expand(6).unsqueeze(-1)
+    assert (torch.log_softmax(divided.double() * exact_t / tau, -1) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["one", "mean_prob", "mean_logit", "route"])
+def test_teacher_label_log_prob_at_T_is_verls_reference_pass_for_bf16_logits(mode):
+    """The teachers' sampled-token log-prob at T (teacher_pass, for the alignment check) divides each teacher's
+    bf16 logits by bf16(T), as verl's reference pass: equal to log_softmax(verl's divided logits) to float
+    precision, per mixture; the exact T (the code before) is off by more than 1e-3."""
+    k = 1 if mode == "one" else 2
+    raw, verl_ref = zip(*[bf16_logits_verl_divides_exactly(0.7, seed=s) for s in range(k)])
+    assert all(torch.equal(verl_scaled(z, 0.7).double(), y) for z, y in zip(raw, verl_ref))
+    labels = torch.randint(0, 11, (6,), generator=torch.Generator().manual_seed(9))
+    weights, lengths, sample_teacher = [3.0, 1.0][:k], torch.tensor([2, 4]), torch.tensor([1, 0])
+    route = sample_teacher if mode == "route" else None
+    ours = teacher_pass(list(raw), labels, 0.7, 1.3, weights, "mean_prob" if mode == "one" else mode, route,
+                        lengths, chunk_size=4).label_log_prob
+
+    def expected(logits_at_t):  # the mixture of verl's per-teacher reference log-probs, float64
+        if mode == "mean_logit":
+            return label_log_probs(0.75 * logits_at_t[0] + 0.25 * logits_at_t[1], labels, dtype=F64)
+        per_teacher = [label_log_probs(y, labels, dtype=F64) for y in logits_at_t]
+        if mode == "route":
+            return route_rows(per_teacher, sample_teacher, lengths)
+        return per_teacher[0] if k == 1 else mix_log_probs(per_teacher, weights)
+
+    assert (ours.double() - expected(verl_ref)).abs().max() < 1e-5
+    assert (expected([z.double() / 0.7 for z in raw]) - expected(verl_ref)).abs().max() > 1e-3
 
 
 def test_shared_vocab_drops_padded_rows_of_the_larger_model():
@@ -542,6 +619,28 @@ def test_mean_logit_reference_processor_returns_the_mean_logit_teacher(remove_pa
     mixed = (0.75 * raw[0][0].double() + 0.25 * raw[1][0].double()) / 0.7
     expected = torch.log_softmax(mixed, -1).gather(-1, labels.view(-1, 1)).squeeze(-1)
     assert (ours.double() - expected).abs().max() < 1e-6
+
+
+def test_mean_logit_processor_divides_the_others_by_the_bf16_temperature_verl_divided_the_first_by():
+    """The mean_logit reference pass with bf16 teachers at T = 0.7: verl hands our processor the first teacher's
+    logits divided by bf16(0.7); the other teachers are divided by the same value, so the pass returns
+    log_softmax(Σ w z / bf16(T)) at the sampled token, as the loss-level pass's alignment input (teacher_pass)."""
+    from opd_verl.verl_ext.teacher_worker import MEAN_LOGIT_REF_KEY
+
+    (z0, y0), (z1, y1) = [bf16_logits_verl_divides_exactly(0.7, seed=s) for s in (0, 1)]
+    labels = torch.randint(0, 11, (6,), generator=torch.Generator().manual_seed(9))
+    worker = opd_worker([], {**OPD, "chunk_size": 4}, "mean_logit", [3.0, 1.0])
+    worker.teachers = [SimpleNamespace(), SimpleNamespace()]
+    output_args = {"temperature_rmpad": torch.full((6,), 0.7), "input_ids_rmpad_rolled": labels}
+    worker._teacher_forward = lambda teacher, data: (z1, output_args)  # the second teacher's raw bf16 logits
+    processor = worker._mean_logit_processor()
+    ours = processor(student_logits=verl_scaled(z0, 0.7).unsqueeze(0), data=None)[MEAN_LOGIT_REF_KEY][0]
+    expected = label_log_probs(0.75 * y0 + 0.25 * y1, labels, dtype=F64)
+    assert (ours.double() - expected).abs().max() < 1e-5
+    loss_pass = teacher_pass([z0, z1], labels, 0.7, 1.3, [3.0, 1.0], "mean_logit", chunk_size=4).label_log_prob
+    assert (ours - loss_pass).abs().max() < 1e-5
+    exact_t = label_log_probs(0.75 * y0 + 0.25 * z1.double() / 0.7, labels, dtype=F64)  # the others at the exact T
+    assert (exact_t - expected).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------

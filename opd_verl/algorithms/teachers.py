@@ -125,17 +125,19 @@ def mean_logit_label_log_probs(
 
 
 def mixture_label_log_probs(
-    logits: list[Tensor], weights: list[float], mode: str, labels: Tensor, temperature: float | Tensor = 1.0,
+    logits: list[Tensor], weights: list[float], mode: str, labels: Tensor, temperature: float | Tensor | list = 1.0,
     sample_teacher: Tensor | None = None, lengths: Tensor | None = None, dtype: torch.dtype = torch.float32,
     chunk_size: int = 1024, rows: Tensor | None = None,
 ) -> Tensor:
     """The sampled token's log-prob under the teachers' mixture at ``temperature`` (what verl's reference pass
     returns through compute_ref_log_prob): one teacher, route (``sample_teacher``, ``lengths``), mean_prob (log of
     the mean of the probabilities of the token) or mean_logit (the token under log_softmax(Σ w z / T)).
+    ``temperature``: T (a number or per row ``[n]``), or a list of one divisor per teacher.
     ``rows``: the packed rows the logits hold, for route (as in `route_rows`)."""
     if len(logits) > 1 and sample_teacher is None and mode == "mean_logit":
         return mean_logit_label_log_probs(logits, weights, labels, temperature, dtype, chunk_size)
-    per_teacher = [label_log_probs(lk, labels, temperature, dtype, chunk_size) for lk in logits]
+    divisors = temperature if isinstance(temperature, (list, tuple)) else [temperature] * len(logits)
+    per_teacher = [label_log_probs(lk, labels, dk, dtype, chunk_size) for lk, dk in zip(logits, divisors)]
     if len(per_teacher) == 1:
         return per_teacher[0]
     if sample_teacher is not None:

@@ -9,7 +9,8 @@ logits are recomputed here, in the same process, per micro-batch: no T x V tenso
 Temperatures. verl hands the loss the student's logits divided by the rollout temperature T (FSDPEngineWithLMHead.
 prepare_model_outputs, `temperature_rmpad` / `temperature`). The divergence is on logits / opd.temperature (τ)
 whatever T is: the student's are taken at τ/T (that is z/T divided by τ/T), the teacher's raw logits at τ.
-The reference pass (verl's ref_log_prob, like old_log_prob) and so the advantage path are at T.
+The reference pass (verl's ref_log_prob, like old_log_prob) and so the advantage path are at T. "T" is the value
+verl divides by, T cast to the logits' dtype (`verl_temperature`: bf16(0.7) = 0.69921875, 0.11% off).
 
 Alignment. Each micro-batch, the teachers' log-prob of the sampled token at T from this pass is compared with
 verl's reference pass (ref_log_prob): the worst per-sequence median |Δ| must stay within a tolerance scaled to
@@ -114,14 +115,27 @@ def scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> tor
     return values if rows is None else values.new_zeros(n).index_copy(0, rows.to(values.device), values)
 
 
+def verl_temperature(temperature: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
+    """The rollout temperature T as verl divides logits of ``dtype`` by it (verl 0.9.1: FSDPEngineWithLMHead.
+    prepare_model_inputs makes it float32; `_scale_logits_by_temperature` in verl/workers/engine/fsdp/
+    transformer_impl.py divides `logits / temperature.clamp(min=1e-8).to(logits.dtype)`): bf16 logits are divided
+    by bf16(T), 0.7 -> 0.69921875. A number stays a number; per row, in at least float32."""
+    t = torch.as_tensor(temperature).to(torch.float32).clamp(min=1e-8).to(dtype)
+    if isinstance(temperature, torch.Tensor):
+        return t.to(torch.promote_types(dtype, torch.float32))
+    return float(t)
+
+
 def student_at_loss_temperature(student_logits: torch.Tensor, rollout_t: float | torch.Tensor, tau: float):
     """(logits, divisor) with softmax(logits / divisor) = softmax(z / τ), given verl's z / T: the rollout
-    temperature is undone, not compounded. One T: divisor τ / T (no copy); per-row T: logits rescaled, divisor 1."""
+    temperature is undone, not compounded, with the T verl divided by (`verl_temperature` in the logits' dtype,
+    which the division keeps). One T: divisor τ / T (no copy); per-row T: logits rescaled, divisor 1."""
+    rollout_t = verl_temperature(rollout_t, student_logits.dtype)
     if isinstance(rollout_t, torch.Tensor):
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         scale = (rollout_t.to(device=student_logits.device, dtype=dtype) / tau).unsqueeze(-1)
         return student_logits.to(dtype) * scale, 1.0
-    return student_logits, tau / float(rollout_t)
+    return student_logits, tau / rollout_t
 
 
 @dataclass
@@ -130,7 +144,8 @@ class TeacherPass:
 
     logits [nnz, V]: softmax(logits / temperature) is the teacher (mixture) at the loss temperature τ.
     label_log_prob [nnz]: the mixture's log-prob of the sampled token at the rollout temperature T (what verl's
-    reference pass computes), for the alignment check; resolution [nnz]: eps(compute dtype) * max |logit / T|.
+    reference pass computes: each teacher's logits divided by `verl_temperature`), for the alignment check;
+    resolution [nnz]: eps(compute dtype) * max |logit / T|.
     """
 
     logits: torch.Tensor
@@ -176,7 +191,8 @@ def teacher_pass(
         logits, divisor = route_rows(raw_logits, sample_teacher, lengths, rows), float(tau)
     else:
         logits, divisor = teacher_mixture_at(raw_logits, weights, mode, tau, chunk_size)
-    label_logp = mixture_label_log_probs(raw_logits, weights, mode, labels, rollout_t, sample_teacher, lengths,
+    divisors = [verl_temperature(rollout_t, z.dtype) for z in raw_logits]  # T as verl's reference pass divides
+    label_logp = mixture_label_log_probs(raw_logits, weights, mode, labels, divisors, sample_teacher, lengths,
                                          chunk_size=chunk_size, rows=rows)
     absmax = torch.stack([_row_absmax(z, chunk_size) for z in raw_logits]).amax(0)
     t = rollout_t.to(absmax.device) if isinstance(rollout_t, torch.Tensor) else rollout_t

@@ -242,8 +242,9 @@ class OPDWorker(ActorRolloutRefWorker):
     def _mean_logit_processor(self):
         """verl logits processor for the first teacher's reference pass under mean_logit: given its packed logits
         (divided by T by verl) and the micro-batch, run the other teachers on the micro-batch and return
-        {MEAN_LOGIT_REF_KEY: log_softmax(Σ w_k z_k / T) at the sampled tokens [1, nnz]}."""
-        from opd_verl.verl_ext.distill_actor_loss import packed_rollout_temperature
+        {MEAN_LOGIT_REF_KEY: log_softmax(Σ w_k z_k / T) at the sampled tokens [1, nnz]} (T as verl divides by it,
+        distill_actor_loss.verl_temperature)."""
+        from opd_verl.verl_ext.distill_actor_loss import packed_rollout_temperature, verl_temperature
 
         others = self.teachers[1:]
         weights = [t["weight"] for t in self.teacher_entries]
@@ -256,9 +257,10 @@ class OPDWorker(ActorRolloutRefWorker):
             output_args = rest[0][1]
             rollout_t = packed_rollout_temperature(data, output_args)
             logits = [student_logits.squeeze(0)] + [z for z, _ in rest]
+            # the others divided as verl divided the first: by T in their logits' dtype
+            divisors = [1.0] + [verl_temperature(rollout_t, z.dtype) for z, _ in rest]
             mixed = mean_logit_label_log_probs(
-                logits, weights, output_args["input_ids_rmpad_rolled"], [1.0] + [rollout_t] * len(rest),
-                chunk_size=chunk,
+                logits, weights, output_args["input_ids_rmpad_rolled"], divisors, chunk_size=chunk
             )
             return {MEAN_LOGIT_REF_KEY: mixed.unsqueeze(0)}
 
