@@ -31,6 +31,8 @@ GPU run with another verl gets verl's own behaviour, never a patch built for oth
                                                                 (logsumexp row by row)                     verl 0.9.1
     micro_batch_on_cpu_no_copy          step_overhead           verl...FSDPEngineWithLMHead.forward_step
                                                                 (micro_batch.to(device) rebuilds it)       verl 0.9.1
+    cpu_varlen_attention                attention               transformers...flash_attention_utils._lazy_imports
+                                                                (name opd_cpu_varlen: pure-torch kernels)  transformers 5.10.4
     -- opd_verl.patches (every platform, strict) --
     weight_sync_fail_fast               weight_sync             verl.workers.rollout.vllm_rollout ServerAdapter.update_weights
                                                                                                            verl 0.9.1
