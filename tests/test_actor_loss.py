@@ -471,6 +471,31 @@ def test_loss_on_response_rows_equals_the_masked_loss_over_all_rows(support, div
     assert value["opd/teacher_alignment_tolerance"] == pytest.approx(stats["tolerance"])
 
 
+@pytest.mark.parametrize("support", ["full", "topk"])
+def test_lambda_rl_0_runs_without_the_students_sampled_token_log_probs(support):
+    """opd.lambda_rl = 0: update_actor's flags make verl's engine (prepare_model_outputs, distillation_only) skip
+    the student's sampled-token log-probs; the loss call then runs without model_output["log_probs"] and gives
+    the same loss and gradient as with them."""
+    from verl.utils import tensordict_utils as tu
+
+    from opd_verl.verl_ext.teacher_worker import update_actor_flags
+
+    opd = {**OPD, "support": support, "divergence": "jsd", "topk": 4, "lambda_rl": 0.0, "lambda_distill": 1.0}
+    results = []
+    for flags in ({}, update_actor_flags(opd)):
+        batch = micro_batch(PROMPTS, RESPONSES, 0.7, True, seed=7, masks=MASKS)
+        tu.assign_non_tensor(batch, dp_size=1, batch_num_tokens=7, global_batch_size=3, **flags)
+        config = SimpleNamespace(global_batch_info={}, loss_agg_mode="token-mean", loss_scale_factor=None)
+        student = tiny_model(0, logit_scale=3.0)
+        model_output = student_model_outputs(student, batch, opd, opd_worker([tiny_model(1, logit_scale=3.0)], opd))
+        assert ("log_probs" in model_output) == (not flags.get("distillation_only"))
+        loss, _ = opd_actor_loss(config, opd, None, model_output=model_output, data=batch)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(student.parameters()))))
+    assert "log_probs" not in model_output  # the flag was set
+    (loss, grads), (loss_skip, grads_skip) = results
+    assert torch.equal(loss, loss_skip) and all(torch.equal(a, b) for a, b in zip(grads, grads_skip))
+
+
 @pytest.mark.parametrize("mode", ["mean_prob", "mean_logit", "route"])
 @pytest.mark.parametrize("per_row_t", [False, True])
 def test_teacher_pass_on_rows_is_the_full_pass_at_those_rows(mode, per_row_t):

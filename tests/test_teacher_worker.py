@@ -139,6 +139,37 @@ def test_worker_methods_keep_verls_profiler_and_routing_replay_decorators(method
     assert recorder.flags == [None]
 
 
+@pytest.mark.parametrize(
+    "loss_mode,support,lambda_rl,use_topk,only",
+    [
+        ("ppo_plus_distill", "topk", 0.0, True, True),  # nothing reads the student's sampled-token log-probs
+        ("ppo_plus_distill", "full", 0.0, True, True),
+        ("ppo_plus_distill", "full", 0.5, True, False),  # verl's ppo_loss reads them
+        ("ppo_plus_distill", "topk", 1.0, True, False),
+        ("ppo_plus_distill", "sampled", 0.0, None, False),  # the sampled divergence reads them
+        ("opd_distill", "topk", 0.0, True, True),  # the deprecated name of the loss-level mode
+        ("vanilla", "topk", 0.0, None, None),  # not the loss-level mode: verl's flags untouched
+    ],
+)
+def test_update_actor_skips_the_students_log_probs_exactly_when_no_loss_reads_them(loss_mode, support, lambda_rl,
+                                                                                    use_topk, only):
+    """update_actor sets verl 0.9.1's `distillation_only` (the FSDP engine then skips model_output["log_probs"])
+    in the loss-level mode with support topk/full and opd.lambda_rl = 0, and `distillation_use_topk` (the loss
+    gets the student's logits) with support topk/full."""
+    from verl.utils import tensordict_utils as tu
+
+    from opd_verl.verl_ext.teacher_worker import OPDWorker
+
+    seen = []
+    worker = _worker(_Recorder(), routing_replay=False)
+    worker.config = OmegaConf.create({"actor": {"policy_loss": {"loss_mode": loss_mode}}})
+    worker.opd_options = {"support": support, "lambda_rl": lambda_rl}
+    worker.actor = SimpleNamespace(train_mini_batch=lambda data: seen.append(
+        (tu.get(data, "distillation_use_topk"), tu.get(data, "distillation_only"))))
+    OPDWorker.update_actor(worker, _data())
+    assert seen == [(use_topk, only)]
+
+
 def test_the_teacher_is_profiled_as_verls_reference(composed_config):
     """verl 0.9.1 builds its reference worker's profiler config from actor_rollout_ref.ref.profiler; the teacher's
     TrainingWorker gets the same (it had profiler_config=None)."""

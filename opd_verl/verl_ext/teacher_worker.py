@@ -195,9 +195,8 @@ class OPDWorker(ActorRolloutRefWorker):
     @DistProfiler.annotate(color="red", role="actor_update", scheduled=True)
     @_with_routing_replay_flag(enabled=True)
     def update_actor(self, data):
-        if self._uses_distill_loss() and self.opd_options["support"] in ("topk", "full"):
-            # verl calls the loss as a logits processor (with the student's logits) only under this flag.
-            tu.assign_non_tensor(data, distillation_use_topk=True)
+        if self._uses_distill_loss():
+            tu.assign_non_tensor(data, **update_actor_flags(self.opd_options))
         output = self.actor.train_mini_batch(data=data)
         return output.cpu() if output is not None else None
 
@@ -308,6 +307,19 @@ class OPDWorker(ActorRolloutRefWorker):
 
 
 MEAN_LOGIT_REF_KEY = "opd_mean_logit_log_prob"
+
+
+def update_actor_flags(opd: dict) -> dict:
+    """The flags the loss-level mode sets on the actor's batch for verl 0.9.1's FSDPEngineWithLMHead.
+    prepare_model_outputs: `distillation_use_topk` (support topk/full: the loss is called first as a logits
+    processor with the student's logits) and `distillation_only` (the engine then skips the student's sampled-token
+    log-probs, model_output["log_probs"], as under verl's own distillation without policy gradient). Only verl's
+    ppo_loss (its policy, entropy and KL terms) and support=sampled read them; opd_actor_loss skips ppo_loss when
+    opd.lambda_rl = 0 (and the options refuse an entropy or KL loss then)."""
+    flags = {"distillation_only": opd["support"] != "sampled" and float(opd["lambda_rl"]) == 0}
+    if opd["support"] in ("topk", "full"):
+        flags["distillation_use_topk"] = True
+    return flags
 
 
 def _engine_dtype(engine) -> torch.dtype | None:
