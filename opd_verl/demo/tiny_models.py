@@ -109,8 +109,10 @@ def build_qwen2(
     max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = False,
     vocab_multiple: int = 1,
+    family: str = "qwen2",
 ):
-    """A randomly initialised Qwen2ForCausalLM (float32) whose vocabulary fits `tokenizer`.
+    """A randomly initialised Qwen2ForCausalLM (float32) whose vocabulary fits `tokenizer` (``family="qwen3"``: a
+    Qwen3ForCausalLM of the same sizes, with Qwen3's per-head q/k norms).
 
     hidden_size must be a multiple of head_dim. The vocabulary is exactly the tokenizer's by default
     (`vocab_multiple=1`): verl masks rollout logits of ids >= len(tokenizer) (its "OOV tail") while the actor's
@@ -118,13 +120,17 @@ def build_qwen2(
     and the actor's log-probs differ (by ~log(padded/len(tokenizer)) nats). The same seed gives the same weights.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
+    if family not in ("qwen2", "qwen3"):
+        raise ValueError(f"family={family!r}: qwen2 or qwen3")
+    prefix = family.capitalize()
+    config_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
     if hidden_size % head_dim:
         raise ValueError(f"hidden_size={hidden_size} must be a multiple of head_dim={head_dim}")
     num_heads = hidden_size // head_dim
     vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
-    config = Qwen2Config(
+    config = config_cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
@@ -142,7 +148,7 @@ def build_qwen2(
         use_sliding_window=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model = model_cls(config).to(torch.float32)
     model.eval()
     return model
 

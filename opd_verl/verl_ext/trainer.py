@@ -149,7 +149,9 @@ class OPDTrainer(PPOTrainerSync):
         estimator = self.config.algorithm.adv_estimator
         if estimator not in OPD_ESTIMATORS:
             if self.opd_active:
-                self._log_distill_metrics(batch, metrics)
+                padded = self._log_distill_metrics(batch, metrics)
+                if os.environ.get(TOKEN_DUMP_ENV):
+                    self._dump_token_terms(batch, padded)
             return super()._compute_advantage(batch, metrics)
         # Mirrors PPOTrainer._compute_advantage (verl 0.9.1) and adds the teacher's and the student's log-probs.
         fields = ["uid", "response_mask", "rm_scores", "rollout_log_probs", "old_log_probs", "ref_log_prob"]
@@ -255,12 +257,13 @@ class OPDTrainer(PPOTrainerSync):
                 "data_source": [str(x) for x in tu.get(ids, "data_source")],
                 # the dataset's columns, to rebuild a teacher's own prompt (opd.teacher.prompt) offline
                 **{key: [_plain_value(x) for x in tu.get(ids, key)] for key in ("raw_prompt", "reward_model", "extra_info")},
-                **{k: padded[k].clone() for k in ("response_mask", "ref_log_prob", "old_log_probs", "advantages")},
+                **{k: padded[k].clone() for k in ("response_mask", "ref_log_prob", "old_log_probs", "advantages")
+                   if k in padded.keys()},  # no advantages yet on a non-OPD estimator's path
             },
             os.path.join(directory, f"step_{self.global_steps}.pt"),
         )
 
-    def _log_distill_metrics(self, batch, metrics: dict) -> None:
+    def _log_distill_metrics(self, batch, metrics: dict) -> "TensorDict":
         data = tq.kv_batch_get(
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask", "old_log_probs", "ref_log_prob"]
         ).to_padded_tensor()
@@ -269,6 +272,7 @@ class OPDTrainer(PPOTrainerSync):
         self._cross_tokenizer_metrics(batch, metrics)
         metrics["opd/kl_coef"] = float(self.opd["lambda_distill"])
         add_deprecated_metric_names(metrics)
+        return data
 
 
 def _plain_value(value):

@@ -68,10 +68,11 @@ def write_reward(directory: str | os.PathLike) -> str:
     return str(path)
 
 
-def write_model(directory: str | os.PathLike, hidden_size: int = 128, num_layers: int = 2, seed: int = 0) -> str:
+def write_model(directory: str | os.PathLike, hidden_size: int = 128, num_layers: int = 2, seed: int = 0, **kw) -> str:
+    """A tiny model directory (opd_verl.demo.tiny_models.build_model_dir; `kw` e.g. family="qwen3")."""
     from opd_verl.demo.tiny_models import build_model_dir
 
-    return build_model_dir(directory, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    return build_model_dir(directory, hidden_size=hidden_size, num_layers=num_layers, seed=seed, **kw)
 
 
 @dataclass

@@ -1,0 +1,176 @@
+"""Every GPU recipe in recipes/ rehearsed on CPU as written: the real trainer, 2 steps, 2 ranks.
+
+Each run overrides only what this machine cannot have (`rehearsal_overrides`, printed by the test): the models (tiny
+ones of the recipe's architecture family, built here; a LoRA rank scaled down), the data (tiny parquet of the same
+schema), the sizes (batch, lengths, token budgets of ~2 sequences), GPUs per node (2 placeholders) and the device.
+Every other key stays the recipe's: packed rows (use_remove_padding), token-budget micro-batches (use_dynamic_bsz),
+the bf16 teacher, the supports, LoRA, the rollout's tensor parallel size. The test checks that the CPU defaults
+rewrote none of the recipe's keys, that both steps ran, the alignment statistic, and that every sample's student
+and teacher log-probs of step 1 equal a float64 recomputation with HF (the teacher's weights rounded to bf16 where
+the recipe loads it in bf16).
+
+The quickstart's recipe (examples/quickstart_gpu.sh) runs in the default suite; the others are `slow`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import yaml
+
+from cpu_run import REPO, console_metrics, run_main, write_dataset, write_model
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT = 600
+RECIPES_DIR = REPO / "recipes"
+PROMPT_LEN, RESPONSE_LEN, BATCH, LORA_RANK = 64, 32, 4, 8
+TOKEN_BUDGETS = ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+                 "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
+                 "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu")
+STUDENT, TEACHER = "actor_rollout_ref.model.path", "opd.teacher.path"
+TOLERANCE = 1e-4  # nats: fp32 compute is ~1e-6 off float64; bf16 compute would be ~1/32
+
+
+def recipe(name: str) -> dict:
+    return yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) or {}
+
+
+def get(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+GPU_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if get(recipe(p.stem), "trainer.device") == "cuda")
+QUICKSTART = re.search(r"^RECIPE=(\S+)$", (REPO / "examples" / "quickstart_gpu.sh").read_text(), re.M).group(1)
+
+
+def family(name: str) -> str:
+    """The recipe's architecture family, from its model names (a placeholder student path names none)."""
+    names = f"{get(recipe(name), STUDENT)} {get(recipe(name), TEACHER)}".lower()
+    return "qwen3" if "qwen3" in names else "qwen2"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{family: (student, teacher)}: tiny models of each family, the teacher larger and of other weights."""
+    root = tmp_path_factory.mktemp("rehearsal_models")
+    return {f: (write_model(root / f / "student", hidden_size=128, seed=0, family=f),
+                write_model(root / f / "teacher", hidden_size=256, seed=1, family=f))
+            for f in sorted({family(n) for n in GPU_RECIPES})}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("rehearsal_data"))
+
+
+def rehearsal_overrides(name: str, models: dict, data: tuple[str, str], root) -> dict:
+    """What this machine cannot have, and nothing else."""
+    r = recipe(name)
+    student, teacher = models[family(name)]
+    train, mini = get(r, "data.train_batch_size"), get(r, "actor_rollout_ref.actor.ppo_mini_batch_size")
+    overrides = {
+        "trainer.device": "cpu",
+        "trainer.n_gpus_per_node": 2,
+        STUDENT: student,
+        "data.train_files": data[0],
+        "data.val_files": data[1],
+        "data.max_prompt_length": PROMPT_LEN,
+        "data.max_response_length": RESPONSE_LEN,
+        "data.train_batch_size": BATCH,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": max(1, BATCH * mini // train),
+        "trainer.total_training_steps": 2,
+        "trainer.default_local_dir": str(root / "checkpoints"),
+    }
+    if get(r, TEACHER):
+        overrides[TEACHER] = teacher
+    if get(r, "actor_rollout_ref.model.lora_rank"):
+        overrides["actor_rollout_ref.model.lora_rank"] = LORA_RANK
+    for key in TOKEN_BUDGETS:
+        if get(r, key) is not None:
+            overrides[key] = 2 * (PROMPT_LEN + RESPONSE_LEN)
+    return overrides
+
+
+def recipe_leaf_keys(node, prefix=""):
+    if not isinstance(node, dict):
+        return {prefix}
+    return set().union(*[recipe_leaf_keys(v, f"{prefix}.{k}" if prefix else k) for k, v in node.items()])
+
+
+def cpu_rewrites(log: str) -> dict[str, str]:
+    """{key: new value} of the CPU defaults' printed changes (`opd_verl[cpu]: key=value (was X)`)."""
+    return dict(re.findall(r"^opd_verl\[cpu\]: ([^=\s]+)=(.*) \(was .*\)$", log, re.M))
+
+
+_REFERENCE_MODELS: dict = {}
+
+
+def float64_log_probs(model_dir: str, bf16: bool, prompt, response):
+    """log p(response_t | prompt, response_<t) under HF in float64; `bf16`: of the model rounded to bf16 first, its
+    buffers too, as verl builds a model it loads in bf16 (`model_dtype: bf16`: the rotary inv_freq is bf16 there,
+    1.8e-4 nats at these lengths if left in float32)."""
+    from transformers import AutoModelForCausalLM
+
+    key = (model_dir, bf16)
+    if key not in _REFERENCE_MODELS:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        _REFERENCE_MODELS[key] = (model.to(torch.bfloat16) if bf16 else model).to(torch.float64).eval()
+    ids = torch.cat([prompt, response]).view(1, -1)
+    with torch.no_grad():
+        logp = torch.log_softmax(_REFERENCE_MODELS[key](ids).logits[0].double(), -1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(response))
+    return logp[positions, response]
+
+
+def worst_log_prob_errors(saved: dict, student: str | None, teacher: str, teacher_bf16: bool) -> tuple[float, float]:
+    """Max |Δ| over every sample's response tokens: the run's old_log_probs vs the student (None: not checked) and
+    its ref_log_prob vs the teacher, both in float64."""
+    worst_s = worst_t = 0.0
+    for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
+        n = int(saved["response_mask"][i].sum())
+        if student is not None:
+            s64 = float64_log_probs(student, False, prompt, response)
+            worst_s = max(worst_s, float((saved["old_log_probs"][i, :n].double() - s64).abs().max()))
+        q64 = float64_log_probs(teacher, teacher_bf16, prompt, response)
+        worst_t = max(worst_t, float((saved["ref_log_prob"][i, :n].double() - q64).abs().max()))
+    return worst_s, worst_t
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == QUICKSTART else pytest.mark.slow)
+                                  for n in GPU_RECIPES])
+def test_gpu_recipe_rehearsed_on_cpu_as_written(name, models, data, tmp_path):
+    overrides = rehearsal_overrides(name, models, data, tmp_path)
+    print(f"{name}: overrides {overrides}")
+    dump = tmp_path / "dump"
+    args = ["--config-dir", str(REPO), f"+recipes={name}", *(f"{k}={v}" for k, v in overrides.items())]
+    result = run_main(args, tmp_path / f"{name}.log", timeout=TIMEOUT, env={"OPD_VERL_DUMP_TOKENS": str(dump)})
+    assert not result.timed_out, f"{name} hung: {tmp_path / f'{name}.log'}"
+    assert result.returncode == 0, result.log[-5000:]
+
+    rewritten = set(cpu_rewrites(result.log)) & recipe_leaf_keys(recipe(name))
+    assert not rewritten, f"the CPU defaults rewrote the recipe's {sorted(rewritten)}"
+    metrics = console_metrics(result.log)
+    assert {1, 2} <= set(metrics), sorted(metrics)
+    r = recipe(name)
+    if get(r, "opd.support") in ("topk", "full"):  # the loss-level pass's teacher vs verl's reference pass
+        for step in (1, 2):
+            m = metrics[step]
+            assert m["opd/teacher_alignment_seq_median_max"] <= m["opd/teacher_alignment_tolerance"], m
+    assert metrics[1]["opd/teacher_invalid_frac"] == 0.0
+
+    teacher_bf16 = get(r, "actor_rollout_ref.ref.fsdp_config.model_dtype") in ("bf16", "bfloat16")
+    student, teacher = models[family(name)]
+    for step in (1, 2):  # the student moves after step 1; the teacher does not
+        saved = torch.load(dump / f"step_{step}.pt")
+        lengths = {len(x) for x in saved["responses"]}
+        worst_s, worst_t = worst_log_prob_errors(saved, student if step == 1 else None, teacher, teacher_bf16)
+        print(f"{name} step {step}: {len(saved['responses'])} samples, response lengths {sorted(lengths)}, "
+              f"max |old_log_probs - f64| {worst_s:.2e}, max |ref_log_prob - f64| {worst_t:.2e}")
+        assert worst_s < TOLERANCE and worst_t < TOLERANCE, (step, worst_s, worst_t)
