@@ -328,3 +328,19 @@ def test_cfg_job_of_a_gpu_recipe_on_a_host_without_gpu_prints_the_gpu_config():
     assert launch.returncode == 2
     assert "opd_verl: error: trainer.device=cuda but this machine has no accelerator" in launch.stderr
     assert "Started a local Ray instance" not in launch.stdout + launch.stderr
+
+
+def test_a_rollout_of_several_workers_runs_unbound_on_cpu(monkeypatch):
+    """vLLM's CPU backend binds each TP worker to a NUMA node of its own and refuses to start with more workers than
+    NUMA nodes ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers"): a TP 2 recipe on CPU."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    key = "ray_kwargs.ray_init.runtime_env.env_vars.VLLM_CPU_OMP_THREADS_BIND"
+    cfg, _, printed = _apply(["trainer.device=cpu", "trainer.n_gpus_per_node=2",
+                              "actor_rollout_ref.rollout.tensor_model_parallel_size=2"])
+    assert sel(cfg, key) == "nobind" and "VLLM_CPU_OMP_THREADS_BIND=nobind (was None)" in printed
+    cfg, _, _ = _apply(["trainer.device=cpu"])
+    assert sel(cfg, key) is None
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # the user's own binding
+    cfg, _, _ = _apply(["trainer.device=cpu", "trainer.n_gpus_per_node=2",
+                        "actor_rollout_ref.rollout.tensor_model_parallel_size=2"])
+    assert sel(cfg, key) is None

@@ -95,6 +95,7 @@ def test_installed_versions_are_the_targeted_ones():
             "verl.utils.distributed:initialize_global_process_group_ray",
             'backend = backend or f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"',
         ),
+        ("verl.utils.distributed:initialize_global_process_group", 'backend = f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"'),
         # fsdp2_ref_offload_no_pin: the forced pinned-memory policy of forward-only engines
         ("verl.workers.engine.fsdp.transformer_impl:FSDPEngine._build_fsdp_module", "offload_policy = CPUOffloadPolicy(pin_memory=True)"),
         # fsdp_engine_cpu_registry: the lookup falls back to the device-only key we register
@@ -187,6 +188,24 @@ def test_gloo_process_group_on_cpu():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_gloo_process_group_under_torchrun_on_cpu(monkeypatch):
+    """verl's SFT trainer (torchrun) builds "cpu:gloo,cpu:gloo" as well, in initialize_global_process_group."""
+    import torch.distributed as dist
+
+    import verl.utils.distributed as vdist
+
+    assert getattr(vdist.initialize_global_process_group, patches._MARK, False)
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert vdist.initialize_global_process_group(timeout_second=60) == (0, 0, 1)
+        assert dist.get_backend() == "gloo"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_engine_registry_has_cpu_fsdp_engines():

@@ -43,6 +43,9 @@ DEFAULT_RAY_CPUS = 16
 # below ~0.05 s the TransferQueue listing each poll makes starts to cost; see opd_verl.verl_ext.trainer).
 CPU_POLL_INTERVAL = 0.1
 
+# vLLM's CPU thread binding ("auto": a NUMA node per worker of a replica; "nobind": none).
+VLLM_CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+
 # KV cache of vLLM's CPU backend (bytes).
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -206,6 +209,13 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     lora_rank = a.get("actor_rollout_ref.model.lora_rank") or (a.get("actor_rollout_ref.model.lora") or {}).get("rank")
     if lora_rank:
         a.force("actor_rollout_ref.model.lora.merge", True, lambda v: v is not True)
+    # vLLM's CPU backend binds each of a replica's workers (TP x DP x PP) to a NUMA node of its own by default and
+    # refuses to start with more workers than NUMA nodes; unbound, they share the cores.
+    workers = 1
+    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
+        workers *= int(a.get(f"{r}.{key}") or 1)
+    if workers > 1 and not os.environ.get(VLLM_CPU_BIND_ENV):
+        a.prefer(f"ray_kwargs.ray_init.runtime_env.env_vars.{VLLM_CPU_BIND_ENV}", "nobind", None)
     a.prefer(f"{r}.agent.num_workers", 1, 8)
     a.prefer("reward.num_workers", 1, 8)
     # DataLoader worker processes in the TaskRunner: on CPU they compete for the cores, and at shutdown Ray kills

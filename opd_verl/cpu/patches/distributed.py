@@ -1,6 +1,7 @@
 """Patches for verl 0.9.1's trainer side on CPU: the process group and the FSDP engines.
 
-    gloo_process_group         verl/utils/distributed.py: initialize_global_process_group_ray
+    gloo_process_group         verl/utils/distributed.py: initialize_global_process_group_ray (Ray workers) and
+                               initialize_global_process_group (torchrun: verl's SFT trainer)
     fsdp_engine_cpu_registry   verl/workers/engine/base.py: EngineRegistry (engines of verl/workers/engine/fsdp/transformer_impl.py)
     fsdp2_ref_offload_no_pin   verl/workers/engine/fsdp/transformer_impl.py: CPUOffloadPolicy in FSDPEngine._build_fsdp_module
 """
@@ -16,16 +17,38 @@ from . import _on_cpu_platform
 
 # --- verl 0.9.1: the process group backend. `initialize_global_process_group_ray` builds
 # f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}", which on the CPU platform is "cpu:gloo,cpu:gloo"
-# (device type twice: torch rejects it). On CPU the backend becomes plain "gloo".
+# (device type twice: torch rejects it). On CPU the backend becomes plain "gloo". The torchrun variant
+# `initialize_global_process_group` (verl's SFT trainer) builds the same string and takes no backend: on CPU it is
+# mirrored with "gloo" (set_device, a no-op on CPU, left out).
 @_register(
     "gloo_process_group",
     "verl.utils.distributed",
     "verl",
     "0.9.1",
     'the backend string "cpu:gloo,cpu:gloo" (device type twice) must be "gloo" on CPU',
-    {"verl.utils.distributed:initialize_global_process_group_ray": "e9ec517a0089c3c5e6917f28bdd2f55bf493b452aa70fd85c7c17bd12a3e485f"},
+    {
+        "verl.utils.distributed:initialize_global_process_group_ray": "e9ec517a0089c3c5e6917f28bdd2f55bf493b452aa70fd85c7c17bd12a3e485f",
+        "verl.utils.distributed:initialize_global_process_group": "c0dcd8ce78be8d832148d570cad848afe305478a7a8ad4b396ccb12973b58aa9",
+    },
 )
 def _patch_gloo_process_group(module) -> None:
+    def make_torchrun(original):
+        def initialize_global_process_group(timeout_second=36000):
+            if module.get_device_name() != "cpu":
+                return original(timeout_second)
+            import os
+            from datetime import timedelta
+
+            import torch.distributed
+
+            torch.distributed.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_second),
+                                                 init_method=os.environ.get("DIST_INIT_METHOD", None))
+            return int(os.environ["LOCAL_RANK"]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+        return initialize_global_process_group
+
+    _wrap_once(module, "initialize_global_process_group", make_torchrun)
+
     def make(original):
         def initialize_global_process_group_ray(timeout_second=None, backend=None):
             if backend is None and module.get_device_name() == "cpu":
