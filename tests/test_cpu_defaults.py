@@ -51,7 +51,7 @@ def test_cpu_run_sets_what_cpu_needs():
         "trainer.n_gpus_per_node": 1,
         "actor_rollout_ref.actor.strategy": "fsdp2",
         "actor_rollout_ref.ref.strategy": "fsdp2",
-        "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",
+        "actor_rollout_ref.model.override_config.attn_implementation": "opd_cpu_varlen",
         "actor_rollout_ref.model.use_remove_padding": True,  # verl's default, kept: sdpa packs rows on CPU
         "actor_rollout_ref.rollout.dtype": "float32",
         "actor_rollout_ref.rollout.enforce_eager": True,
@@ -96,7 +96,7 @@ def test_critic_configured_only_when_used():
     cfg, _, printed = _apply(["trainer.device=cpu", "algorithm.adv_estimator=gae"])
     assert sel(cfg, "critic.strategy") == "fsdp2"
     assert sel(cfg, "critic.model.use_remove_padding") is True
-    assert sel(cfg, "critic.model.override_config.attn_implementation") == "sdpa"
+    assert sel(cfg, "critic.model.override_config.attn_implementation") == "opd_cpu_varlen"
     assert OmegaConf.to_container(sel(cfg, "critic.fsdp.mixed_precision"))["param_dtype"] == "fp32"
 
 
@@ -163,9 +163,9 @@ def test_explicit_values_that_cannot_work_on_cpu_are_replaced_and_printed():
     assert sel(cfg, "actor_rollout_ref.actor.strategy") == "fsdp2"
     assert sel(cfg, "actor_rollout_ref.rollout.free_cache_engine") is False
     assert sel(cfg, "actor_rollout_ref.rollout.enable_sleep_mode") is False
-    assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == "sdpa"
+    assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == "opd_cpu_varlen"
     assert sel(cfg, "actor_rollout_ref.model.use_fused_kernels") is False
-    assert "attn_implementation=sdpa (was flash_attention_2)" in printed
+    assert "attn_implementation=opd_cpu_varlen (was flash_attention_2)" in printed
     assert "enable_sleep_mode=False (was True)" in printed
 
 
@@ -299,16 +299,16 @@ def test_a_recipe_with_defaults_brings_the_keys_of_the_recipes_it_extends():
     assert "actor_rollout_ref.rollout.max_num_seqs" in keys  # demo_cpu's
 
 
-def test_ulysses_on_cpu_takes_the_varlen_kernel_for_the_student_and_a_teacher_with_flash():
+def test_a_teachers_own_flash_attention_takes_the_varlen_kernel_and_sdpa_set_by_the_user_stays():
     from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION
 
-    cfg, _, printed = _apply(["trainer.device=cpu", "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2",
-                              "opd.teacher.path=/t",
+    cfg, _, printed = _apply(["trainer.device=cpu", "opd.teacher.path=/t",
                               "+opd.teacher.model.override_config.attn_implementation=flash_attention_2"])
     assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == CPU_VARLEN_ATTENTION
     assert sel(cfg, "opd.teacher.model.override_config.attn_implementation") == CPU_VARLEN_ATTENTION
-    assert f"attn_implementation={CPU_VARLEN_ATTENTION} (was None)" in printed
-    cfg, _, _ = _apply(["trainer.device=cpu"])
+    assert f"opd.teacher.model.override_config.attn_implementation={CPU_VARLEN_ATTENTION} (was flash_attention_2)" \
+        in printed
+    cfg, _, _ = _apply(["trainer.device=cpu", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa"])
     assert sel(cfg, "actor_rollout_ref.model.override_config.attn_implementation") == "sdpa"
 
 

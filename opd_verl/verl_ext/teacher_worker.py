@@ -33,7 +33,7 @@ def teacher_model_config(model_config, teacher: dict) -> HFModelConfig:
 
     Shared: use_remove_padding (the reference pass and the loss-level pass feed the teacher the student's packed
     layout), and override_config.attn_implementation unless the teacher sets it (the attention must handle that
-    layout; the CPU defaults set sdpa on the student). Nothing else of the student's carries over (its
+    layout; the CPU defaults set opd_cpu_varlen on the student). Nothing else of the student's carries over (its
     override_config, use_liger, use_fused_kernels, custom_chat_template, trust_remote_code, LoRA, MTP, ...)."""
     defaults = OmegaConf.load(resources.files("verl.trainer.config").joinpath("model/hf_model.yaml"))
     shared = {"use_remove_padding": model_config.get("use_remove_padding", True)}

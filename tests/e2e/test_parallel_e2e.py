@@ -88,6 +88,69 @@ def test_two_ranks_match_a_float64_recomputation_and_the_one_rank_run(workdir, t
     assert worst < 1e-4, worst
 
 
+BF16 = "{param_dtype:bf16,reduce_dtype:fp32,buffer_dtype:fp32}"
+TOKEN_BUDGET = 2 * (64 + 32)  # ~2 sequences (prompt 64, response 32)
+DYNAMIC = {"actor_rollout_ref.actor.use_dynamic_bsz": True, "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz": True,
+           "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": True,
+           "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": TOKEN_BUDGET,
+           "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": TOKEN_BUDGET,
+           "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": TOKEN_BUDGET}
+
+
+def test_two_ranks_bf16_packed_rows_and_token_budgets_on_the_loss_level_full_path(workdir):
+    """What the GPU recipes run: packed rows (verl's default), token-budget micro-batches, actor and teachers in bf16
+    (FSDP mixed precision), 2 ranks, the loss-level full-vocabulary KL with routed teachers; the in-loss teacher
+    agrees with verl's reference pass at bf16's resolution."""
+    overrides = _routed_loss_level_full(workdir, "bf16_dynamic", 2, steps=2, **DYNAMIC)
+    overrides += [f"++actor_rollout_ref.actor.fsdp_config.mixed_precision={BF16}",
+                  f"++actor_rollout_ref.ref.fsdp_config.mixed_precision={BF16}"]
+    result = run_main(overrides, workdir.root / "bf16_dynamic.log", timeout=TIMEOUT)
+    assert result.returncode == 0, result.log[-4000:]
+    assert "use_remove_padding" not in result.log  # not rewritten by the CPU defaults
+    metrics = console_metrics(result.log)
+    for step in (1, 2):
+        m = metrics[step]
+        assert m["opd/teacher_alignment_seq_median_max"] <= m["opd/teacher_alignment_tolerance"], m
+        assert m["opd/teacher_alignment_tolerance"] > 1e-3  # bf16's resolution, not float32's floor
+        assert m["opd/divergence_per_token"] > 1e-3 and m["opd/topk_mass"] == pytest.approx(1.0)
+
+
+def test_ulysses_sp2_for_student_and_teachers_matches_a_float64_recomputation(workdir, tmp_path):
+    """Ulysses sequence parallel 2 on 2 ranks for the student and the (routed) teachers, packed rows and token
+    budgets, on the advantage path: the CPU run gives both verl's Ulysses path through opd_cpu_varlen, and every
+    sample's student and teacher log-probs equal HF in float64 (sdpa at SP=2 was 0.17-0.99 nats off)."""
+    overrides = grpo_overrides(workdir, **{
+        "algorithm.adv_estimator": "opd",
+        "opd.teachers": workdir.routes,
+        "opd.multi_teacher_mode": "route",
+        "actor_rollout_ref.actor.policy_loss.loss_mode": "importance_sampling",
+        "data.train_files": workdir.routed_train,
+        "data.val_files": workdir.routed_val,
+        "data.max_response_length": 32,
+        "trainer.n_gpus_per_node": 2,
+        "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size": 2,
+        "actor_rollout_ref.ref.ulysses_sequence_parallel_size": 2,
+        "trainer.experiment_name": "ulysses_sp2",
+        "trainer.total_training_steps": 1,
+        "trainer.default_local_dir": str(workdir.root / "ckpt_ulysses_sp2"),
+        **DYNAMIC,
+    })
+    metrics, saved = _dumped_run(workdir, "ulysses_sp2", overrides, tmp_path)
+    log = (workdir.root / "ulysses_sp2.log").read_text(errors="replace")
+    assert "override_config.attn_implementation=opd_cpu_varlen" in log
+    assert metrics[1]["opd/kl_per_token"] > 1e-3
+    routes = {"arith_a": workdir.teacher, "arith_b": workdir.teacher_b}
+    worst_student = worst_teacher = 0.0
+    for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
+        n = int(saved["response_mask"][i].sum())
+        s64 = float64_log_probs(workdir.model, prompt, response)
+        q64 = float64_log_probs(routes[saved["data_source"][i]], prompt, response)
+        worst_student = max(worst_student, float((saved["old_log_probs"][i, :n].double() - s64).abs().max()))
+        worst_teacher = max(worst_teacher, float((saved["ref_log_prob"][i, :n].double() - q64).abs().max()))
+    print(f"SP=2: max |old_log_probs - f64| {worst_student:.2e}, max |ref_log_prob - f64| {worst_teacher:.2e}")
+    assert worst_student < 1e-4 and worst_teacher < 1e-4, (worst_student, worst_teacher)
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """A real Ray cluster of three nodes on this machine: the head (the driver's node) without GPUs and two
