@@ -10,9 +10,9 @@ and teacher log-probs of step 1 equal a float64 recomputation with HF (the teach
 the recipe loads it in bf16).
 
 The SFT recipe (entry point verl.trainer.sft_trainer) runs under torchrun on 2 CPU processes (gloo) with the same
-kind of overrides, plus sdpa for flash attention (there is no main_opd to apply the CPU defaults); its check: both
-steps, a finite loss, and a phase-2 student (the checkpoint's huggingface model) that loads and differs from the
-start.
+kind of overrides, plus opd_cpu_varlen for flash attention (there is no main_opd to apply the CPU defaults); its
+check: both steps, a finite loss, and a phase-2 student (the checkpoint's huggingface model) that loads and differs
+from the start.
 
 The quickstart's recipe (examples/quickstart_gpu.sh) runs in the default suite; the others are `slow`.
 """
@@ -189,7 +189,7 @@ def test_gpu_recipe_rehearsed_on_cpu_as_written(name, models, data, tmp_path):
 
 
 def sft_rehearsal_overrides(name: str, models: dict, root) -> dict:
-    """The SFT recipe's overrides: the same kinds as rehearsal_overrides, and sdpa for flash attention."""
+    """The SFT recipe's overrides: the same kinds as rehearsal_overrides, and the CPU attention for flash attention."""
     import pandas as pd
 
     r, rows = recipe(name), 16
@@ -200,7 +200,7 @@ def sft_rehearsal_overrides(name: str, models: dict, root) -> dict:
         for i in range(rows)]).to_parquet(data)
     overrides = {
         "trainer.device": "cpu",
-        "+model.override_config.attn_implementation": "sdpa",  # no flash-attn on CPU
+        "+model.override_config.attn_implementation": "opd_cpu_varlen",  # flash-attn's stand-in, as main_opd sets on CPU
         "model.path": models[family(name)][0],
         "data.train_files": str(data),
         "data.max_length": PROMPT_LEN + RESPONSE_LEN,
