@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION
+
 
 class ExportError(Exception):
     pass
@@ -128,8 +130,22 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> dict:
             else:
                 how = "merged the FSDP shards (verl.model_merger)"
     summary = {"checkpoint": str(actor), "out": str(out), "how": how, "lora": lora}
+    if drop_cpu_attention(out / "config.json"):
+        summary["how"] += f"; config.json: attn_implementation={CPU_VARLEN_ATTENTION} (a CPU run's) dropped"
     summary.update(verify(out))
     return summary
+
+
+def drop_cpu_attention(config_path: Path) -> bool:
+    """A CPU run trains with opd_verl's attention kernel, which verl writes into the checkpoint's config.json; it
+    exists only where opd_verl's CPU support is loaded. The exported config leaves it out (transformers' default
+    then applies). True when it was there."""
+    config = json.loads(config_path.read_text())
+    if config.get("attn_implementation") != CPU_VARLEN_ATTENTION:
+        return False
+    del config["attn_implementation"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
