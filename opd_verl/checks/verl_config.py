@@ -67,18 +67,23 @@ def ulysses_sizes(config) -> dict[str, int]:
     return {"actor": ulysses_size(config), "teacher": _role_ulysses_size(config, REF)}
 
 
+STUDENT_ATTENTION = "actor_rollout_ref.model.override_config.attn_implementation"
+
+
+def _student_attention(config) -> str:
+    return _sel(config, STUDENT_ATTENTION) or VERL_DEFAULT_ATTENTION
+
+
 def _teacher_attentions(config) -> dict[str, str]:
     """{the key that sets it: attention} of each teacher: its own model.override_config.attn_implementation, else the
     student's (opd_verl.verl_ext.teacher_worker.teacher_model_config), else verl's default."""
-    student = _sel(config, "actor_rollout_ref.model.override_config.attn_implementation") or VERL_DEFAULT_ATTENTION
+    student = _student_attention(config)
     entries = [("opd.teacher", _sel(config, "opd.teacher"))] if not _sel(config, "opd.teachers") else [
         (f"opd.teachers.{i}", t) for i, t in enumerate(_sel(config, "opd.teachers"))]
     out = {}
     for key, entry in entries:
         own = OmegaConf.select(entry, "model.override_config.attn_implementation", default=None) if entry else None
-        source = f"{key}.model.override_config.attn_implementation" if own else \
-            "actor_rollout_ref.model.override_config.attn_implementation"
-        out[source] = own or student
+        out[f"{key}.model.override_config.attn_implementation" if own else STUDENT_ATTENTION] = own or student
     return out
 
 
@@ -93,9 +98,8 @@ def check_sequence_parallel_attention(config: DictConfig) -> None:
     sizes = ulysses_sizes(config)
     checks = []
     if sizes["actor"] > 1:
-        student = _sel(config, "actor_rollout_ref.model.override_config.attn_implementation") or VERL_DEFAULT_ATTENTION
-        checks.append((f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size", sizes["actor"],
-                       "actor_rollout_ref.model.override_config.attn_implementation", student))
+        checks.append((f"{ACTOR}.fsdp_config.ulysses_sequence_parallel_size", sizes["actor"], STUDENT_ATTENTION,
+                       _student_attention(config)))
     if sizes["teacher"] > 1 and (_sel(config, "opd.teacher.path") or _sel(config, "opd.teachers")):
         checks += [(f"{REF}.ulysses_sequence_parallel_size", sizes["teacher"], key, attention)
                    for key, attention in _teacher_attentions(config).items()]
@@ -105,6 +109,14 @@ def check_sequence_parallel_attention(config: DictConfig) -> None:
                 f"{sp_key}={size} with {attn_key}={attention}: verl's Ulysses sequence parallel patches the "
                 "flash-attention path only, so each rank would attend over its own slice of the sequence (wrong "
                 f"log-probs); use flash_attention_2 (GPUs), {CPU_VARLEN_ATTENTION} (CPU), or set the size to 1")
+
+
+def rollout_workers(config) -> int:
+    """GPUs of one rollout replica: tensor x data x pipeline parallel sizes."""
+    workers = 1
+    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
+        workers *= int(_sel(config, f"{ROLLOUT}.{key}", 1) or 1)
+    return workers
 
 
 def check_batch_arithmetic(config: DictConfig) -> None:
@@ -146,9 +158,7 @@ def check_batch_arithmetic(config: DictConfig) -> None:
     elif not _sel(config, f"{ROLLOUT}.log_prob_use_dynamic_bsz"):
         raise OPDConfigError(
             f"{ACTOR}.use_dynamic_bsz=True but {ROLLOUT}.log_prob_use_dynamic_bsz=False; verl needs both the same")
-    infer = 1
-    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
-        infer *= int(_sel(config, f"{ROLLOUT}.{key}", 1) or 1)
+    infer = rollout_workers(config)
     if world % infer:
         raise OPDConfigError(
             f"the rollout's {ROLLOUT}.tensor_model_parallel_size x data_parallel_size x pipeline_model_parallel_size "

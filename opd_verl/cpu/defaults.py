@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from opd_verl.checks.device import is_cpu_run, user_override_keys
 from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION, rollout_workers
 
 PREFIX = "opd_verl[cpu]"
 _MISSING = object()
@@ -167,9 +168,9 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     roles = [("actor_rollout_ref.actor", "actor_rollout_ref.model"), ("actor_rollout_ref.ref", None)]
     if _needs_critic(config):
         roles.append(("critic", "critic.model"))
-    # flash-attn's stand-in: the same transformers flash path (and verl's Ulysses patch on it), a pure-torch kernel;
-    # on packed rows 2.4-11x faster than sdpa's block-diagonal mask (bench/results/cpu_attention.json)
-    from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION as cpu_attention
+    # flash attention -> CPU_VARLEN_ATTENTION, flash-attn's stand-in: the same transformers flash path (and verl's
+    # Ulysses patch on it), a pure-torch kernel; on packed rows 2.4-11x faster than sdpa's block-diagonal mask
+    # (bench/results/cpu_attention.json)
     for role, model in roles:
         strategy_key = f"{role}.strategy"
         a.force(strategy_key, "fsdp2", lambda v: v == "fsdp")
@@ -179,13 +180,13 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
             continue
         a.force(
             f"{model}.override_config.attn_implementation",
-            cpu_attention,
+            CPU_VARLEN_ATTENTION,
             lambda v: v is None or str(v).startswith("flash"),
         )
         a.force(f"{model}.use_fused_kernels", False, lambda v: v is True)
         a.force(f"{model}.use_liger", False, lambda v: v is True)
     for teacher in teacher_model_sections(config):  # a teacher's own flash attention (opd.teacher.model)
-        a.force(f"{teacher}.override_config.attn_implementation", cpu_attention,
+        a.force(f"{teacher}.override_config.attn_implementation", CPU_VARLEN_ATTENTION,
                 lambda v: v is not None and str(v).startswith("flash"))
 
     # -- the rollout (vLLM's CPU backend)
@@ -211,10 +212,7 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
         a.force("actor_rollout_ref.model.lora.merge", True, lambda v: v is not True)
     # vLLM's CPU backend binds each of a replica's workers (TP x DP x PP) to a NUMA node of its own by default and
     # refuses to start with more workers than NUMA nodes; unbound, they share the cores.
-    workers = 1
-    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
-        workers *= int(a.get(f"{r}.{key}") or 1)
-    if workers > 1 and not os.environ.get(VLLM_CPU_BIND_ENV):
+    if rollout_workers(config) > 1 and not os.environ.get(VLLM_CPU_BIND_ENV):
         a.prefer(f"ray_kwargs.ray_init.runtime_env.env_vars.{VLLM_CPU_BIND_ENV}", "nobind", None)
     a.prefer(f"{r}.agent.num_workers", 1, 8)
     a.prefer("reward.num_workers", 1, 8)
