@@ -117,9 +117,13 @@ def load_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from opd_verl.export import names_cpu_attention
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # a checkpoint of a CPU run names opd_verl's CPU kernel, which this process may not have registered
+    attention = {"attn_implementation": "sdpa"} if names_cpu_attention(path) else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attention)
     model.eval()
     return model, tokenizer
 

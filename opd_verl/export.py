@@ -136,13 +136,19 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> dict:
     return summary
 
 
-def drop_cpu_attention(config_path: Path) -> bool:
+def names_cpu_attention(model_dir: str | os.PathLike) -> bool:
     """A CPU run trains with opd_verl's attention kernel, which verl writes into the checkpoint's config.json; it
-    exists only where opd_verl's CPU support is loaded. The exported config leaves it out (transformers' default
-    then applies). True when it was there."""
-    config = json.loads(config_path.read_text())
-    if config.get("attn_implementation") != CPU_VARLEN_ATTENTION:
+    exists only where opd_verl's CPU support is loaded (docs/cpu.md). True when `model_dir`'s config names it."""
+    config_path = Path(model_dir) / "config.json"
+    return config_path.is_file() and json.loads(config_path.read_text()).get("attn_implementation") == CPU_VARLEN_ATTENTION
+
+
+def drop_cpu_attention(config_path: Path) -> bool:
+    """The exported config leaves a CPU run's attention kernel out (transformers' default then applies). True when it
+    was there."""
+    if not names_cpu_attention(config_path.parent):
         return False
+    config = json.loads(config_path.read_text())
     del config["attn_implementation"]
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return True
