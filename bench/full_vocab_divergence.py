@@ -507,7 +507,7 @@ def _machine() -> dict:
 
 
 def _cpu_pass_bytes() -> int:
-    from opd_verl.algorithms.divergences import _CPU_PASS_BYTES
+    from opd_verl.algorithms.divergences.passes import _CPU_PASS_BYTES
 
     return _CPU_PASS_BYTES
 

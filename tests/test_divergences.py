@@ -621,7 +621,7 @@ def test_hidden_gradient_from_forward(monkeypatch, reduce):
     """A sum or mean of the values (uniform grad_out) takes the gradient forward computed: one pass over the logits;
     per-row weights, or a second backward through the same graph, recompute it in backward. All equal the float64
     reference."""
-    import opd_verl.algorithms.divergences as div
+    import opd_verl.algorithms.divergences.hidden_states as div
 
     calls = []
     real_pass = div._hidden_pass
@@ -665,7 +665,7 @@ def test_hidden_with_no_rows():
 def test_cpu_passes_split_chunks(monkeypatch, rows_per_pass):
     """On CPU a chunk is evaluated in passes of ~_CPU_PASS_BYTES per [rows, V] float32 buffer (cache-sized); any
     split gives the reference values and gradients, on the logits, top-k and hidden-state paths."""
-    import opd_verl.algorithms.divergences as div
+    import opd_verl.algorithms.divergences.passes as div
 
     T, H, V = 11, 4, 13
     monkeypatch.setattr(div, "_CPU_PASS_BYTES", 4 * V * rows_per_pass)
@@ -807,7 +807,7 @@ def test_chunked_logits_memory_and_backward_paths(support, selected):
 def test_teacher_topk_memory_and_values(monkeypatch, rows_per_pass):
     """chunked_teacher_topk equals log_softmax + topk on the whole tensor (the same ids; log-probs to rounding), with
     pass-sized temporaries only (a pass: the chunk, or on CPU ~_CPU_PASS_BYTES)."""
-    import opd_verl.algorithms.divergences as div
+    import opd_verl.algorithms.divergences.passes as div
 
     T, V, chunk, k = 32, 48, 8, 4  # the [T, k] outputs (128) are smaller than a pass (3·V = 144)
     if rows_per_pass:

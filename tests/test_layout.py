@@ -28,7 +28,8 @@ def _imports(path: Path) -> list[str]:
 
 
 def _modules(folder: str) -> list[Path]:
-    return sorted((PACKAGE / folder).glob("*.py"))
+    """Every module below ``folder``, those of its subpackages too (e.g. algorithms/divergences/)."""
+    return sorted((PACKAGE / folder).rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", [p for f in EVERY_PLATFORM for p in _modules(f)], ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -37,11 +38,12 @@ def test_training_core_and_patches_never_import_cpu_support_or_demo(path):
     assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}: the GPU path must not touch CPU/demo code"
 
 
-@pytest.mark.parametrize("path", _modules("algorithms"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _modules("algorithms"), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_algorithms_are_pure_torch(path):
     bad = [m for m in _imports(path)
            if m.split(".")[0] not in {"torch", *STDLIB_OK} and not m.startswith("opd_verl.algorithms")]
-    assert not bad, f"{path.name} imports {bad}: opd_verl/algorithms is pure torch (no verl, no other opd_verl)"
+    where = path.relative_to(PACKAGE)
+    assert not bad, f"{where} imports {bad}: opd_verl/algorithms is pure torch (no verl, no other opd_verl)"
 
 
 def test_each_core_folder_has_modules():

@@ -14,7 +14,6 @@ from tiny_tokenizers import CORPUS, byte_level_bpe, sentencepiece_unigram, wordp
 from opd_verl.algorithms.advantages import opd_token_advantage
 from opd_verl.algorithms.token_alignment import (
     TokenBytes,
-    _byte_decoder,
     align_spans,
     batch_token_bytes,
     first_difference,
@@ -24,6 +23,7 @@ from opd_verl.algorithms.token_alignment import (
     token_byte_spans,
     token_table,
 )
+from opd_verl.algorithms.token_alignment.token_table import _byte_decoder
 
 TEXTS = [
     "the cat sat on the mat 12345",
