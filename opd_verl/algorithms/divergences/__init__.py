@@ -20,8 +20,9 @@ no NaN). A KL whose first distribution puts mass where the second has none is +i
 (e.g. reverse KL when only the teacher masks a token the student can emit); its gradient is then not
 finite either. The teacher is always a constant (detached). Values are computed in at least float32.
 
-Where each lives: `core` (the divergence over log-probs, shared checks), `sampled`, `reference` (`full_divergence`),
-`chunked_full`, `hidden_states`, `topk`, and `passes` (the pass-by-pass machinery of the chunked paths).
+Where each lives: `core` (the divergence over log-probs and the checks of the top-k and full paths), `sampled`,
+`reference` (`full_divergence`), `chunked_full`, `hidden_states`, `topk`, and `passes` (the pass-by-pass machinery
+of the chunked paths).
 """
 
 from opd_verl.algorithms.divergences.chunked_full import chunked_full_divergence

@@ -1,5 +1,5 @@
-"""What every support shares: the divergence over normalized log-probs (with its p = 0 and mixture conventions),
-the argument checks, the compute dtype and the temperature scaling of logits."""
+"""What the top-k and full paths share: the divergence over normalized log-probs (with its p = 0 and mixture
+conventions), the argument checks, the compute dtype and the temperature scaling of logits."""
 
 from __future__ import annotations
 
