@@ -21,6 +21,11 @@ LINK = re.compile(r"(!?\[[^\]]*\])\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~)", re.MULTILINE)
 
 
+def _relative(target: str) -> bool:
+    """A link into the repository (not a URL, an in-page anchor or a site-absolute path)."""
+    return not (re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith(("#", "/")))
+
+
 def _repo(config) -> Path:
     return Path(config.config_file_path).resolve().parent
 
@@ -59,7 +64,7 @@ def _relative_targets(markdown: str, page_repo_path: str):
     def collect(text: str) -> str:
         for m in LINK.finditer(text):
             target = m.group(2)
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith(("#", "/")):
+            if not _relative(target):
                 continue
             path, _, anchor = target.partition("#")
             found.append((path, anchor))
@@ -95,7 +100,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     def rewrite(text: str) -> str:
         def one(m: re.Match) -> str:
             target = m.group(2)
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith(("#", "/")):
+            if not _relative(target):
                 return m.group(0)
             path, hash_, anchor = target.partition("#")
             repo_target = posixpath.normpath(posixpath.join(posixpath.dirname(page_repo_path), path))
