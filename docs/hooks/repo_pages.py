@@ -109,4 +109,15 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
         return LINK.sub(one, text)
 
-    return _outside_fences(markdown, rewrite)
+    return _outside_fences(markdown, lambda text: _unescape_table_code(rewrite(text)))
+
+
+def _unescape_table_code(text: str) -> str:
+    """GitHub needs `a\\|b` for a pipe in code in a table cell and shows `a|b`; Python-Markdown keeps pipes inside
+    code spans out of the cell split by itself and would show the backslash."""
+    def row(line: str) -> str:
+        if not line.lstrip().startswith("|"):
+            return line
+        return re.sub(r"`[^`]*`", lambda m: m.group(0).replace("\\|", "|"), line)
+
+    return "\n".join(row(line) for line in text.split("\n"))
