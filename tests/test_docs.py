@@ -43,13 +43,10 @@ def test_the_site_builds_strictly(tmp_path):
 
 
 def site_copy(tmp_path: Path) -> Path:
-    """The files the site is built from, in a scratch repository."""
+    """The repository's files (the site links into any of them), in a scratch folder."""
     root = tmp_path / "repo"
-    for name in ("mkdocs.yml", "README.md"):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / name, root / name)
-    for folder in ("docs", "bench", "examples"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.py[co]"))
+    skip = shutil.ignore_patterns(".git", ".venv", "site", "__pycache__", "*.py[co]", ".pytest_cache", "opd_demo")
+    shutil.copytree(REPO, root, ignore=skip, symlinks=True)
     return root
 
 
