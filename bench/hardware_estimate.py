@@ -181,7 +181,7 @@ def _b(params: int) -> str:
 
 def table() -> str:
     rows = ["| recipe | student / teacher params (trainable) | GPUs | GPU per GPU: actor + micro-batch, teacher pass "
-            "-> needed (vLLM share) | host per node: teacher + offloaded | fits 80 GB GPUs |",
+            "-> needed (vLLM share) | host per node: teacher + offloaded | fits 80 GB GPUs (estimate) |",
             "| --- | --- | --- | --- | --- | --- |"]
     for name, cfg in gpu_recipes().items():
         e = estimate(cfg)

@@ -5,7 +5,7 @@
 
 Each variant is a set of bench/reference_loop.py LoopConfig fields on top of the demo recipe's (the loop matches
 main_opd step for step: bench/parity.py). The loop takes ~0.3 s per step, main_opd ~8 s on 2 CPU cores, which is
-why the sweep runs here; whatever wins is then run through main_opd (README -> Benchmarks). The score of a variant
+why the sweep runs here; whatever wins is then run through main_opd (bench/README.md). The score of a variant
 is the greedy val accuracy (300 prompts) at fixed step counts and the fraction of the student -> teacher gap it
 closes, mean over seeds. Writes bench/results/opd_speed.json (command, settings, curves per run, summary) and .png.
 """

@@ -69,7 +69,7 @@ data)
     run "$PYTHON" data_preprocess/gsm8k.py --local_dir "$DATA/gsm8k"
     ;;
 train)
-    # Metrics: verl's console lines (opd/kl_per_token, opd/teacher_logprob, ... : README, Metrics) and the same as
+    # Metrics: verl's console lines (opd/kl_per_token, opd/teacher_logprob, ...: docs/metrics.md) and the same as
     # JSON lines in $RUN_DIR/metrics.jsonl (verl's file logger, which rewrites the file at each start). For wandb
     # too: trainer.logger=[console,file,wandb] after `wandb login`. Checkpoints: $RUN_DIR/checkpoints/global_step_<N>
     # every trainer.save_freq=50 steps (the recipe's), the newest 2 kept.

@@ -294,7 +294,10 @@ def test_recipe_is_an_experiment_config_with_a_header(name):
     text = (RECIPES_DIR / f"{name}.yaml").read_text()
     assert text.startswith("# @package _global_\n"), "a recipe is added to the base config at the root"
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
-    assert "Reproduces" in header or "Phase" in header, "the header says what the recipe reproduces"
+    assert "Mirrors the settings of" in header or "Phase" in header, (
+        "the header says whose settings the recipe mirrors (nothing has run on a GPU: none 'reproduces' a result)"
+    )
+    assert "Reproduces" not in header, "no recipe has reproduced a published result (none has run on a GPU)"
     assert f"bash examples/run_recipe.sh {name} [overrides]" in header and f"+recipes={name}" in header, (
         "the header gives the launch commands"
     )
