@@ -133,6 +133,9 @@ def test_two_routed_teachers_on_a_pool_on_another_node_match_float64(tmp_path_fa
         "data.train_files": w.routed_train, "data.val_files": w.routed_val,
         "opd.teacher_pool.n_gpus_per_node": 1, "opd.teacher_pool.nnodes": 1,
         "+ray_kwargs.ray_init.address": two_nodes.address})
+    # the cluster's processes were started without the dump variable: the TaskRunner gets it from the runtime env
+    dump = tmp_path / "dump_pool_nodes"
+    overrides.append(f"+ray_kwargs.ray_init.runtime_env.env_vars.OPD_VERL_DUMP_TOKENS={dump}")
     log, metrics, saved = _dumped_run(w, "pool_nodes", overrides, tmp_path)
     assert log.count("on its own pool: parameters resident") == 2
     routes = {"arith_a": w.teacher, "arith_b": w.teacher_b}
