@@ -50,7 +50,10 @@ def prepare(config: DictConfig) -> None:
     if uses_opd(plain):
         from opd_verl.checks.preflight import run_preflight
 
-        for line in view_notes(plain["opd"]):
+        from opd_verl.checks.teacher_pool import placement_note
+
+        pool = placement_note(plain["opd"])
+        for line in view_notes(plain["opd"]) + ([pool] if pool else []):
             print(f"opd_verl: {line}", file=sys.stderr)
         for line in run_preflight(plain):
             print(f"opd_verl: {line}", file=sys.stderr)

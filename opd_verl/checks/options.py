@@ -529,8 +529,11 @@ def check_rollout_log_probs(config: Mapping) -> None:
 
 def validate_config(config: Mapping) -> None:
     """All checks of ours on a composed config; raises OPDConfigError before anything is loaded."""
+    from opd_verl.checks.teacher_pool import check_teacher_placement  # its own module (it imports this one)
+
     opd = config["opd"]
     validate_opd_section(opd)
+    check_teacher_placement(config)
     if not uses_opd(config):  # opd.accept_rollout_log_probs concerns verl's bypass mode, set without OPD too
         check_unread_options(config, {ACCEPT_ROLLOUT_KEY: _ACCEPT_ROLLOUT_NEEDS})
         return

@@ -108,10 +108,20 @@ def teacher_model_sections(config) -> list[str]:
     return sections + [f"opd.teachers.{i}.model" for i, t in enumerate(teachers) if t.get("model")]
 
 
+def placeholder_gpus(config) -> int:
+    """The placeholder GPUs of a CPU run: the student's pool (trainer.n_gpus_per_node x nnodes) and the teachers'
+    own pool (opd.teacher_pool), if any."""
+    from opd_verl.checks.teacher_pool import pool_gpus
+
+    trainer = int(OmegaConf.select(config, "trainer.n_gpus_per_node", default=1) or 1) * int(
+        OmegaConf.select(config, "trainer.nnodes", default=1) or 1)
+    return trainer + pool_gpus(config)
+
+
 def required_ray_cpus(config) -> int:
     """Ray CPUs verl's placement groups and actors reserve on a CPU run (one node)."""
     get = lambda key, default: OmegaConf.select(config, key, default=default)  # noqa: E731
-    gpus = int(get("trainer.n_gpus_per_node", 1)) * int(get("trainer.nnodes", 1))
+    gpus = placeholder_gpus(config)
     for section in ("reward.reward_model", "distillation"):
         if get(f"{section}.enable", False) or get(f"{section}.enabled", False):
             if get(f"{section}.enable_resource_pool", True):
@@ -222,7 +232,7 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
 
     # -- Ray and TransferQueue: fake GPUs for verl's placement groups, logical CPUs for its actors
     a.prefer("transfer_queue.backend.SimpleStorage.num_data_storage_units", 1, 8)
-    n_gpus = int(a.get("trainer.n_gpus_per_node")) * int(a.get("trainer.nnodes") or 1)
+    n_gpus = placeholder_gpus(config)
     # Joining a running cluster: its nodes bring their own resources (ray.init refuses num_cpus/num_gpus then).
     if not joins_ray_cluster(config):
         need = required_ray_cpus(config)
@@ -253,13 +263,11 @@ def check_ray_resources(config) -> None:
             f"transfer_queue.backend.SimpleStorage.num_data_storage_units + 2); set ray_kwargs.ray_init.num_cpus>={need} "
             "(logical CPUs, not cores) or leave it unset"
         )
-    n_gpus = int(OmegaConf.select(config, "trainer.n_gpus_per_node", default=1)) * int(
-        OmegaConf.select(config, "trainer.nnodes", default=1)
-    )
+    n_gpus = placeholder_gpus(config)
     num_gpus = ray_init.get("num_gpus")
     if num_gpus is not None and int(num_gpus) < n_gpus:
         raise OPDConfigError(
-            f"ray_kwargs.ray_init.num_gpus={num_gpus} is fewer than trainer.n_gpus_per_node x nnodes = {n_gpus} "
+            f"ray_kwargs.ray_init.num_gpus={num_gpus} is fewer than trainer.n_gpus_per_node x nnodes (+ opd.teacher_pool) = {n_gpus} "
             "(on CPU these are placeholder GPUs for verl's placement groups); set ray_kwargs.ray_init.num_gpus="
             f"{n_gpus} or leave it unset"
         )
