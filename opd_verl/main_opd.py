@@ -41,8 +41,9 @@ def _strip_cfg_job(argv: list[str]) -> tuple[list[str], bool]:
     return out, found
 
 
-def prepare(config: DictConfig) -> None:
-    """Validate everything of ours and apply platform defaults; raises OPDConfigError on bad input."""
+def prepare(config: DictConfig, launch: bool = False) -> None:
+    """Validate everything of ours and apply platform defaults; raises OPDConfigError on bad input. `launch`: the
+    run starts here (not `--cfg job`), so its models must be loadable here."""
     plain = OmegaConf.to_container(config, resolve=True)
     validate_config(plain)
     for line in deprecation_notes(plain):
@@ -52,7 +53,7 @@ def prepare(config: DictConfig) -> None:
 
         for line in view_notes(plain["opd"]):
             print(f"opd_verl: {line}", file=sys.stderr)
-        for line in run_preflight(plain):
+        for line in run_preflight(plain, launch=launch):
             print(f"opd_verl: {line}", file=sys.stderr)
     if is_cpu_run(config, user_override_keys()):  # the CPU support is loaded for a CPU run only
         from opd_verl.cpu.defaults import apply_cpu_defaults
@@ -66,7 +67,7 @@ def main(config: DictConfig) -> None:
     from opd_verl.checks.data import check_data
 
     try:
-        prepare(config)
+        prepare(config, launch=not _PRINT_ONLY["flag"])
         if _PRINT_ONLY["flag"]:
             note = device_note(config, user_override_keys())
             if note:
