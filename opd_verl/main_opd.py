@@ -10,6 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from opd_verl.checks.critic import apply_critic_default
 from opd_verl.checks.device import check_device, device_note, is_cpu_run, user_override_keys
 from opd_verl.checks.verl_config import check_verl_config
 from opd_verl.checks.options import (
@@ -48,6 +49,9 @@ def prepare(config: DictConfig, launch: bool = False) -> None:
     validate_config(plain)
     for line in deprecation_notes(plain):
         print(f"opd_verl: {line}", file=sys.stderr)
+    critic_line = apply_critic_default(config)
+    if critic_line:
+        print(f"opd_verl: {critic_line}", file=sys.stderr)
     if uses_opd(plain):
         from opd_verl.checks.preflight import run_preflight
 

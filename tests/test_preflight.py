@@ -246,7 +246,9 @@ def test_a_name_that_is_no_hub_id_either_is_an_error(tmp_path):
     student = _model_dir(tmp_path / "s")
     with pytest.raises(OPDConfigError, match=r"opd.teacher.path=no such dir is neither an existing directory .* nor "
                                              r"a valid hub id"):
-        run_preflight(_config(student, "no such dir"))  # --cfg job too
+        run_preflight(_config(student, "no such dir"), launch=True)
+    (line,) = run_preflight(_config(student, "no such dir"))  # --cfg job: a phase may still make it
+    assert "skipped: no such dir is neither a local directory nor a hub name" in line, line
 
 
 def test_a_cached_hub_name_passes_offline_without_weights(tmp_path, monkeypatch):

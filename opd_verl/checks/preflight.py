@@ -108,8 +108,8 @@ def _offline_reason(name: str, what: str) -> str:
 
 
 def check_model_source(path: str | None, key: str, tokenizer: bool = False, launch: bool = True) -> None:
-    """`path` must be something a model (tokenizer) can be loaded from: an existing directory, or a hub id; for a
-    launch (`launch`), one in the Hugging Face cache or fetchable from the hub. A name that is none of these is one
+    """`path` must be something a model (tokenizer) can be loaded from: a local path (./, /, ~) must be a model
+    directory; for a launch (`launch`), any other name must be a hub id in the Hugging Face cache or fetchable. A name that is none of these is one
     error naming both readings (a local path that does not exist; a hub id that cannot be fetched) and the fix. A hub
     that answers "not found" or "gated" is left to the preflight (it reports it; the workers may hold a token)."""
     from huggingface_hub.utils import validate_repo_id
@@ -119,13 +119,13 @@ def check_model_source(path: str | None, key: str, tokenizer: bool = False, laun
     if _is_local_model_path(path):
         check_tokenizer_path(path, key) if tokenizer else check_model_path(path, key)
         return
+    if not launch:  # `--cfg job`: the preflight says why it cannot read the files (a phase may still make them)
+        return
     try:
         validate_repo_id(path)
     except ValueError:
         raise OPDConfigError(f"{key}={path} is neither an existing directory (from {os.getcwd()}) nor a valid hub "
                              "id (Org/Name); point it at a model directory or a hub model") from None
-    if not launch:
-        return
     if _in_hub_cache(path, TOKENIZER_FILES if tokenizer else MODEL_FILES):
         return
     what = "tokenizer" if tokenizer else "config.json"
