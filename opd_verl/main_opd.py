@@ -49,9 +49,6 @@ def prepare(config: DictConfig, launch: bool = False) -> None:
     validate_config(plain)
     for line in deprecation_notes(plain):
         print(f"opd_verl: {line}", file=sys.stderr)
-    critic_line = apply_critic_default(config)
-    if critic_line:
-        print(f"opd_verl: {critic_line}", file=sys.stderr)
     if uses_opd(plain):
         from opd_verl.checks.preflight import run_preflight
 
@@ -59,6 +56,9 @@ def prepare(config: DictConfig, launch: bool = False) -> None:
             print(f"opd_verl: {line}", file=sys.stderr)
         for line in run_preflight(plain, launch=launch):
             print(f"opd_verl: {line}", file=sys.stderr)
+    critic_line = apply_critic_default(config)
+    if critic_line:
+        print(f"opd_verl: {critic_line}", file=sys.stderr)
     if is_cpu_run(config, user_override_keys()):  # the CPU support is loaded for a CPU run only
         from opd_verl.cpu.defaults import apply_cpu_defaults
 
