@@ -439,12 +439,14 @@ def run_preflight(config: Mapping, launch: bool = False) -> list[str]:
     student_tok_path = model.get("tokenizer_path")
     student_trust = bool(model.get("trust_remote_code", False))
     allow = bool(opd["preflight"]["allow_template_mismatch"])
-    check_model_source(student_path, "actor_rollout_ref.model.path", launch=launch)
-    check_model_source(student_tok_path, "actor_rollout_ref.model.tokenizer_path", tokenizer=True, launch=launch)
-    for i, teacher in enumerate(teacher_entries(opd)):  # every path before any comparison
+    sources = [(student_path, "actor_rollout_ref.model.path", False),
+               (student_tok_path, "actor_rollout_ref.model.tokenizer_path", True)]
+    for i, teacher in enumerate(teacher_entries(opd)):
         key = teacher_key(opd, i)
-        check_model_source(teacher["path"], f"{key}.path", launch=launch)
-        check_model_source(teacher.get("tokenizer_path"), f"{key}.tokenizer_path", tokenizer=True, launch=launch)
+        sources += [(teacher["path"], f"{key}.path", False), (teacher.get("tokenizer_path"), f"{key}.tokenizer_path", True)]
+    for pass_launch in sorted({False, launch}):  # every path before any comparison: local paths, then hub names
+        for path, key, tokenizer in sources:
+            check_model_source(path, key, tokenizer=tokenizer, launch=pass_launch)
     memo: dict[tuple, Any] = {}
 
     def load(function, *args):  # each tokenizer/config once, across teachers; a FilesUnavailable too
