@@ -42,9 +42,8 @@ def _strip_cfg_job(argv: list[str]) -> tuple[list[str], bool]:
     return out, found
 
 
-def prepare(config: DictConfig, launch: bool = False) -> None:
-    """Validate everything of ours and apply platform defaults; raises OPDConfigError on bad input. `launch`: the
-    run starts here (not `--cfg job`), so its models must be loadable here."""
+def prepare(config: DictConfig) -> None:
+    """Validate everything of ours and apply platform defaults; raises OPDConfigError on bad input."""
     plain = OmegaConf.to_container(config, resolve=True)
     validate_config(plain)
     for line in deprecation_notes(plain):
@@ -54,7 +53,7 @@ def prepare(config: DictConfig, launch: bool = False) -> None:
 
         for line in view_notes(plain["opd"]):
             print(f"opd_verl: {line}", file=sys.stderr)
-        for line in run_preflight(plain, launch=launch):
+        for line in run_preflight(plain):
             print(f"opd_verl: {line}", file=sys.stderr)
     critic_line = apply_critic_default(config)
     if critic_line:
@@ -71,13 +70,17 @@ def main(config: DictConfig) -> None:
     from opd_verl.checks.data import check_data
 
     try:
-        prepare(config, launch=not _PRINT_ONLY["flag"])
+        prepare(config)
         if _PRINT_ONLY["flag"]:
             note = device_note(config, user_override_keys())
             if note:
                 print(f"opd_verl: {note}", file=sys.stderr)
         else:
             check_device(config, user_override_keys())
+            if uses_opd(config):  # the models must load here: a mistyped name is one line, not verl's traceback
+                from opd_verl.checks.preflight import check_model_sources
+
+                check_model_sources(OmegaConf.to_container(config, resolve=True))
             check_data(OmegaConf.to_container(OmegaConf.masked_copy(config, ["data", "opd"]), resolve=True))
     except OPDConfigError as err:
         _fail(str(err))

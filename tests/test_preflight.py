@@ -4,7 +4,9 @@ tiny tokenizers: model dirs, and hub names in a Hugging Face cache built here (o
 import pytest
 
 from opd_verl.checks.options import OPDConfigError
-from opd_verl.checks.preflight import compare_chat_templates, compare_vocabularies, run_preflight
+from opd_verl.checks.preflight import (
+    check_model_sources, compare_chat_templates, compare_vocabularies, run_preflight,
+)
 from opd_verl.demo.tiny_models import CHAT_TEMPLATE, build_qwen2, build_tokenizer, save_model_dir
 
 
@@ -221,8 +223,8 @@ def _no_connection():
                                  "opd.teachers[1].tokenizer_path"])
 def test_a_name_neither_a_directory_nor_cached_offline_is_one_error_naming_both_readings(tmp_path, key):
     """Offline (conftest) with an empty cache: a model or tokenizer name that is no directory here cannot load; for a
-    launch one line names the key, both readings and the fix (issue 28: a skip line, then a traceback in verl);
-    `--cfg job` (launch=False) prints the skip line with the fix and goes on."""
+    launch (check_model_sources) one line names the key, both readings and the fix (issue 28: a skip line, then a
+    traceback in verl); the preflight (also under `--cfg job`) prints the skip line with the fix and goes on."""
     student, teacher = _model_dir(tmp_path / "s"), _model_dir(tmp_path / "t")
     config = _config(student, teacher)
     if key.startswith("opd.teachers"):
@@ -234,7 +236,7 @@ def test_a_name_neither_a_directory_nor_cached_offline_is_one_error_naming_both_
     reports = run_preflight(config)
     assert [r for r in reports if "skipped: offline (HF_HUB_OFFLINE=1)" in r and "HF_ENDPOINT" in r], reports
     with pytest.raises(OPDConfigError) as err:
-        run_preflight(config, launch=True)
+        check_model_sources(config)
     message = str(err.value)
     assert message.startswith(f"{key}=no_such_dir_for_opd is no directory here (from "), message
     assert "as a hub id it cannot be fetched: offline (HF_HUB_OFFLINE=1)" in message
@@ -246,7 +248,7 @@ def test_a_name_that_is_no_hub_id_either_is_an_error(tmp_path):
     student = _model_dir(tmp_path / "s")
     with pytest.raises(OPDConfigError, match=r"opd.teacher.path=no such dir is neither an existing directory .* nor "
                                              r"a valid hub id"):
-        run_preflight(_config(student, "no such dir"), launch=True)
+        check_model_sources(_config(student, "no such dir"))
     (line,) = run_preflight(_config(student, "no such dir"))  # --cfg job: a phase may still make it
     assert "skipped: no such dir is neither a local directory nor a hub name" in line, line
 
@@ -259,7 +261,8 @@ def test_a_cached_hub_name_passes_offline_without_weights(tmp_path, monkeypatch)
     teacher = _cache_hub_model(hub, "tiny-org/teacher")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
     student = _model_dir(tmp_path / "s")
-    reports = run_preflight(_config(student, teacher), launch=True)
+    check_model_sources(_config(student, teacher))
+    reports = run_preflight(_config(student, teacher))
     assert reports == [f"preflight: teacher {teacher} matches the student's vocabulary and chat template"], reports
 
 
@@ -295,7 +298,8 @@ def test_a_skipped_check_prints_the_command_with_the_teachers_tokenizer_and_trus
     _online(monkeypatch, _not_found(), _not_found(), _not_found(), _not_found())
     config = _config(student, "nobody/uncached-teacher")
     config["opd"]["teacher"].update(tokenizer_path="nobody/tok", model={"trust_remote_code": True})
-    (line,) = run_preflight(config, launch=True)
+    check_model_sources(config)  # not an error
+    (line,) = run_preflight(config)
     assert "checks of teacher nobody/uncached-teacher against student" in line and "skipped" in line, line
     assert line.endswith(
         f"python -m opd_verl.preflight --teacher nobody/uncached-teacher --student {student} "
@@ -309,12 +313,13 @@ def test_an_unreachable_hub_is_an_error_and_an_unknown_name_a_skip(tmp_path, mon
     student = _model_dir(tmp_path / "s")
     _online(monkeypatch, _no_connection(), _not_found(), _not_found())
     with pytest.raises(OPDConfigError) as err:
-        run_preflight(_config(student, "nobody/teacher"), launch=True)
+        check_model_sources(_config(student, "nobody/teacher"))
     message = str(err.value)
     assert "opd.teacher.path=nobody/teacher is no directory here" in message, message
     assert "the hub cannot be reached for nobody/teacher (ConnectError: [Errno -2]" in message, message
     assert "set HF_HUB_OFFLINE=1, or set HF_ENDPOINT to a hub mirror" in message, message
-    (line,) = run_preflight(_config(student, "nobody/teacher"), launch=True)
+    check_model_sources(_config(student, "nobody/teacher"))  # not an error
+    (line,) = run_preflight(_config(student, "nobody/teacher"))
     assert "skipped: nobody/teacher is not on the hub, or is private and this machine has no token for it" in line
 
 

@@ -2,10 +2,11 @@
 
 Only tokenizers and config.json files are read (never weights): from a local directory, or for a hub name
 (`Qwen/Qwen2-7B-Instruct`) through transformers from the Hugging Face cache, else downloaded from the hub.
-Before a launch, a name that is neither a directory here nor in the Hugging Face cache while the hub cannot be
-reached (offline, or no connection) is an error (check_model_source): no model could load it. Otherwise (`--cfg
-job`, or the hub answers "not found" / "gated": the workers may hold a token) the checks of a teacher whose files
-cannot be had are skipped with one line saying why and the command that runs them (`python -m opd_verl.preflight`).
+The checks of a teacher whose files cannot be had are skipped with one line saying why, the fix, and the command
+that runs them (`python -m opd_verl.preflight`). Before a launch (not `--cfg job`), after the device check, a name
+that is neither a directory here nor in the Hugging Face cache while the hub cannot be reached (offline, or no
+connection) is an error (check_model_sources): no model could load it; a hub that answers "not found" / "gated" is
+not (the workers may hold a token).
 Each failure is one line naming both models and the fix.
 """
 
@@ -108,10 +109,10 @@ def _offline_reason(name: str, what: str) -> str:
 
 
 def check_model_source(path: str | None, key: str, tokenizer: bool = False, launch: bool = True) -> None:
-    """`path` must be something a model (tokenizer) can be loaded from: a local path (./, /, ~) must be a model
-    directory; for a launch (`launch`), any other name must be a hub id in the Hugging Face cache or fetchable. A name that is none of these is one
-    error naming both readings (a local path that does not exist; a hub id that cannot be fetched) and the fix. A hub
-    that answers "not found" or "gated" is left to the preflight (it reports it; the workers may hold a token)."""
+    """`path` must be something a model (tokenizer) can be loaded from: a local path (./, /, ~) a model directory;
+    for a launch (`launch`), any other name a hub id in the Hugging Face cache or fetchable. A name that is none of
+    these is one error naming both readings (a local path that does not exist; a hub id that cannot be fetched) and
+    the fix. A hub that answers "not found" or "gated" is left to the preflight (the workers may hold a token)."""
     from huggingface_hub.utils import validate_repo_id
 
     if not path:
@@ -430,23 +431,35 @@ def check_teacher_view(
     return reports
 
 
-def run_preflight(config: Mapping, launch: bool = False) -> list[str]:
-    """All checks on a composed config (plain dict). Returns report lines; raises OPDConfigError on failure. For a
-    launch (not `--cfg job`), a model name that cannot be had here is an error (check_model_source)."""
+def model_sources(config: Mapping) -> list[tuple[str | None, str, bool]]:
+    """(path, key, is a tokenizer) of the student and of every teacher, with their tokenizer paths."""
+    opd, model = config["opd"], config["actor_rollout_ref"]["model"]
+    sources = [(model["path"], "actor_rollout_ref.model.path", False),
+               (model.get("tokenizer_path"), "actor_rollout_ref.model.tokenizer_path", True)]
+    for i, teacher in enumerate(teacher_entries(opd)):
+        key = teacher_key(opd, i)
+        sources += [(teacher["path"], f"{key}.path", False), (teacher.get("tokenizer_path"), f"{key}.tokenizer_path", True)]
+    return sources
+
+
+def check_model_sources(config: Mapping) -> None:
+    """Before a launch (after the device check): every model and tokenizer name can be loaded here (local paths
+    first, then hub names; check_model_source)."""
+    for launch in (False, True):
+        for path, key, tokenizer in model_sources(config):
+            check_model_source(path, key, tokenizer=tokenizer, launch=launch)
+
+
+def run_preflight(config: Mapping) -> list[str]:
+    """All checks on a composed config (plain dict). Returns report lines; raises OPDConfigError on failure."""
     opd = config["opd"]
     model = config["actor_rollout_ref"]["model"]
     student_path = model["path"]
     student_tok_path = model.get("tokenizer_path")
     student_trust = bool(model.get("trust_remote_code", False))
     allow = bool(opd["preflight"]["allow_template_mismatch"])
-    sources = [(student_path, "actor_rollout_ref.model.path", False),
-               (student_tok_path, "actor_rollout_ref.model.tokenizer_path", True)]
-    for i, teacher in enumerate(teacher_entries(opd)):
-        key = teacher_key(opd, i)
-        sources += [(teacher["path"], f"{key}.path", False), (teacher.get("tokenizer_path"), f"{key}.tokenizer_path", True)]
-    for pass_launch in sorted({False, launch}):  # every path before any comparison: local paths, then hub names
-        for path, key, tokenizer in sources:
-            check_model_source(path, key, tokenizer=tokenizer, launch=pass_launch)
+    for path, key, tokenizer in model_sources(config):  # every local path before any comparison
+        check_model_source(path, key, tokenizer=tokenizer, launch=False)
     memo: dict[tuple, Any] = {}
 
     def load(function, *args):  # each tokenizer/config once, across teachers; a FilesUnavailable too
