@@ -138,15 +138,22 @@ def build_parser(
     )
     parser.add_argument(
         "--local_dir",
-        default=f"~/data/{name}",
-        help="output directory; each split is written to LOCAL_DIR/<split>.parquet (default: %(default)s)",
+        default=None,
+        help=f"output directory; each split is written to LOCAL_DIR/<split>.parquet (default: ~/data/{name})",
     )
+    parser.add_argument("--local_save_dir", default=None, help="verl's name for --local_dir")
     parser.add_argument(
         "--local_path",
         nargs="+",
         metavar="FILE",
         help="read these local files (.parquet, or .jsonl/.json with JSON lines or one array of records, in the "
         "data set's original schema) instead of the hub data set; one file per --split name, in order",
+    )
+    parser.add_argument(
+        "--local_dataset_path",
+        metavar="DIR",
+        help="verl's flag: a local copy of the data set (a directory datasets.load_dataset reads with --dataset_config, "
+        "e.g. one `hf download` wrote), read instead of the hub data set --dataset",
     )
     parser.add_argument(
         "--split",
@@ -164,8 +171,30 @@ def build_parser(
     parser.add_argument(
         "--progress_every", type=int, default=10000, help="print a progress line every N rows (default: %(default)s)"
     )
-    parser.set_defaults(_name=name, _default_splits=list(splits))
+    parser.set_defaults(_name=name, _default_splits=list(splits), _default_dataset=dataset)
     return parser
+
+
+def resolve_verl_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """verl's --local_save_dir / --local_dataset_path as our --local_dir / --dataset (each pair given once)."""
+    if args.local_dir and args.local_save_dir and args.local_dir != args.local_save_dir:
+        raise PreprocessError(f"--local_dir {args.local_dir} and --local_save_dir {args.local_save_dir} name two "
+                              "output directories; give one")
+    args.local_dir = args.local_dir or args.local_save_dir or f"~/data/{args._name}"
+    if args.local_dataset_path:
+        if args.local_path:
+            raise PreprocessError("--local_dataset_path (a local copy of the data set) and --local_path (one file per "
+                                  "split) both name the input; give one")
+        if args.dataset != args._default_dataset:
+            raise PreprocessError(f"--local_dataset_path {args.local_dataset_path} and --dataset {args.dataset} both "
+                                  "name the data set; give one")
+        path = Path(args.local_dataset_path).expanduser()
+        if not path.is_dir():
+            raise PreprocessError(f"--local_dataset_path {args.local_dataset_path}: no such directory; give a local "
+                                  f"copy of {args.dataset} (a directory datasets.load_dataset reads), or one file "
+                                  "per split with --local_path")
+        args.dataset = str(path)
+    return args
 
 
 def _splits_and_sources(args: argparse.Namespace) -> list[tuple[str, str | None]]:
@@ -385,6 +414,7 @@ def run(args: argparse.Namespace, columns: Sequence[str | Sequence[str]], conver
     Returns the number of rows written; raises PreprocessError for any user-facing failure.
     """
     cols = [Column.of(c) for c in columns]
+    args = resolve_verl_flags(args)
     out_dir = Path(args.local_dir).expanduser()
     if args.max_samples is not None and args.max_samples < 1:
         raise PreprocessError(f"--max_samples must be >= 1, got {args.max_samples}")

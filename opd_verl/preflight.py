@@ -11,6 +11,10 @@ before a launch, or where the trainer printed that it skipped them. With a teach
 --cross-tokenizer: opd.teacher.prompt / cross_tokenizer) the view checks instead: the view rendered on the first
 rows of --data, the vocabularies unless --cross-tokenizer, the byte round trip with it.
 
+--teacher-prompt takes the value as opd.teacher.prompt's: one pair of outer quotes, as a Hydra override carries
+them (`"'{prompt} ...'"`, pasted from `opd.teacher.prompt='{prompt} ...'`), is removed, as Hydra removes it, and
+a line says so.
+
 Exit status: 0 with the "matches" line; 2 with one `opd_verl: error:` line on a mismatch (or a bad path); 3 when a
 hub model's files cannot be had here (offline and not cached, hub unreachable, not found), with the reason.
 """
@@ -48,13 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-remote-code", action="store_true", help="load both tokenizers with trust_remote_code")
     parser.add_argument("--teacher-prompt", default="student",
                         help="the teacher's view (opd.teacher.prompt): student (default), chat_template, a template, or a "
-                        "JSON list of {role, content} messages")
+                        "JSON list of {role, content} messages; one pair of outer quotes is removed, as Hydra does")
     parser.add_argument("--no-wrap-chat", action="store_true",
                         help="a template is the teacher's whole prompt (opd.teacher.wrap_chat=false)")
     parser.add_argument("--cross-tokenizer", action="store_true",
                         help="the teacher has its own tokenizer (opd.teacher.cross_tokenizer=true)")
     parser.add_argument("--data", help="train parquet whose first rows the view is rendered on (data.train_files)")
     return parser.parse_args(argv)
+
+
+def strip_hydra_quotes(value: str) -> tuple[str, bool]:
+    """`value` without one pair of matching outer quotes (' or "), as Hydra reads an override; whether it had them."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1], True
+    return value, False
 
 
 def _view_reports(args) -> list[str]:
@@ -82,6 +93,10 @@ def _view_reports(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.teacher_prompt, quoted = strip_hydra_quotes(args.teacher_prompt)
+    if quoted:
+        print(f"opd_verl: --teacher-prompt: its outer quotes are removed, as Hydra removes them from "
+              f"opd.teacher.prompt=...; the template is {args.teacher_prompt!r}")
     try:
         check_model_path(args.student, "--student")
         check_model_path(args.teacher, "--teacher")

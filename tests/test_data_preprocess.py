@@ -646,3 +646,55 @@ def test_parquet_stream_aborts_on_error_and_writes_nothing_without_rows(tmp_path
     with ParquetStream(empty) as stream:
         pass
     assert stream.written == 0 and not empty.exists() and not stream.tmp.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verl's flags (examples/data_preprocess/*.py of verl): --local_save_dir, --local_dataset_path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gsm8k_snapshot(root: Path) -> Path:
+    """A local copy of openai/gsm8k as the hub holds it (README.md declaring config "main", its split files)."""
+    (root / "main").mkdir(parents=True)
+    pd.DataFrame([GSM8K_ROWS[0]]).to_parquet(root / "main" / "train-00000-of-00001.parquet")
+    pd.DataFrame([GSM8K_ROWS[2]]).to_parquet(root / "main" / "test-00000-of-00001.parquet")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "  - split: test\n    path: main/test-*\n---\n"
+    )
+    return root
+
+
+def test_verls_local_save_dir_and_local_dataset_path(tmp_path):
+    """`gsm8k.py --local_dataset_path DIR --local_save_dir OUT`, as verl's own script is called: DIR is read with
+    datasets.load_dataset(DIR, "main"), every split written under OUT."""
+    snapshot = _gsm8k_snapshot(tmp_path / "gsm8k_copy")
+    out = tmp_path / "out"
+    proc = run_script("gsm8k", "--local_dataset_path", str(snapshot), "--local_save_dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"gsm8k[train]: wrote 1 rows to {out / 'train.parquet'}" in proc.stdout
+    assert f"gsm8k[test]: wrote 1 rows to {out / 'test.parquet'}" in proc.stdout
+    _, train = read_rows(out / "train.parquet")
+    _, test = read_rows(out / "test.parquet")
+    assert train[0]["reward_model"]["ground_truth"] == "4" and test[0]["reward_model"]["ground_truth"] == "1234"
+    assert train[0]["data_source"] == "openai/gsm8k"  # the reward is chosen by data_source, not by the input path
+    src = tmp_path / "train.parquet"
+    pd.DataFrame(GSM8K_ROWS[:1]).to_parquet(src)
+    proc = run_script("gsm8k", "--local_save_dir", str(tmp_path / "out2"), "--local_path", str(src))
+    assert proc.returncode == 0 and (tmp_path / "out2" / "train.parquet").is_file(), proc.stderr
+
+
+def test_verls_flags_conflicting_with_ours_are_one_error_line(tmp_path):
+    src = tmp_path / "train.parquet"
+    pd.DataFrame(GSM8K_ROWS[:1]).to_parquet(src)
+    cases = [
+        (["--local_dir", str(tmp_path / "a"), "--local_save_dir", str(tmp_path / "b"), "--local_path", str(src)],
+         "name two output directories; give one"),
+        (["--local_dataset_path", str(tmp_path), "--local_path", str(src)], "both name the input; give one"),
+        (["--local_dataset_path", str(tmp_path), "--dataset", "other/gsm8k"], "both name the data set; give one"),
+        (["--local_dataset_path", str(tmp_path / "missing")], "missing: no such directory"),
+    ]
+    for args, message in cases:
+        proc = run_script("gsm8k", *args)
+        assert proc.returncode != 0 and message in single_error_line(proc), (args, proc.stderr)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

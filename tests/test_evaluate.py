@@ -133,10 +133,22 @@ def test_cli_side_by_side_with_gap(tiny_setup, tmp_path):
     assert report["n_prompts"] == 3
     assert report["settings"] == {"backend": "hf", "max_new_tokens": 4, "k": 2, "greedy": True, "temperature": 1.0,
                                   "top_p": 1.0, "seed": 0}
-    assert "backend=hf max_new_tokens=4 k=2" in result.stderr
+    assert "backend=hf (default: no CUDA visible) dtype=float32 max_new_tokens=4 k=2" in result.stderr
     assert set(report["models"]["teacher"]) == {"greedy", "avg@2", "pass@2"}
     # teacher == student before: no gap to close
     assert all(math.isnan(v) for v in report["gap_closed"].values())
+
+
+def test_the_backend_defaults_to_vllm_where_cuda_is_visible_and_hf_without():
+    """Without --backend: vLLM (bf16, 4096 new tokens) where CUDA is visible, so a real benchmark is not scored on
+    truncated float32 answers; HF generate on CPU, as before; an explicit --backend always wins (issue 28)."""
+    assert ev.choose_backend(None, cuda_visible=True) == ("vllm", "default: CUDA is visible")
+    assert ev.choose_backend(None, cuda_visible=False) == ("hf", "default: no CUDA visible")
+    assert ev.choose_backend("hf", cuda_visible=True) == ("hf", "--backend")
+    assert ev.choose_backend("vllm", cuda_visible=False) == ("vllm", "--backend")
+    assert (ev.default_vllm_dtype(True), ev.default_vllm_dtype(False)) == ("bfloat16", "float32")
+    assert ev.DEFAULT_MAX_NEW_TOKENS == {"vllm": 4096, "hf": 32}
+    assert ev.build_parser().parse_args(["--data", "x"]).backend is None  # the choice is made in main, and printed
 
 
 def test_cli_errors(tiny_setup):
@@ -147,6 +159,8 @@ def test_cli_errors(tiny_setup):
         (["--model", "/nonexistent", "--data", data], "not an HF model directory"),
         (["--model", str(Path(data).parent), "--data", data], "not an HF model directory"),
         (["--model", model_dir, "--data", data, "--k", "0"], "nothing to compute"),
+        (["--model", model_dir, "--data", data, "--dtype", "bfloat16"], "--dtype is read by --backend vllm only; the "
+                                                                        "backend is hf (default: no CUDA visible)"),
     ]
     for args, message in cases:
         result = subprocess.run([sys.executable, "-m", "opd_verl.evaluate", *args], capture_output=True, text=True,

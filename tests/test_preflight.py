@@ -4,7 +4,9 @@ tiny tokenizers: model dirs, and hub names in a Hugging Face cache built here (o
 import pytest
 
 from opd_verl.checks.options import OPDConfigError
-from opd_verl.checks.preflight import compare_chat_templates, compare_vocabularies, run_preflight
+from opd_verl.checks.preflight import (
+    check_model_sources, compare_chat_templates, compare_vocabularies, run_preflight,
+)
 from opd_verl.demo.tiny_models import CHAT_TEMPLATE, build_qwen2, build_tokenizer, save_model_dir
 
 
@@ -185,46 +187,138 @@ def test_each_hub_teacher_is_checked_with_its_tokenizer_path(tmp_path):
     assert result.returncode == 2 and f"teacher {other} and student {student} have different" in result.stderr
 
 
-def test_uncached_hub_name_offline_is_one_skip_line_with_the_command(tmp_path):
-    """Offline (conftest) with an empty cache: not an error; one line with the reason and the command that runs
-    the checks, which carries the teacher's tokenizer_path and trust_remote_code."""
+def _online(monkeypatch, *answers):
+    """Online as far as the preflight can tell; each hub request (HEAD) raises the next of `answers` (nothing leaves
+    this machine)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    errors = iter(answers)
+
+    def head(url, *args, **kwargs):
+        raise next(errors)
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", head)
+
+
+def _not_found():
+    import httpx
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    response = httpx.Response(404, request=httpx.Request("HEAD", "https://hub.invalid/nobody/teacher"))
+    return RepositoryNotFoundError("404", response=response)
+
+
+def _no_connection():
+    import httpx
+
+    return httpx.ConnectError("[Errno -2] Name or service not known")
+
+
+@pytest.mark.parametrize("key", ["actor_rollout_ref.model.path", "actor_rollout_ref.model.tokenizer_path",
+                                 "opd.teacher.path", "opd.teacher.tokenizer_path", "opd.teachers[1].path",
+                                 "opd.teachers[1].tokenizer_path"])
+def test_a_name_neither_a_directory_nor_cached_offline_is_one_error_naming_both_readings(tmp_path, key):
+    """Offline (conftest) with an empty cache: a model or tokenizer name that is no directory here cannot load; for a
+    launch (check_model_sources) one line names the key, both readings and the fix (issue 28: a skip line, then a
+    traceback in verl); the preflight (also under `--cfg job`) prints the skip line with the fix and goes on."""
+    student, teacher = _model_dir(tmp_path / "s"), _model_dir(tmp_path / "t")
+    config = _config(student, teacher)
+    if key.startswith("opd.teachers"):
+        config["opd"]["teachers"] = [{"path": teacher, "tokenizer_path": None}, {"path": teacher, "tokenizer_path": None}]
+    section, _, field = key.rpartition(".")
+    entry = {"actor_rollout_ref.model": config["actor_rollout_ref"]["model"], "opd.teacher": config["opd"]["teacher"],
+             "opd.teachers[1]": (config["opd"]["teachers"] or [None, None])[1]}[section]
+    entry[field] = "no_such_dir_for_opd"
+    reports = run_preflight(config)
+    assert [r for r in reports if "skipped: offline (HF_HUB_OFFLINE=1)" in r and "HF_ENDPOINT" in r], reports
+    with pytest.raises(OPDConfigError) as err:
+        check_model_sources(config)
+    message = str(err.value)
+    assert message.startswith(f"{key}=no_such_dir_for_opd is no directory here (from "), message
+    assert "as a hub id it cannot be fetched: offline (HF_HUB_OFFLINE=1)" in message
+    assert "not in the Hugging Face cache" in message and "hf download no_such_dir_for_opd" in message
+    assert "HF_ENDPOINT" in message and "\n" not in message
+
+
+def test_a_name_that_is_no_hub_id_either_is_an_error(tmp_path):
     student = _model_dir(tmp_path / "s")
-    reports = run_preflight(_config(student, "nobody/uncached-teacher"))
-    assert len(reports) == 1, reports
-    line = reports[0]
-    assert "checks of teacher nobody/uncached-teacher against student" in line and "skipped" in line, line
-    assert "offline (HF_HUB_OFFLINE=1)" in line and "not in the Hugging Face cache" in line, line
-    assert line.endswith(f"python -m opd_verl.preflight --teacher nobody/uncached-teacher --student {student}"), line
+    with pytest.raises(OPDConfigError, match=r"opd.teacher.path=no such dir is neither an existing directory .* nor "
+                                             r"a valid hub id"):
+        check_model_sources(_config(student, "no such dir"))
+    (line,) = run_preflight(_config(student, "no such dir"))  # --cfg job: a phase may still make it
+    assert "skipped: no such dir is neither a local directory nor a hub name" in line, line
+
+
+def test_a_cached_hub_name_passes_offline_without_weights(tmp_path, monkeypatch):
+    """The same name in the Hugging Face cache (tokenizer files and config.json only) is checked, not refused."""
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hf" / "hub"
+    teacher = _cache_hub_model(hub, "tiny-org/teacher")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    student = _model_dir(tmp_path / "s")
+    check_model_sources(_config(student, teacher))
+    reports = run_preflight(_config(student, teacher))
+    assert reports == [f"preflight: teacher {teacher} matches the student's vocabulary and chat template"], reports
+
+
+def test_main_opd_stops_on_a_mistyped_path_offline_in_one_line_before_any_model(tmp_path):
+    """`opd.teacher.path=no_such_dir_for_opd` on an offline node: one error line, exit 2, no Ray (it was a ~40-line
+    Hydra InstantiationException from verl's HFModelConfig); the student's path the same."""
+    import time
+
+    from conftest import run_main_opd
+
+    student = _model_dir(tmp_path / "s")
+    env = {"HF_HUB_OFFLINE": "1"}
+    for overrides, key in (
+        ([f"actor_rollout_ref.model.path={student}", "opd.teacher.path=no_such_dir_for_opd"], "opd.teacher.path"),
+        (["actor_rollout_ref.model.path=no_such_dir_for_opd", f"opd.teacher.path={student}"],
+         "actor_rollout_ref.model.path"),
+    ):
+        started = time.monotonic()
+        result = run_main_opd("algorithm.adv_estimator=opd", *overrides, env=env)
+        elapsed = time.monotonic() - started
+        assert result.returncode == 2, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("opd_verl: error:")]
+        assert len(errors) == 1, result.stderr[-3000:]
+        assert errors[0].startswith(f"opd_verl: error: {key}=no_such_dir_for_opd is no directory here"), errors[0]
+        assert "as a hub id it cannot be fetched" in errors[0] and "Traceback" not in result.stderr
+        assert "ray init" not in result.stdout.lower() and elapsed < 60, elapsed
+
+
+def test_a_skipped_check_prints_the_command_with_the_teachers_tokenizer_and_trust(tmp_path, monkeypatch):
+    """The hub answers "not found" (a private repository the workers may have a token for): not an error; one line
+    with the reason and the command that runs the checks, which carries tokenizer_path and trust_remote_code."""
+    student = _model_dir(tmp_path / "s")
+    _online(monkeypatch, _not_found(), _not_found(), _not_found(), _not_found())
     config = _config(student, "nobody/uncached-teacher")
     config["opd"]["teacher"].update(tokenizer_path="nobody/tok", model={"trust_remote_code": True})
+    check_model_sources(config)  # not an error
     (line,) = run_preflight(config)
+    assert "checks of teacher nobody/uncached-teacher against student" in line and "skipped" in line, line
     assert line.endswith(
         f"python -m opd_verl.preflight --teacher nobody/uncached-teacher --student {student} "
         "--teacher-tokenizer nobody/tok --trust-remote-code"
     ), line
 
 
-def test_unreachable_or_unknown_hub_names_are_skipped_with_the_reason(tmp_path, monkeypatch):
-    """Online but the hub cannot be reached / has no such repository: skipped with that reason (the request is
-    faked: nothing leaves this machine)."""
-    import httpx
-    import huggingface_hub
-    from huggingface_hub import constants
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    not_found = httpx.Response(404, request=httpx.Request("HEAD", "https://huggingface.co/nobody/teacher"))
-    errors = iter([httpx.ConnectError("[Errno -2] Name or service not known"), RepositoryNotFoundError("404", response=not_found)])
-
-    def head(url, *args, **kwargs):
-        raise next(errors)
-
-    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", head)
+def test_an_unreachable_hub_is_an_error_and_an_unknown_name_a_skip(tmp_path, monkeypatch):
+    """Online but no connection: the uncached name cannot load, an error with the fix; the hub answers "no such
+    repository": skipped with that reason (the request is faked: nothing leaves this machine)."""
     student = _model_dir(tmp_path / "s")
-    (line,) = run_preflight(_config(student, "nobody/teacher"))
-    assert "skipped: the hub cannot be reached for nobody/teacher (ConnectError: [Errno -2]" in line, line
+    _online(monkeypatch, _no_connection(), _not_found(), _not_found())
+    with pytest.raises(OPDConfigError) as err:
+        check_model_sources(_config(student, "nobody/teacher"))
+    message = str(err.value)
+    assert "opd.teacher.path=nobody/teacher is no directory here" in message, message
+    assert "the hub cannot be reached for nobody/teacher (ConnectError: [Errno -2]" in message, message
+    assert "set HF_HUB_OFFLINE=1, or set HF_ENDPOINT to a hub mirror" in message, message
+    check_model_sources(_config(student, "nobody/teacher"))  # not an error
     (line,) = run_preflight(_config(student, "nobody/teacher"))
     assert "skipped: nobody/teacher is not on the hub, or is private and this machine has no token for it" in line
 
@@ -242,6 +336,7 @@ def test_hub_names_use_each_models_tokenizer_and_trust_remote_code(tmp_path, mon
 
     monkeypatch.setattr(preflight, "load_tokenizer", load_tokenizer)
     monkeypatch.setattr(preflight, "vocab_size", lambda path: 128)
+    monkeypatch.setattr(preflight, "_in_hub_cache", lambda name, files: True)  # as the faked loads imply
     config = _config("org/student", "org/teacher")
     config["actor_rollout_ref"]["model"].update(tokenizer_path="org/student-tok", trust_remote_code=False)
     config["opd"]["teacher"].update(tokenizer_path="org/teacher-tok", model={"trust_remote_code": True})
@@ -316,3 +411,4 @@ def test_cli_cannot_run_offline_without_the_files(tmp_path, capsys):
     (line,) = captured.err.splitlines()
     assert line.startswith("opd_verl: error: preflight could not run: offline (HF_HUB_OFFLINE=1)"), line
     assert "not in the Hugging Face cache" in line and not captured.out
+    assert line.endswith("(hf download nobody/uncached) and set HF_HUB_OFFLINE=1, or set HF_ENDPOINT to a hub mirror")

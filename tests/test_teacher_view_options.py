@@ -241,6 +241,52 @@ def test_the_preflight_cli_checks_a_view(dirs, capsys):
     assert "--teacher-prompt: unclosed '{'" in capsys.readouterr().err
 
 
+def test_the_preview_of_a_long_view_shows_the_appended_context(tmp_path, dirs):
+    """A rendering longer than the preview's width shows the part that differs from the student's (the privileged
+    context appended at the end of the user message), not only its first 120 characters (issue 28)."""
+    plain = _model_dir(tmp_path / "plain", build_tokenizer())
+    template = "{prompt} " + "Check each step twice. " * 8 + "The reference answer is {reward_model[ground_truth]}."
+    reports = run_preflight(_preflight_config(plain, dirs["own_template"], dirs["train"], prompt=template,
+                                              wrap_chat=True, cross_tokenizer=False))
+    (line,) = [r for r in reports if "reads its own prompt" in r]
+    row0 = line[line.index("row 0: "):line.index(", the student's: ")]
+    assert "'<|im_start|>user\\nWhat is 2 + 3? Check" in row0, row0  # the head
+    assert "The reference answer is 5.<|im_end|>\\n<|im_start|>bot\\n'" in row0, row0  # the appended context
+    assert " ... " in row0 and "characters)" in row0, row0
+    assert "the student's: '<|im_start|>user\\nWhat is 2 + 3?<|im_end|>\\n<|im_start|>assistant\\n'" in line
+
+
+def test_show_rendering_keeps_the_head_and_the_differing_part():
+    from opd_verl.checks.preflight import show_rendering
+
+    student = "S" * 200 + "<user>question</user>" + "T" * 200
+    teacher = student.replace("question", "question CONTEXT")
+    shown = show_rendering(teacher, student)
+    assert shown.startswith(repr("S" * 60) + " ... ") and "question CONTEXT</user>" in shown, shown
+    assert shown.endswith(f" ... ({len(teacher)} characters)"), shown
+    assert "question</user>" in show_rendering(student, teacher)
+    assert show_rendering("short", student) == "'short'"
+    long_context = student.replace("question", "question " + "C" * 1000)
+    shown = show_rendering(long_context, student)
+    assert "question CCC" in shown and "CCC</user>" in shown and len(shown) < 700, shown  # both ends of it
+
+
+def test_the_preflight_cli_removes_hydra_style_outer_quotes_and_says_so(tmp_path, dirs, capsys):
+    """`--teacher-prompt "'{prompt} ...'"` (pasted from a Hydra override) is the template without the quotes, as
+    Hydra reads opd.teacher.prompt='...'; a line says so (issue 28: the quotes became part of the prompt)."""
+    from opd_verl.preflight import main
+
+    plain = _model_dir(tmp_path / "plain", build_tokenizer())
+    args = ["--student", plain, "--teacher", dirs["own_template"], "--data", dirs["train"], "--teacher-prompt"]
+    assert main(args + [f"'{TEMPLATE}'"]) == 0
+    out = capsys.readouterr().out
+    assert f"opd_verl: --teacher-prompt: its outer quotes are removed, as Hydra removes them" in out, out
+    assert "What is 2 + 3? The reference answer is 5.<|im_end|>" in out, out
+    assert main(args + [TEMPLATE]) == 0
+    out = capsys.readouterr().out
+    assert "outer quotes" not in out and "What is 2 + 3? The reference answer is 5.<|im_end|>" in out, out
+
+
 def test_a_skipped_view_check_prints_the_cli_command_with_the_view():
     from opd_verl.checks.preflight import preflight_command
 

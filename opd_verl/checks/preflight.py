@@ -2,8 +2,11 @@
 
 Only tokenizers and config.json files are read (never weights): from a local directory, or for a hub name
 (`Qwen/Qwen2-7B-Instruct`) through transformers from the Hugging Face cache, else downloaded from the hub.
-When a hub model's files cannot be had (offline and not cached, hub unreachable, not found), the checks of that
-teacher are skipped with one line saying why and the command that runs them (`python -m opd_verl.preflight`).
+The checks of a teacher whose files cannot be had are skipped with one line saying why, the fix, and the command
+that runs them (`python -m opd_verl.preflight`). Before a launch (not `--cfg job`), after the device check, a name
+that is neither a directory here nor in the Hugging Face cache while the hub cannot be reached (offline, or no
+connection) is an error (check_model_sources): no model could load it; a hub that answers "not found" / "gated" is
+not (the workers may hold a token).
 Each failure is one line naming both models and the fix.
 """
 
@@ -24,6 +27,15 @@ PROBE_MESSAGES = [
 #: what to set to allow templates that render differently, in the trainer's config (the CLI says its flag)
 ALLOW_TEMPLATE_MISMATCH = "opd.preflight.allow_template_mismatch=true"
 CLI = "python -m opd_verl.preflight"
+#: the files that say a hub name's model / tokenizer is in the Hugging Face cache
+MODEL_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def hub_fix(name: str) -> str:
+    """What to do where the hub cannot be reached for `name`."""
+    return (f"use a local model directory, or fill the Hugging Face cache where the hub can be reached "
+            f"(hf download {name}) and set HF_HUB_OFFLINE=1, or set HF_ENDPOINT to a hub mirror")
 
 
 class FilesUnavailable(Exception):
@@ -64,28 +76,73 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env in {"1", "ON", "YES", "TRUE"}
 
 
-def _hub_unreachable(name: str, filename: str) -> str | None:
-    """Why `name` cannot be fetched from the hub (one HEAD request, no retries), or None when it can."""
+def _hub_status(name: str, filename: str) -> tuple[str, str | None]:
+    """("ok", None) when `name` can be fetched from the hub (one HEAD request, no retries); ("refused", why) when the
+    hub answers no (not found, gated); ("unreachable", why) when it cannot be reached."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 
     try:
         get_hf_file_metadata(hf_hub_url(name, filename))
     except EntryNotFoundError:  # the repository is there (this one file is not): let transformers decide
-        return None
+        return "ok", None
     except GatedRepoError as err:
-        return f"{name} is gated on the hub and this machine has no access ({_first_line(err)})"
+        return "refused", f"{name} is gated on the hub and this machine has no access ({_first_line(err)})"
     except RepositoryNotFoundError:
-        return f"{name} is not on the hub, or is private and this machine has no token for it"
+        return "refused", f"{name} is not on the hub, or is private and this machine has no token for it"
     except Exception as err:  # noqa: BLE001 - a network error of any kind (httpx, OSError, ...)
-        return f"the hub cannot be reached for {name} ({_first_line(err)})"
-    return None
+        return "unreachable", f"the hub cannot be reached for {name} ({_first_line(err)})"
+    return "ok", None
+
+
+def _in_hub_cache(name: str, filenames: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(name, f), str) for f in filenames)
+
+
+def _offline_reason(name: str, what: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"offline (HF_HUB_OFFLINE=1) and the {what} of {name} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE})")
+
+
+def check_model_source(path: str | None, key: str, tokenizer: bool = False, launch: bool = True) -> None:
+    """`path` must be something a model (tokenizer) can be loaded from: a local path (./, /, ~) a model directory;
+    for a launch (`launch`), any other name a hub id in the Hugging Face cache or fetchable. A name that is none of
+    these is one error naming both readings (a local path that does not exist; a hub id that cannot be fetched) and
+    the fix. A hub that answers "not found" or "gated" is left to the preflight (the workers may hold a token)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if not path:
+        return
+    if _is_local_model_path(path):
+        check_tokenizer_path(path, key) if tokenizer else check_model_path(path, key)
+        return
+    if not launch:  # `--cfg job`: the preflight says why it cannot read the files (a phase may still make them)
+        return
+    try:
+        validate_repo_id(path)
+    except ValueError:
+        raise OPDConfigError(f"{key}={path} is neither an existing directory (from {os.getcwd()}) nor a valid hub "
+                             "id (Org/Name); point it at a model directory or a hub model") from None
+    if _in_hub_cache(path, TOKENIZER_FILES if tokenizer else MODEL_FILES):
+        return
+    what = "tokenizer" if tokenizer else "config.json"
+    if _offline():
+        why = _offline_reason(path, what)
+    else:
+        status, why = _hub_status(path, TOKENIZER_FILES[0] if tokenizer else MODEL_FILES[0])
+        if status != "unreachable":
+            return
+    raise OPDConfigError(f"{key}={path} is no directory here (from {os.getcwd()}), and as a hub id it cannot be "
+                         f"fetched: {why}; fix the path, or {hub_fix(path)}")
 
 
 def _from_hub(name: str, what: str, filename: str, load: Callable[[bool], Any]) -> Any:
     """`load(local_files_only)` from the Hugging Face cache, else from the hub (unless offline); FilesUnavailable
     with the reason when neither has the files."""
-    from huggingface_hub import constants
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -97,10 +154,10 @@ def _from_hub(name: str, what: str, filename: str, load: Callable[[bool], Any]) 
     except OSError:
         pass
     if _offline():
-        raise FilesUnavailable(
-            f"offline (HF_HUB_OFFLINE=1) and the {what} of {name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-        )
-    reason = _hub_unreachable(name, filename)
+        raise FilesUnavailable(f"{_offline_reason(name, what)}; {hub_fix(name)}")
+    status, reason = _hub_status(name, filename)
+    if status == "unreachable":
+        raise FilesUnavailable(f"{reason}; {hub_fix(name)}")
     if reason:
         raise FilesUnavailable(reason)
     try:
@@ -276,8 +333,36 @@ def training_rows(config: Mapping, n: int = VIEW_SAMPLE_ROWS) -> tuple[list[dict
     return rows, None
 
 
-def _show_text(text: str, width: int = 120) -> str:
-    return repr(text if len(text) <= width else text[:width] + "...")
+#: characters of a rendering the preview shows in full; a longer one shows its start and where it differs
+PREVIEW_WIDTH = 120
+PREVIEW_CONTEXT = 30
+
+
+def _differing_span(text: str, other: str) -> tuple[int, int]:
+    """[start, end) of `text` that differs from `other`: what lies between their common prefix and common suffix."""
+    prefix = next((k for k, (a, b) in enumerate(zip(text, other)) if a != b), min(len(text), len(other)))
+    limit = min(len(text), len(other)) - prefix
+    suffix = next((k for k, (a, b) in enumerate(zip(reversed(text), reversed(other))) if a != b or k >= limit), limit)
+    return prefix, len(text) - suffix
+
+
+def show_rendering(text: str, other: str | None, width: int = PREVIEW_WIDTH, context: int = PREVIEW_CONTEXT) -> str:
+    """`text` for a one-line report: whole when short; else its head and the part that differs from `other` (with
+    `context` characters around it; its two ends when long), as reprs, "..." for what is left out."""
+    if len(text) <= width:
+        return repr(text)
+    differs = other is not None and other != text
+    start, end = _differing_span(text, other) if differs else (len(text), len(text))
+    head = (0, min(width // 2, start))
+    lo, hi = max(0, start - context), min(len(text), end + context)
+    if not differs:  # the head and the tail
+        lo = len(text) - width // 2
+    spans = [head] + ([(lo, lo + width), (hi - width, hi)] if hi - lo > 2 * width else [(lo, hi)])
+    merged = [spans[0]]
+    for a, b in spans[1:]:  # adjacent or overlapping spans as one
+        merged[-1:] = [(merged[-1][0], max(b, merged[-1][1]))] if a <= merged[-1][1] else [merged[-1], (a, b)]
+    shown = " ... ".join(repr(text[a:b]) for a, b in merged)
+    return shown + (" ..." if merged[-1][1] < len(text) else "") + f" ({len(text)} characters)"
 
 
 def check_teacher_view(
@@ -320,7 +405,8 @@ def check_teacher_view(
             for t, r in zip(texts, rows)) and not cross
         reports.append(
             f"preflight: teacher {teacher} reads its own prompt ({key}.prompt={prompt!r}); row 0: "
-            f"{_show_text(texts[0])}" + (f", the student's: {_show_text(student_text)}" if student_text else "")
+            f"{show_rendering(texts[0], student_text)}"
+            + (f", the student's: {show_rendering(student_text, texts[0])}" if student_text else "")
             + ("; it equals the student's on every row checked" if same else "")
         )
     if cross:
@@ -345,6 +431,25 @@ def check_teacher_view(
     return reports
 
 
+def model_sources(config: Mapping) -> list[tuple[str | None, str, bool]]:
+    """(path, key, is a tokenizer) of the student and of every teacher, with their tokenizer paths."""
+    opd, model = config["opd"], config["actor_rollout_ref"]["model"]
+    sources = [(model["path"], "actor_rollout_ref.model.path", False),
+               (model.get("tokenizer_path"), "actor_rollout_ref.model.tokenizer_path", True)]
+    for i, teacher in enumerate(teacher_entries(opd)):
+        key = teacher_key(opd, i)
+        sources += [(teacher["path"], f"{key}.path", False), (teacher.get("tokenizer_path"), f"{key}.tokenizer_path", True)]
+    return sources
+
+
+def check_model_sources(config: Mapping) -> None:
+    """Before a launch (after the device check): every model and tokenizer name can be loaded here (local paths
+    first, then hub names; check_model_source)."""
+    for launch in (False, True):
+        for path, key, tokenizer in model_sources(config):
+            check_model_source(path, key, tokenizer=tokenizer, launch=launch)
+
+
 def run_preflight(config: Mapping) -> list[str]:
     """All checks on a composed config (plain dict). Returns report lines; raises OPDConfigError on failure."""
     opd = config["opd"]
@@ -353,8 +458,8 @@ def run_preflight(config: Mapping) -> list[str]:
     student_tok_path = model.get("tokenizer_path")
     student_trust = bool(model.get("trust_remote_code", False))
     allow = bool(opd["preflight"]["allow_template_mismatch"])
-    check_model_path(student_path, "actor_rollout_ref.model.path")
-    check_tokenizer_path(student_tok_path, "actor_rollout_ref.model.tokenizer_path")
+    for path, key, tokenizer in model_sources(config):  # every local path before any comparison
+        check_model_source(path, key, tokenizer=tokenizer, launch=False)
     memo: dict[tuple, Any] = {}
 
     def load(function, *args):  # each tokenizer/config once, across teachers; a FilesUnavailable too
@@ -372,8 +477,6 @@ def run_preflight(config: Mapping) -> list[str]:
     rows = why_no_rows = None
     for i, teacher in enumerate(teacher_entries(opd)):
         key = teacher_key(opd, i)
-        check_model_path(teacher["path"], f"{key}.path")
-        check_tokenizer_path(teacher.get("tokenizer_path"), f"{key}.tokenizer_path")
         teacher_trust = bool(teacher["model"].get("trust_remote_code", False))  # the teacher's own (opd.teacher.model)
         if has_view(teacher):
             if rows is None:

@@ -32,16 +32,9 @@ from opd_verl.checks.teacher_pool import pool_shape
 
 TOKEN_DUMP_ENV = "OPD_VERL_DUMP_TOKENS"
 
-#: Every metric of ours is under opd/ (the actor loss's too: verl logs them as actor/opd/*, hoisted here). Their
-#: names before 0.2 are logged as well, until 0.3: new name -> old name.
+#: Every metric of ours is under opd/ (the actor loss's too: verl logs them as actor/opd/*, hoisted here). The
+#: names before 0.2 (distill/*, actor/distill/*) were dropped in 0.2 (docs/CHANGELOG.md).
 METRIC_NAMESPACE = "opd/"
-DEPRECATED_METRIC_NAMES = {
-    **{f"opd/{name}": f"distill/{name}" for name in (
-        "kl_per_token", "teacher_logprob", "student_logprob", "teacher_invalid_frac", "adv_clip_frac", "kl_coef")},
-    "opd/distill_loss": "actor/distill/loss",
-    "opd/divergence_per_token": "actor/distill/divergence_per_token",
-    "opd/topk_mass": "actor/distill/topk_mass",
-}
 
 
 def hoist_actor_metrics(metrics: dict) -> None:
@@ -49,13 +42,6 @@ def hoist_actor_metrics(metrics: dict) -> None:
     prefix = "actor/" + METRIC_NAMESPACE
     for key in [k for k in metrics if k.startswith(prefix)]:
         metrics[METRIC_NAMESPACE + key[len(prefix):]] = metrics.pop(key)
-
-
-def add_deprecated_metric_names(metrics: dict) -> None:
-    """Also log each renamed metric under its old name (until opd_verl 0.3), in place."""
-    for new, old in DEPRECATED_METRIC_NAMES.items():
-        if new in metrics:
-            metrics[old] = metrics[new]
 
 
 class OPDTrainer(PPOTrainerSync):
@@ -80,8 +66,6 @@ class OPDTrainer(PPOTrainerSync):
         } if self.opd_active else {}
         if self.opd_active:
             self.use_reference_policy = True
-            print("opd_verl: metrics are logged under opd/*; their old names (distill/*, actor/distill/*) are "
-                  "logged too until opd_verl 0.3")
 
     def _build_replay_buffer(self):
         buffer = super()._build_replay_buffer()
@@ -96,7 +80,6 @@ class OPDTrainer(PPOTrainerSync):
         batch = super()._update_actor(batch, metrics)
         if self.opd_active:
             hoist_actor_metrics(metrics)
-            add_deprecated_metric_names(metrics)
         return batch
 
     # verl puts the reference inside a LoRA actor (adapter off) and builds none; with OPD the reference is the
@@ -210,7 +193,6 @@ class OPDTrainer(PPOTrainerSync):
                 **common,
             )
         data.batch["advantages"], data.batch["returns"] = advantages, returns
-        add_deprecated_metric_names(metrics)
         if os.environ.get(TOKEN_DUMP_ENV):
             self._dump_token_terms(batch, data.batch)
 
@@ -286,7 +268,6 @@ class OPDTrainer(PPOTrainerSync):
                                        self._routed_data_sources(batch)))
         self._cross_tokenizer_metrics(batch, metrics)
         metrics["opd/kl_coef"] = float(self.opd["lambda_distill"])
-        add_deprecated_metric_names(metrics)
         return data
 
 

@@ -64,6 +64,7 @@ def test_bf16_full_jsd_at_rollout_temperature_0_7(workdir):
         assert m["opd/teacher_alignment_tolerance"] > 1e-3  # scaled to bf16's resolution, not float32's floor
         assert math.isfinite(m["opd/divergence_per_token"]) and m["opd/divergence_per_token"] > 0
         assert m["opd/topk_mass"] == pytest.approx(1.0)
+        assert not [k for k in m if k.startswith(("distill/", "actor/distill/"))], sorted(m)  # dropped in 0.2
 
 
 @pytest.mark.slow  # ~3 min; slow since CI ran 47 min (goal 45); routed teachers stay in CI (tests/e2e/test_opd_e2e.py)

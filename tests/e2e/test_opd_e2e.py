@@ -218,6 +218,9 @@ def test_pure_opd_terms_match_a_float64_recomputation_with_mixed_lengths(workdir
     assert result.returncode == 0, result.log[-4000:]
     m = console_metrics(result.log)[1]
     assert m["opd/kl_per_token"] > 1e-3 and m["opd/kl_coef"] == 1.0 and "opd/adv_clip_frac" in m
+    # 0.2: the old metric names are gone; verl's critic warning is answered by critic.enable=false (printed)
+    assert not [k for k in m if k.startswith(("distill/", "actor/distill/"))], sorted(m)
+    assert "Disabled critic" not in result.log and "opd_verl: critic.enable=false (was null" in result.log
     # unclipped IS with A = q - s: the loss at ratio 1 is the token mean of s - q
     assert m["actor/pg_loss"] == pytest.approx(m["opd/kl_per_token"], rel=0.05, abs=1e-3)
     saved = torch.load(dump / "step_1.pt")
