@@ -434,7 +434,7 @@ def test_opd_recipe_gpu_settings(name, composed):
     assert "console" in get("trainer.logger")
     assert get("trainer.save_freq") > 0 and get("trainer.test_freq") > 0 and get("trainer.val_before_train")
     assert get("reward.custom_reward_function.path") == "pkg://opd_verl.rewards"
-    assert get("reward.custom_reward_function.name") == "compute_score"
+    assert get("reward.custom_reward_function.name") in ("compute_score", "compute_score_with_info")
     n_gpus = get("trainer.n_gpus_per_node") * get("trainer.nnodes")
     batch, n = get("data.train_batch_size"), get(N)
     assert batch % get("actor_rollout_ref.actor.ppo_mini_batch_size") == 0

@@ -16,7 +16,8 @@ def test_reward_metrics_match_a_recount_per_data_source():
     extras = []
     for source in sources:
         if source == "mbpp":
-            extras.append({"pass_rate": rng.random(), "timeout": rng.random() < 0.3, "error": "SyntaxError"})
+            extras.append({"pass_rate": rng.random(), "timeout": rng.random() < 0.3, "error": "SyntaxError",
+                           "score": 5.0})
         elif source == "google/IFEval":
             extras.append({"prompt_strict": rng.random() < 0.5, "inst_loose": float("nan")} if rng.random() < 0.8 else None)
         else:
@@ -34,6 +35,20 @@ def test_reward_metrics_match_a_recount_per_data_source():
     # a string and a nan are no numbers: no metric
     assert not [k for k in ours if "error" in k or "inst_loose" in k]
     assert not [k for k in ours if k.startswith("opd/reward_extra/") and k.endswith("openai/gsm8k")]
+
+
+def test_reward_extra_keys_of_another_task_and_the_score_are_left_out():
+    """opd_verl.rewards gives every row every task's keys (0 where they do not apply): a code key is logged for a
+    code source only, an IFEval key for an IFEval source only; score/acc repeat opd/reward/<data_source>."""
+    from opd_verl.rewards import GSM8K, IFEVAL, INFO_KEYS, MBPP
+
+    sources = [GSM8K, MBPP, IFEVAL, "my_set"]
+    infos = [dict.fromkeys(INFO_KEYS, 1) for _ in sources]
+    ours = reward_metrics(sources, [1.0] * 4, infos)
+    extra = {k.removeprefix("opd/reward_extra/") for k in ours if k.startswith("opd/reward_extra/")}
+    assert extra == {f"math_verify_timeout/{GSM8K}", f"math_verify_timeout/my_set",  # an unknown source is math
+                     *(f"{k}/{MBPP}" for k in INFO_KEYS if k.startswith("code_")),
+                     *(f"{k}/{IFEVAL}" for k in INFO_KEYS if k.startswith("ifeval_"))}
 
 
 def test_reward_metrics_refuse_mismatched_lengths_and_per_task_rule():
