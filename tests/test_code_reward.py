@@ -169,7 +169,14 @@ def test_writes_outside_the_directory_fail_and_leave_no_file(tmp_path):
         pytest.skip("this kernel has no Landlock: a write through libc is not stopped (see sandbox_child.py)")
     assert run.status == "ok", run  # the program saw its open fail
     assert not target.exists()
-    inside = "open('notes.txt', 'w').write('x')\nassert open('notes.txt').read() == 'x'\n"
+    keep = tmp_path / "keep.txt"
+    keep.write_text("data")
+    assert run_python(f"import os\nos.remove({str(keep)!r})\n", ["pass"]).status == "blocked"  # the hook
+    unlink = f"import ctypes\nassert ctypes.CDLL(None).unlink({str(keep).encode()!r}) != 0\n"  # Landlock: EACCES
+    assert run_python(unlink, ["pass"]).status == "ok"
+    assert keep.read_text() == "data"
+    inside = ("import tempfile\ntempfile.TemporaryFile().write(b'x')\n"  # TMPDIR is its own directory
+              "open('notes.txt', 'w').write('x')\nassert open('notes.txt').read() == 'x'\n")
     assert run_python(inside, ["pass"]).status == "ok"  # its own directory is writable
 
 

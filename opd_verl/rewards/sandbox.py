@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +91,24 @@ def _result(returncode: int, stdout: bytes, stderr: bytes, nonce: str, total: in
     return RunResult(passed, total, False, False, status, data.get("error", ""), data.get("layers"))
 
 
+_reported = threading.Event()
+
+
+def _report_missing_layers(layers: dict | None) -> None:
+    """Print once per process which kernel layer this machine lacks (the run goes on with the others)."""
+    if not layers or _reported.is_set():
+        return
+    missing = []
+    if not layers.get("landlock_abi"):
+        missing.append("Landlock (a write outside the run's directory through libc, not Python, is not stopped)")
+    if not layers.get("seccomp"):
+        missing.append("seccomp (no kernel block of sockets and new processes: only the Python audit hook)")
+    if missing:
+        _reported.set()
+        print("opd_verl.rewards: the code sandbox runs without " + "; without ".join(missing) +
+              " on this machine; see opd_verl/rewards/sandbox_child.py", file=sys.stderr, flush=True)
+
+
 def _tail(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - OUTPUT_TAIL))
@@ -113,11 +132,12 @@ def run_python(
         job = {"nonce": nonce, "workdir": str(work), "program": program, "setup": setup, "module": module,
                "tests": list(tests),
                "limits": asdict(limits)}
+        env = {**CHILD_ENV, "HOME": str(work), "TMPDIR": str(work)}  # tempfile and ~ point into its directory
         out_path, err_path = root / "stdout", root / "stderr"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-I", str(CHILD)], stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work,
-                env=CHILD_ENV, start_new_session=True, close_fds=True,
+                env=env, start_new_session=True, close_fds=True,
             )
         try:
             proc.stdin.write(json.dumps(job).encode())
@@ -131,7 +151,9 @@ def run_python(
             timed_out = True
             _kill_group(proc)
             proc.wait()
-        return _result(proc.returncode, _tail(out_path), _tail(err_path), nonce, len(tests), timed_out)
+        result = _result(proc.returncode, _tail(out_path), _tail(err_path), nonce, len(tests), timed_out)
+        _report_missing_layers(result.layers)
+        return result
     except Exception as exc:  # noqa: BLE001 - the trainer must never see an exception from untrusted code
         return RunResult(0, len(tests), False, False, "error", f"{type(exc).__name__}: {exc}"[:300])
     finally:
