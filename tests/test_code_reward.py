@@ -117,6 +117,9 @@ def test_code_extraction():
 def test_unknown_code_kwarg_is_an_error():
     with pytest.raises(ValueError, match="code_wall_secs.*code_wall_seconds"):
         compute_score(MBPP, fenced("x = 1"), MBPP_TRUTH, {}, code_wall_secs=3)
+    with pytest.raises(ValueError, match="code_wall_secs"):  # on a math row too: the first row tells
+        compute_score("openai/gsm8k", "#### 4", "4", {}, code_wall_secs=3)
+    assert compute_score("openai/gsm8k", "#### 4", "4", {}, code_wall_seconds=3, reward_router_address=None) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
