@@ -126,8 +126,9 @@ def run_python(
     try:
         work = root / "work"
         work.mkdir()
-        if os.geteuid() == 0:
-            os.chown(work, 65534, 65534)  # the child may drop to nobody (sandbox_child.drop_root)
+        if os.geteuid() == 0:  # the child may drop to nobody (sandbox_child.drop_root): it may enter, not list,
+            os.chmod(root, 0o711)  # the run's directory (its output files stay root's), and owns `work`
+            os.chown(work, 65534, 65534)
         nonce = secrets.token_hex(16)
         job = {"nonce": nonce, "workdir": str(work), "program": program, "setup": setup, "module": module,
                "tests": list(tests),
