@@ -14,6 +14,12 @@ reward worker itself (``multiprocessing``) after OpenAI's ``reliability_guard`` 
 walks around, with no network block and no throw-away directory), and ``sandbox_fusion`` needs a SandboxFusion
 HTTP service. HumanEval/MBPP/KodCode tests are asserts and test functions, not stdin/stdout cases. This
 executor instead relies on the kernel (seccomp, Landlock, rlimits) and a fresh interpreter per run.
+
+What it does not do: it confines writes, processes, signals and the network, not reads (the program may read any
+file its user may: without root there is no mount namespace to hide them; with no network and no socket nothing
+read can leave). It protects the machine and the trainer, not the score from a program written to game it: an
+object whose ``__eq__`` always returns True passes an ``assert f(x) == y``, and code in the same interpreter can
+reach the harness (e.g. through frame introspection) — as with every assert-based executor.
 """
 
 from __future__ import annotations
