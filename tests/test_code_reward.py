@@ -117,6 +117,9 @@ def test_code_extraction():
 def test_unknown_code_kwarg_is_an_error():
     with pytest.raises(ValueError, match="code_wall_secs.*code_wall_seconds"):
         compute_score(MBPP, fenced("x = 1"), MBPP_TRUTH, {}, code_wall_secs=3)
+    with pytest.raises(ValueError, match="code_wall_secs"):  # on a math row too: the first row tells
+        compute_score("openai/gsm8k", "#### 4", "4", {}, code_wall_secs=3)
+    assert compute_score("openai/gsm8k", "#### 4", "4", {}, code_wall_seconds=3, reward_router_address=None) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +172,14 @@ def test_writes_outside_the_directory_fail_and_leave_no_file(tmp_path):
         pytest.skip("this kernel has no Landlock: a write through libc is not stopped (see sandbox_child.py)")
     assert run.status == "ok", run  # the program saw its open fail
     assert not target.exists()
-    inside = "open('notes.txt', 'w').write('x')\nassert open('notes.txt').read() == 'x'\n"
+    keep = tmp_path / "keep.txt"
+    keep.write_text("data")
+    assert run_python(f"import os\nos.remove({str(keep)!r})\n", ["pass"]).status == "blocked"  # the hook
+    unlink = f"import ctypes\nassert ctypes.CDLL(None).unlink({str(keep).encode()!r}) != 0\n"  # Landlock: EACCES
+    assert run_python(unlink, ["pass"]).status == "ok"
+    assert keep.read_text() == "data"
+    inside = ("import tempfile\ntempfile.TemporaryFile().write(b'x')\n"  # TMPDIR is its own directory
+              "open('notes.txt', 'w').write('x')\nassert open('notes.txt').read() == 'x'\n")
     assert run_python(inside, ["pass"]).status == "ok"  # its own directory is writable
 
 
@@ -220,3 +230,25 @@ def test_verl_calls_from_threads_in_a_mixed_batch():
     assert [i["score"] for i in infos] == [r[3] for r in rows]
     assert all(tuple(i) == INFO_KEYS for i in infos)  # one key set, as verl's agent loop needs
     assert [i["code_timeout"] for i in infos] == [0, 1, 0]
+
+
+def test_as_root_with_a_world_readable_interpreter_the_child_runs_as_nobody(monkeypatch, tmp_path):
+    """The path a root trainer with a system-wide Python takes (here the interpreter lies under /root and pytest's
+    temporary directories are root's only, so the other tests run the child as root): the child becomes nobody
+    and the layers still hold."""
+    import sys
+
+    system = Path("/usr/bin/python3")
+    if os.geteuid() != 0 or not system.exists() or not os.stat(system.resolve()).st_mode & 0o001:
+        pytest.skip("needs root and a world-readable /usr/bin/python3")
+    monkeypatch.setattr(sys, "executable", str(system))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # the system's, which any user may enter (pytest's may not)
+    who = run_python("import os\nassert os.getuid() == 65534, os.getuid()\n", ["pass"])
+    assert (who.status, who.layers["nobody"]) == ("ok", True), who
+    module = run_python("def f():\n    return 1\n", ["assert f() == 1"], setup="from solution import f",
+                        module="solution")
+    assert module.status == "ok", module  # the tests import the program from its directory
+    target = tmp_path / "escaped.txt"
+    assert run_python(f"open({str(target)!r}, 'w')", ["pass"]).status == "blocked"
+    assert run_python("import ctypes\nctypes.CDLL(None).fork()", ["pass"]).status == "blocked"
+    assert not target.exists()

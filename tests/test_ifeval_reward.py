@@ -5,6 +5,8 @@ dispatch."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +83,29 @@ def test_a_check_that_raises_counts_as_not_followed(capsys):
         assert (result.strict, result.errors) == ([True], 0)
     else:
         assert (result.strict, result.loose, result.errors) == ([False], [False], 1)
+
+
+NO_DOWNLOAD = """
+import nltk
+calls = []
+nltk.download = lambda *args, **kwargs: calls.append(args)
+from opd_verl.rewards.ifeval import _lm_eval
+_lm_eval()
+print("download calls:", calls)
+"""
+
+
+def test_importing_the_checks_downloads_nothing():
+    """lm-eval's import calls nltk.download where punkt_tab is missing; the reward skips that network call."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+        pytest.skip("nltk's punkt_tab data is installed here: lm-eval has nothing to download")
+    except LookupError:
+        pass
+    proc = subprocess.run([sys.executable, "-c", NO_DOWNLOAD], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "download calls: []" in proc.stdout
+    assert "nltk's punkt_tab data is missing" in proc.stderr
+    assert "python -m nltk.downloader punkt_tab" in proc.stderr

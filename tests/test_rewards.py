@@ -353,9 +353,12 @@ async def main():
     from verl.utils.import_utils import load_extern_object
 
     loop = asyncio.get_running_loop()
+    # a code row too: its tests run in the sandbox, from the package loaded either way
+    code = ("google-research-datasets/mbpp", "```python\ndef f():\n    return 1\n```",
+            '{"tests": ["assert f() == 1"]}', 1.0)
     for path in ("pkg://opd_verl.rewards", sys.argv[1]):
         fn = load_extern_object(module_path=path, object_name="compute_score")
-        for ds, sol, gt, want in CASES:
+        for ds, sol, gt, want in CASES + [code]:
             got = await loop.run_in_executor(
                 None, lambda: fn(data_source=ds, solution_str=sol, ground_truth=gt, extra_info={"index": 0})
             )

@@ -90,11 +90,12 @@ INFO_KEYS = (
 
 
 def _info(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None, kwargs: dict) -> dict:
+    from opd_verl.rewards.code import code_score, limits_from
+
+    limits_from(kwargs)  # a mistyped code_* kwarg is an error at the first row, whatever its task
     info: dict[str, float | int] = dict.fromkeys(INFO_KEYS, 0)
     task = task_of(data_source)
     if task == "code":
-        from opd_verl.rewards.code import code_score
-
         info.update(code_score(solution_str, ground_truth, **kwargs).info())
     elif task == "ifeval":
         from opd_verl.rewards.ifeval import ifeval_score

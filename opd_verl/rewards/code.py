@@ -25,6 +25,9 @@ from typing import Any
 
 from opd_verl.rewards.sandbox import Limits, RunResult, run_python
 
+#: The instruction appended to every code prompt; extract_code reads this format.
+CODE_INSTRUCTION = "Write your solution in Python, in one ```python code block."
+
 #: reward kwargs (``reward.custom_reward_function.reward_kwargs``) -> Limits field.
 LIMIT_KWARGS = {
     "code_wall_seconds": "wall_seconds",

@@ -7,9 +7,9 @@ data_preprocess/ifeval.py calls it): ``prompt``, ``instruction_id_list`` and ``k
 instruction), as in google/IFEval. Each instruction is checked on its own by lm-eval's
 ``test_instruction_following_strict`` / ``_loose`` (loose also accepts the response without its first and/or last
 line and without ``*``). Score: 1.0 when every instruction is followed, strict (IFEval's prompt-level strict
-accuracy). An instruction whose check raises (e.g. nltk's sentence tokenizer data is missing: lm-eval needs
-``punkt_tab``, which nltk downloads where the network allows) counts as not followed, and the first such error in
-a process prints one line naming it.
+accuracy). An instruction whose check raises counts as not followed, and the first such error in a process prints
+one line naming it. Two checks (number_sentences, capital_word_frequency) need nltk's ``punkt_tab`` data, which
+lm-eval downloads at import; that download is skipped here (``python -m nltk.downloader punkt_tab`` installs it).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-_warned = threading.Event()
+_warned_data = threading.Event()
+_warned_check = threading.Event()
 
 
 def ifeval_ground_truth(prompt: str, instruction_id_list: list[str], kwargs: list[dict]) -> str:
@@ -29,14 +30,39 @@ def ifeval_ground_truth(prompt: str, instruction_id_list: list[str], kwargs: lis
     return json.dumps({"prompt": prompt, "instruction_id_list": list(instruction_id_list), "kwargs": clean})
 
 
+_import_lock = threading.Lock()
+
+
 def _lm_eval():
-    try:
-        from lm_eval.tasks.ifeval import utils
-    except ImportError as exc:
-        raise RuntimeError(
-            f"opd_verl.rewards: the IFEval reward needs lm-eval's IFEval checks ({exc}); install them with "
-            "pip install -e '.[ifeval]' (the opd_verl 'ifeval' extra)"
-        ) from exc
+    """lm-eval's IFEval module. Its import downloads nltk's punkt_tab where it is missing; here that download is
+    skipped (no network at run time: it could hang an offline node) and one line says what is missing instead."""
+    with _import_lock:
+        try:
+            import nltk
+
+            try:
+                nltk.data.find("tokenizers/punkt_tab")
+                missing = False
+            except LookupError:
+                missing = True
+            real_download = nltk.download
+            if missing:
+                nltk.download = lambda *args, **kwargs: False
+            try:
+                from lm_eval.tasks.ifeval import utils
+            finally:
+                nltk.download = real_download
+        except ImportError as exc:
+            raise RuntimeError(
+                f"opd_verl.rewards: the IFEval reward needs lm-eval's IFEval checks ({exc}); install them with "
+                "pip install -e '.[ifeval]' (the opd_verl 'ifeval' extra)"
+            ) from exc
+        if missing and not _warned_data.is_set():
+            _warned_data.set()
+            print("opd_verl.rewards: nltk's punkt_tab data is missing, so IFEval's "
+                  "length_constraints:number_sentences and change_case:capital_word_frequency checks fail and "
+                  "count as not followed; install it with: python -m nltk.downloader punkt_tab",
+                  file=sys.stderr, flush=True)
     return utils
 
 
@@ -86,8 +112,8 @@ def ifeval_score(solution_str: str, ground_truth: Any) -> IFEvalResult:
         loose.append(lo)
         if error or error_loose:
             errors += 1
-            if not _warned.is_set():
-                _warned.set()
+            if not _warned_check.is_set():
+                _warned_check.set()
                 first = str(error or error_loose).strip().splitlines()
                 print(f"opd_verl.rewards: the IFEval check of '{instruction}' failed "
                       f"({type(error or error_loose).__name__}: {' '.join(first[:3])[:300]}); counted as not "

@@ -14,6 +14,12 @@ reward worker itself (``multiprocessing``) after OpenAI's ``reliability_guard`` 
 walks around, with no network block and no throw-away directory), and ``sandbox_fusion`` needs a SandboxFusion
 HTTP service. HumanEval/MBPP/KodCode tests are asserts and test functions, not stdin/stdout cases. This
 executor instead relies on the kernel (seccomp, Landlock, rlimits) and a fresh interpreter per run.
+
+What it does not do: it confines writes, processes, signals and the network, not reads (the program may read any
+file its user may: without root there is no mount namespace to hide them; with no network and no socket nothing
+read can leave). It protects the machine and the trainer, not the score from a program written to game it: an
+object whose ``__eq__`` always returns True passes an ``assert f(x) == y``, and code in the same interpreter can
+reach the harness (e.g. through frame introspection) — as with every assert-based executor.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +97,24 @@ def _result(returncode: int, stdout: bytes, stderr: bytes, nonce: str, total: in
     return RunResult(passed, total, False, False, status, data.get("error", ""), data.get("layers"))
 
 
+_reported = threading.Event()
+
+
+def _report_missing_layers(layers: dict | None) -> None:
+    """Print once per process which kernel layer this machine lacks (the run goes on with the others)."""
+    if not layers or _reported.is_set():
+        return
+    missing = []
+    if not layers.get("landlock_abi"):
+        missing.append("Landlock (a write outside the run's directory through libc, not Python, is not stopped)")
+    if not layers.get("seccomp"):
+        missing.append("seccomp (no kernel block of sockets and new processes: only the Python audit hook)")
+    if missing:
+        _reported.set()
+        print("opd_verl.rewards: the code sandbox runs without " + "; without ".join(missing) +
+              " on this machine; see opd_verl/rewards/sandbox_child.py", file=sys.stderr, flush=True)
+
+
 def _tail(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - OUTPUT_TAIL))
@@ -107,17 +132,19 @@ def run_python(
     try:
         work = root / "work"
         work.mkdir()
-        if os.geteuid() == 0:
-            os.chown(work, 65534, 65534)  # the child may drop to nobody (sandbox_child.drop_root)
+        if os.geteuid() == 0:  # the child may drop to nobody (sandbox_child.drop_root): it may enter, not list,
+            os.chmod(root, 0o711)  # the run's directory (its output files stay root's), and owns `work`
+            os.chown(work, 65534, 65534)
         nonce = secrets.token_hex(16)
         job = {"nonce": nonce, "workdir": str(work), "program": program, "setup": setup, "module": module,
                "tests": list(tests),
                "limits": asdict(limits)}
+        env = {**CHILD_ENV, "HOME": str(work), "TMPDIR": str(work)}  # tempfile and ~ point into its directory
         out_path, err_path = root / "stdout", root / "stderr"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-I", str(CHILD)], stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work,
-                env=CHILD_ENV, start_new_session=True, close_fds=True,
+                env=env, start_new_session=True, close_fds=True,
             )
         try:
             proc.stdin.write(json.dumps(job).encode())
@@ -131,7 +158,9 @@ def run_python(
             timed_out = True
             _kill_group(proc)
             proc.wait()
-        return _result(proc.returncode, _tail(out_path), _tail(err_path), nonce, len(tests), timed_out)
+        result = _result(proc.returncode, _tail(out_path), _tail(err_path), nonce, len(tests), timed_out)
+        _report_missing_layers(result.layers)
+        return result
     except Exception as exc:  # noqa: BLE001 - the trainer must never see an exception from untrusted code
         return RunResult(0, len(tests), False, False, "error", f"{type(exc).__name__}: {exc}"[:300])
     finally:

@@ -3,11 +3,12 @@ only, nothing of opd_verl is imported here).
 
 It reads one job (JSON) from stdin, then confines itself before any untrusted code runs, in this order:
 
-1. resource limits: address space (RLIMIT_AS), CPU seconds (RLIMIT_CPU), the size of any file it writes
-   (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps, and no new processes or threads for its user
-   (RLIMIT_NPROC = 0; the kernel does not enforce it for root, hence 2 and 4);
-2. as root, where the interpreter is world-readable: drops to the nobody user (65534), so RLIMIT_NPROC holds and
-   only world-writable places are writable (else it stays root: the layers below hold root too);
+1. resource limits: address space (RLIMIT_AS; it also bounds the threads, each stack counts), CPU seconds
+   (RLIMIT_CPU), the size of any file it writes (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps; where
+   this machine has no seccomp table (4.), no new process or thread of its user at all (RLIMIT_NPROC = 0, which
+   counts threads, and the kernel does not enforce for root);
+2. as root, where the interpreter and the working directory are reachable by any user: drops to the nobody user
+   (65534), so only world-writable places are writable (else it stays root: the layers below hold root too);
 3. Landlock (Linux >= 5.13, where enabled): no file or directory may be created, written, truncated, renamed or
    removed outside the working directory; no TCP bind or connect (ABI >= 4); no signal to a process outside this
    one and no abstract unix socket (ABI >= 6);
@@ -44,7 +45,7 @@ BLOCKED_EXIT = 86
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def set_limits(limits):
+def set_limits(limits, no_processes):
     mb = 1024 * 1024
     pairs = [
         (resource.RLIMIT_AS, limits["memory_mb"] * mb),
@@ -52,8 +53,7 @@ def set_limits(limits):
         (resource.RLIMIT_FSIZE, limits["file_size_mb"] * mb),
         (resource.RLIMIT_NOFILE, limits["open_files"]),
         (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_NPROC, 0),
-    ]
+    ] + ([(resource.RLIMIT_NPROC, 0)] if no_processes else [])
     for which, value in pairs:
         resource.setrlimit(which, (value, value))
 
@@ -70,11 +70,12 @@ def _world_reachable(path):
         path = parent
 
 
-def drop_root():
-    """As root, where the interpreter's files are world-readable: become nobody (the working directory was handed
-    to it); returns whether it did. Otherwise root stays root, held by Landlock and seccomp alone."""
-    if os.geteuid() != 0 or not all(_world_reachable(p) for p in {os.path.dirname(os.__file__), *sys.path[1:]}
-                                    if os.path.isdir(p)):
+def drop_root(workdir):
+    """As root, where the interpreter's files and the working directory can be reached by any user: become nobody
+    (the working directory was handed to it); returns whether it did. Otherwise root stays root, held by Landlock
+    and seccomp alone."""
+    needed = {os.path.dirname(workdir), os.path.dirname(os.__file__), *sys.path[1:]}
+    if os.geteuid() != 0 or not all(_world_reachable(p) for p in needed if os.path.isdir(p)):
         return False
     os.setgroups([])
     os.setgid(65534)
@@ -286,8 +287,8 @@ def main():
     workdir = os.path.realpath(job["workdir"])
     os.chdir(workdir)
     sys.path.insert(0, workdir)  # a test may import a module the program wrote there (e.g. KodCode's solution.py)
-    set_limits(job["limits"])
-    layers = {"nobody": drop_root(), "landlock_abi": landlock(workdir), "seccomp": seccomp()}
+    set_limits(job["limits"], no_processes=platform.machine() not in _ARCHES)
+    layers = {"nobody": drop_root(workdir), "landlock_abi": landlock(workdir), "seccomp": seccomp()}
     audit_hook(workdir)
     out = sys.stdout
     passed, error = _run(job)
