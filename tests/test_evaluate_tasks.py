@@ -81,6 +81,22 @@ def test_task_metrics_score_code_in_the_sandbox_per_data_source():
     assert metrics[f"{MBPP}/pass@3"] == 0.5 and metrics[f"{GSM8K}/avg@3"] == pytest.approx(1 / 3)
 
 
+def test_task_metrics_score_ifeval_rows_with_lm_evals_checks():
+    """IFEval rows through the reward (lm-eval's checks): two instructions (no comma; lower case) and one (at least
+    5 words); strict and loose counted at both levels."""
+    from opd_verl.rewards import IFEVAL
+    from opd_verl.rewards.ifeval import ifeval_ground_truth
+
+    two = ifeval_ground_truth("p", ["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
+    words = ifeval_ground_truth("q", ["length_constraints:number_words"], [{"relation": "at least", "num_words": 5}])
+    rows = [ev.EvalRow([{"role": "user", "content": "p"}], two, IFEVAL),
+            ev.EvalRow([{"role": "user", "content": "q"}], words, IFEVAL)]
+    # row 1: lower case but a comma (1 of 2 strict); a loose variant drops the first line, where the comma is
+    greedy = [["sure, here it is\nall lower case and no commas"], ["one two three four five six"]]
+    metrics = ev.task_metrics(rows, ev.score_infos(rows, greedy), None)
+    assert metrics == {"greedy": 0.5, "prompt_strict": 0.5, "prompt_loose": 1.0, "inst_strict": 2 / 3, "inst_loose": 1.0}
+
+
 def test_cli_table_per_data_source_with_gap(tmp_path):
     """Three tiny models (built here) as teacher / before / after on a math + code parquet: the table holds every
     metric per data_source, the JSON the gap closed of each."""
