@@ -240,13 +240,13 @@ class OPDTrainer(PPOTrainerSync):
         (multi_teacher_mode=route, several teachers): the reward per data_source (opd/reward/<data_source>,
         opd/reward_extra/<key>/<data_source>, task_metrics) into ``metrics``. Returns each sample's data_source
         then, for the KL per data_source (opd/kl_per_token/<data_source>, distill_metrics); None otherwise."""
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                               select_fields=["data_source", "extra_fields"])
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["data_source"])
         sources = [str(x) for x in tu.get(data, "data_source")]
         if not per_task(sources, getattr(self, "teachers_routed", False)):
             return None
         scores = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
         scores = scores.to_padded_tensor()["rm_scores"].sum(-1).tolist()
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
         extras = [x.get("reward_extra_info") if isinstance(x, dict) else None
                   for x in (tu.get(data, "extra_fields") or [None] * len(sources))]
         metrics.update(reward_metrics(sources, scores, extras))
