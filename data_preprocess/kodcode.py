@@ -2,8 +2,9 @@
 a code training set in the same schema as HumanEval and MBPP.
 
 Source columns: question, test (a pytest file that imports the solution, ``from solution import ...``, and
-defines ``test_*`` functions), test_info (a list of {function_name, function_declaration, ...}); question_id,
-style, subset and the rest are optional.
+defines ``test_*`` functions; ``test_code`` in earlier revisions of the data set), and the name(s) the tests
+import: test_info (a list of {function_name, function_declaration, ...}) or, in earlier revisions,
+test_entry_point; question_id (conversation_id), style, subset and the rest are optional.
 Output rows: prompt = the question + the function name(s) the tests import + the code instruction;
 reward_model.ground_truth = the code reward's JSON (module "solution": the program is written to solution.py;
 setup: the test file; tests: one call per ``test_*`` function, see opd_verl/rewards/code.py); extra_info =
@@ -26,13 +27,19 @@ from opd_verl.rewards import KODCODE
 from opd_verl.rewards.code import CODE_INSTRUCTION, code_ground_truth
 
 NAME = "kodcode"
-COLUMNS = ("question", "test", "test_info")
+TEST = ("test", "test_code")
+COLUMNS = ("question", TEST)
 _TEST_DEF = re.compile(r"^def\s+(test_\w*)\s*\(([^)]*)\)", re.M)
 
 
 def _function_names(record: dict) -> list[str]:
     info = get_field(record, "test_info")
-    if info is None or isinstance(info, (str, dict)) or not hasattr(info, "__iter__"):
+    if info is None:
+        entry = str(get_field(record, "test_entry_point", "") or "").strip()
+        if not entry:
+            raise BadRow("no field 'test_info' or 'test_entry_point' naming the function under test")
+        return [entry]
+    if isinstance(info, (str, dict)) or not hasattr(info, "__iter__"):
         raise BadRow("field 'test_info' is not a list of {function_name, ...}")
     names = [str(i.get("function_name") or "").strip() for i in info if isinstance(i, dict)]
     names = [n for n in names if n]
@@ -43,7 +50,7 @@ def _function_names(record: dict) -> list[str]:
 
 def convert(record: dict, index: int, split: str) -> dict:
     question = require_text(record, "question")
-    test = require_code(record, "test")
+    test = require_code(record, TEST)
     names = _function_names(record)
     tests = []
     for name, params in _TEST_DEF.findall(test):
@@ -56,7 +63,7 @@ def convert(record: dict, index: int, split: str) -> dict:
     content = f"{question}\n\nThe tests import {listed} from your solution (solution.py).\n{CODE_INSTRUCTION}"
     truth = code_ground_truth(tests, entry_point=names[0], setup=test, module="solution")
     return rule_row(KODCODE, "code", content, truth, split, index,
-                    question_id=str(get_field(record, "question_id", "")), question=question,
+                    question_id=str(get_field(record, ("question_id", "conversation_id"), "")), question=question,
                     entry_point=names[0], test=test)
 
 

@@ -5,7 +5,6 @@ memory), each run for real in the confined process; the reward dispatch and verl
 
 from __future__ import annotations
 
-import ctypes  # noqa: F401 - the malicious programs below use it in the child
 import json
 import os
 import socket
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from opd_verl.rewards import HUMANEVAL, INFO_KEYS, KODCODE, MBPP, compute_score, compute_score_with_info
-from opd_verl.rewards.code import build_program, code_ground_truth, code_score, extract_code
+from opd_verl.rewards.code import build_program, code_ground_truth, code_score, extract_code, limits_from
 from opd_verl.rewards.sandbox import Limits, run_python
 
 FAST = {"code_wall_seconds": 3.0, "code_cpu_seconds": 2}
@@ -120,6 +119,11 @@ def test_unknown_code_kwarg_is_an_error():
     with pytest.raises(ValueError, match="code_wall_secs"):  # on a math row too: the first row tells
         compute_score("openai/gsm8k", "#### 4", "4", {}, code_wall_secs=3)
     assert compute_score("openai/gsm8k", "#### 4", "4", {}, code_wall_seconds=3, reward_router_address=None) == 1.0
+    for bad in ("ten", 0, -1, None, True):
+        with pytest.raises(ValueError, match="code_cpu_seconds=.* must be a positive integer"):
+            compute_score(MBPP, fenced("x = 1"), MBPP_TRUTH, {}, code_cpu_seconds=bad)
+    assert limits_from({"code_wall_seconds": "2.5", "code_memory_mb": 256.0}) == Limits(wall_seconds=2.5,
+                                                                                         memory_mb=256)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -160,6 +160,18 @@ def test_kodcode(tmp_path):
                          **FAST) == 0.0
 
 
+def test_kodcode_earlier_revision_schema(tmp_path):
+    """Earlier revisions of KodCode-V1 name the columns test_code, test_entry_point and conversation_id."""
+    src_row = KODCODE_ROWS[0]
+    old = {"split": "instruct", "subset": "Leetcode", "conversation_id": "Leetcode_1", "question": src_row["question"],
+           "solution": src_row["solution"], "test_code": src_row["test"], "test_entry_point": "two_sum"}
+    rows, _ = convert("kodcode", write_jsonl(tmp_path / "old.jsonl", [old]), tmp_path, "train", 0, 1, [])
+    assert rows[0]["extra_info"]["question_id"] == "Leetcode_1"
+    gt = rows[0]["reward_model"]["ground_truth"]
+    assert json.loads(gt)["tests"] == ["test_basic()", "test_later()"]
+    assert compute_score(rows[0]["data_source"], f"```python\n{src_row['solution']}```", gt, **FAST) == 1.0
+
+
 IFEVAL_ROWS = [
     {
         "key": 1000, "prompt": "Write a short note about apples. Do not use any commas.",

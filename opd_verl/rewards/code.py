@@ -75,7 +75,20 @@ def limits_from(kwargs: dict[str, Any]) -> Limits:
     if unknown:
         raise ValueError(f"opd_verl.rewards: unknown reward kwarg(s) {unknown}; the code sandbox reads "
                          f"{sorted(LIMIT_KWARGS)} (reward.custom_reward_function.reward_kwargs)")
-    return Limits(**{LIMIT_KWARGS[k]: v for k, v in kwargs.items() if k in LIMIT_KWARGS})
+    values = {}
+    for key, field in LIMIT_KWARGS.items():
+        if key not in kwargs:
+            continue
+        cast = float if field == "wall_seconds" else int
+        try:
+            value = cast(kwargs[key])
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value <= 0 or isinstance(kwargs[key], bool):
+            raise ValueError(f"opd_verl.rewards: reward kwarg {key}={kwargs[key]!r} must be a positive "
+                             f"{'number' if cast is float else 'integer'}")
+        values[field] = value
+    return Limits(**values)
 
 
 @dataclass(frozen=True)
