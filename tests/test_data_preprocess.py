@@ -422,9 +422,10 @@ def test_math500_json_array(tmp_path):
 # errors: one line, naming the file / column / fix, non-zero exit
 # ---------------------------------------------------------------------------------------------------------------
 
-ALL_SCRIPTS = ["gsm8k", "deepmath", "openthoughts3", "aime2024", "math500"]
+ALL_SCRIPTS = ["gsm8k", "deepmath", "openthoughts3", "aime2024", "math500", "humaneval", "mbpp", "kodcode", "ifeval"]
 FIRST_REQUIRED = {"gsm8k": "question", "deepmath": "question", "openthoughts3": "conversations",
-                  "aime2024": "problem/Problem", "math500": "problem"}
+                  "aime2024": "problem/Problem", "math500": "problem", "humaneval": "task_id", "mbpp": "task_id",
+                  "kodcode": "question", "ifeval": "prompt"}
 
 
 def single_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -142,6 +142,33 @@ SEEDS: dict[str, dict] = {
         "opd.lambda_rl": 1.0,
         "opd.lambda_distill": 1.0,
     },
+    "code_deepseek_coder_1.3b_from_6.7b_hybrid": {
+        STUDENT: "deepseek-ai/deepseek-coder-1.3b-instruct",
+        TEACHER: "deepseek-ai/deepseek-coder-6.7b-instruct",
+        EST: "grpo",
+        LOSS: "ppo_plus_distill",
+        "opd.lambda_rl": 0.3,
+        "opd.lambda_distill": 0.7,
+        "data.train_files": "~/data/mbpp/train.parquet",
+        "data.val_files": "~/data/humaneval/test.parquet",
+    },
+    "ifeval_qwen2.5_1.5b_from_qwen2.5_7b_opd": {
+        STUDENT: "Qwen/Qwen2.5-1.5B-Instruct",
+        TEACHER: "Qwen/Qwen2.5-7B-Instruct",
+        LOSS: "ppo_plus_distill",
+        "opd.temperature": 0.8,
+        "opd.lambda_rl": 0.0,
+        "opd.lambda_distill": 1.0,
+        "data.train_files": "~/data/ifeval/train.parquet",
+    },
+    "multitask_qwen2.5_1.5b_route_math_code_chat": {
+        STUDENT: "Qwen/Qwen2.5-1.5B-Instruct",
+        EST: "opd",
+        LOSS: "importance_sampling",
+        "opd.multi_teacher_mode": "route",
+        "data.train_files": "~/data/multitask/train.parquet",
+        "data.val_files": "~/data/multitask/test.parquet",
+    },
     "gsm8k_qwen3_8b_base_from_qwen3_8b_4gpu": {
         STUDENT: "Qwen/Qwen3-8B-Base",
         TEACHER: "Qwen/Qwen3-8B",
@@ -162,6 +189,10 @@ DATA_SCRIPTS = {
     "math500": ("math500", []),
     "openthoughts3": ("openthoughts3", []),
     "openthoughts3_sft": ("openthoughts3", ["--mode", "sft"]),
+    "mbpp": ("mbpp", []),
+    "humaneval": ("humaneval", []),
+    "ifeval": ("ifeval", []),
+    "multitask": ("multitask", ["--train", "--test"]),
 }
 
 
@@ -254,6 +285,14 @@ def data_lines(name: str) -> list[tuple[list[str], list[str]]]:
             words = command.split()
             lines.append((words[1:], [out for word in outputs.split() for out in brace_expand(word)]))
     return lines
+
+
+def intermediate_outputs(name: str) -> list[str]:
+    """Outputs of a recipe's data lines that a later data line reads (e.g. the files data_preprocess/multitask.py
+    merges), in the header's spelling."""
+    lines = data_lines(name)
+    return [out for i, (_, outputs) in enumerate(lines) for out in outputs
+            if any(out in argv for argv, _ in lines[i + 1:])]
 
 
 def expand_word(word: str, home: Path, env: dict) -> str:
@@ -400,7 +439,7 @@ def test_opd_recipe_gpu_settings(name, composed):
     assert "console" in get("trainer.logger")
     assert get("trainer.save_freq") > 0 and get("trainer.test_freq") > 0 and get("trainer.val_before_train")
     assert get("reward.custom_reward_function.path") == "pkg://opd_verl.rewards"
-    assert get("reward.custom_reward_function.name") == "compute_score"
+    assert get("reward.custom_reward_function.name") in ("compute_score", "compute_score_with_info")
     n_gpus = get("trainer.n_gpus_per_node") * get("trainer.nnodes")
     batch, n = get("data.train_batch_size"), get(N)
     assert batch % get("actor_rollout_ref.actor.ppo_mini_batch_size") == 0
@@ -464,7 +503,8 @@ def test_recipe_data_comes_from_the_documented_scripts(name, composed):
     files = data_files(composed[name])
     assert files
     declared = [out for _, outputs in lines for out in outputs]
-    assert sorted(declared) == sorted(set(declared)) == sorted(set(files)), "each data line makes what the recipe reads"
+    assert sorted(declared) == sorted(set(declared)) == sorted(set(files) | set(intermediate_outputs(name))), (
+        "each data line makes what the recipe reads, or what a later data line reads")
     for path in files:
         match = re.fullmatch(r"~/data/([^/]+)/(train|test)\.parquet", path)
         assert match, f"{path}: not a data_preprocess output (~/data/<name>/<split>.parquet)"
@@ -544,7 +584,8 @@ def test_launcher_prepares_missing_data_then_runs_the_recipe(name, composed, fak
     assert code == 0, stderr
     *prep, main = calls
     prepared_dirs = {re.search(r"--local_dir (\S+)", call).group(1) for call in prep}
-    assert prepared_dirs == {str(f.parent) for f in files}, "each missing data set is prepared where the recipe reads it"
+    made = files + [Path(f.replace("~", str(home), 1)) for f in intermediate_outputs(name)]
+    assert prepared_dirs == {str(f.parent) for f in made}, "each missing data set is prepared where the recipe reads it"
     assert all(call.startswith("data_preprocess/") for call in prep)
     assert prep == declared_commands(name, home, {}), "the header's data lines, as declared"
     assert f"--config-dir {REPO} +recipes={name}" in main and main.endswith("trainer.total_epochs=7")
@@ -558,7 +599,7 @@ def test_launcher_prepares_missing_data_then_runs_the_recipe(name, composed, fak
     else:
         assert STUDENT not in main
 
-    for f in files:  # data present: straight to the run
+    for f in made:  # data present: straight to the run
         f.parent.mkdir(parents=True, exist_ok=True)
         f.touch()
     code, calls, stderr = run_launcher(name, [], home, fake_python, **env)

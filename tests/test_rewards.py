@@ -1,4 +1,4 @@
-"""Rule rewards (opd_verl/rewards.py): '####' and \\boxed{} answers, data_source routing, error guards, and the
+"""Math rule rewards (opd_verl/rewards/math.py): '####' and \\boxed{} answers, data_source routing, error guards, and the
 way verl 0.9.1 loads and calls a custom reward function."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from opd_verl import rewards
+from opd_verl.rewards import math as math_rewards
 from opd_verl.rewards import (
     AIME2024,
     DATA_SOURCES,
@@ -126,7 +127,14 @@ def test_last_boxed_content():
 
 
 def test_data_sources_all_have_a_checker():
-    assert set(DATA_SOURCES) == {"gsm8k", "deepmath", "openthoughts3", "aime2024", "math500"}
+    from opd_verl.rewards import task_of
+
+    math_sets = {"gsm8k", "deepmath", "openthoughts3", "aime2024", "math500"}
+    assert set(DATA_SOURCES) == math_sets | {"humaneval", "mbpp", "kodcode", "ifeval"}
+    assert {name: task_of(DATA_SOURCES[name]) for name in DATA_SOURCES} == {
+        **dict.fromkeys(math_sets, "math"), "humaneval": "code", "mbpp": "code", "kodcode": "code", "ifeval": "ifeval"
+    }
+    assert task_of("my/eval") == "math"  # an unlisted source keeps the math checkers
     assert answer_style(DATA_SOURCES["gsm8k"]) == "gsm8k"
     for name in ("deepmath", "openthoughts3", "aime2024", "math500"):
         assert answer_style(DATA_SOURCES[name]) == "boxed"
@@ -197,12 +205,17 @@ def test_off_main_thread_uses_worker_process():
         results = list(pool.map(score, cases))
     assert not any(seen_threads)
     assert results == [c[2] for c in cases]
-    assert rewards._pool is not None  # the spawned math-verify worker was used
+    assert math_rewards._pool is not None  # the spawned math-verify worker was used
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # math-verify at scale: the pool's size, each check on its own budget, timeouts counted (issue 12)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def math_keys(info: dict) -> dict:
+    """The math keys of a compute_score_with_info dict (the others belong to the code and IFEval rewards)."""
+    return {k: info[k] for k in ("score", "acc", "math_verify_timeout")}
 
 
 def _ones(n: int) -> str:
@@ -216,44 +229,44 @@ def one_process_pool():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OPD_REWARD_MV_WORKERS", "1")
         mp.delenv("OPD_REWARD_MV_TIMEOUT", raising=False)
-        rewards._reset_pool()
+        math_rewards._reset_pool()
         yield
-        rewards._reset_pool()
+        math_rewards._reset_pool()
 
 
 def test_pool_size_follows_the_setting(monkeypatch):
-    real = rewards._available_cpus()
+    real = math_rewards._available_cpus()
     assert 1 <= real <= (os.cpu_count() or 1)
-    monkeypatch.setattr(rewards, "_available_cpus", lambda: 4)
+    monkeypatch.setattr(math_rewards, "_available_cpus", lambda: 4)
     monkeypatch.delenv("OPD_REWARD_MV_WORKERS", raising=False)
-    assert rewards.mv_pool_size() == min(4, rewards.MV_MAX_WORKERS)
-    monkeypatch.setattr(rewards, "MV_MAX_WORKERS", 3)
-    assert rewards.mv_pool_size() == 3
+    assert math_rewards.mv_pool_size() == min(4, math_rewards.MV_MAX_WORKERS)
+    monkeypatch.setattr(math_rewards, "MV_MAX_WORKERS", 3)
+    assert math_rewards.mv_pool_size() == 3
     for value, size in (("2", 2), ("16", 4), ("0", 1), ("not-a-number", 3)):
         monkeypatch.setenv("OPD_REWARD_MV_WORKERS", value)
-        assert rewards.mv_pool_size() == size, value
+        assert math_rewards.mv_pool_size() == size, value
     monkeypatch.setenv("OPD_REWARD_MV_WORKERS", "2")
-    rewards._reset_pool()
+    math_rewards._reset_pool()
     try:
-        pool = rewards._get_pool()
+        pool = math_rewards._get_pool()
         assert pool._max_workers == 2
         assert len(pool._processes) == 0  # processes start with the load, not with the pool
     finally:
-        rewards._reset_pool()
+        math_rewards._reset_pool()
 
 
 def test_per_check_budget_setting(monkeypatch):
     monkeypatch.delenv("OPD_REWARD_MV_TIMEOUT", raising=False)
-    assert rewards.mv_timeout_seconds() == rewards.MV_TIMEOUT_SECONDS
+    assert math_rewards.mv_timeout_seconds() == math_rewards.MV_TIMEOUT_SECONDS
     monkeypatch.setenv("OPD_REWARD_MV_TIMEOUT", "2.5")
-    assert rewards.mv_timeout_seconds() == 2.5
+    assert math_rewards.mv_timeout_seconds() == 2.5
 
 
 def test_queued_checks_are_timed_on_their_own(one_process_pool, monkeypatch):
     """64 checks at once on one process: a few slow ones ahead put the rest behind a queue longer than the
     per-check budget, while each check alone is well inside it. No check may score a spurious 0.0."""
     n0 = 120
-    monkeypatch.setattr(rewards, "MV_TIMEOUT_SECONDS", 60.0)
+    monkeypatch.setattr(math_rewards, "MV_TIMEOUT_SECONDS", 60.0)
     with ThreadPoolExecutor(max_workers=1) as ex:
         # start the process (its start-up is not the point here), then time one slow check in it, alone
         assert ex.submit(compute_score, MATH500, "\\boxed{0.5}", "\\frac{1}{2}").result() == 1.0
@@ -264,37 +277,37 @@ def test_queued_checks_are_timed_on_their_own(one_process_pool, monkeypatch):
             slow = max(slow, time.monotonic() - start)
     budget = max(1.0, 4 * slow)  # each slow check alone: a quarter of the budget or less
     k = min(48, math.ceil(4 * budget / slow))  # the slow ones together: about four budgets
-    monkeypatch.setattr(rewards, "MV_TIMEOUT_SECONDS", budget)
+    monkeypatch.setattr(math_rewards, "MV_TIMEOUT_SECONDS", budget)
 
     cases = [(f"\\boxed{{{_ones(n0 + 1 + j)}}}", str(n0 + 1 + j), 1.0) for j in range(k)]
     for i in range(64 - k):  # fast ones, queued behind the slow ones; half of them wrong
         numerator = 2 * i + 2 if i % 2 else 2 * i + 3
         cases.append((f"\\boxed{{\\frac{{{numerator}}}{{2}}}}", str(i + 1), 1.0 if i % 2 else 0.0))
-    before = rewards.math_verify_stats()
+    before = math_rewards.math_verify_stats()
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(cases)) as ex:
         results = list(ex.map(lambda case: compute_score(MATH500, case[0], case[1]), cases))
     wall = time.monotonic() - start
-    after = rewards.math_verify_stats()
+    after = math_rewards.math_verify_stats()
 
     assert results == [case[2] for case in cases]
     assert after["timeouts"] == before["timeouts"]
     assert after["checks"] - before["checks"] == len(cases)
     assert wall > budget, (wall, budget)  # the queue really was longer than one check's budget
-    assert len(rewards._pool._processes) == 1
+    assert len(math_rewards._pool._processes) == 1
 
 
 def test_slow_check_times_out_and_is_counted(one_process_pool, monkeypatch, capfd):
     monkeypatch.setenv("OPD_REWARD_MV_TIMEOUT", "0.2")
-    monkeypatch.setattr(rewards, "_last_timeout_log", [None])
+    monkeypatch.setattr(math_rewards, "_last_timeout_log", [None])
     n = 900  # about a second of parsing, or more
-    before = rewards.math_verify_stats()
+    before = math_rewards.math_verify_stats()
     with ThreadPoolExecutor(max_workers=1) as ex:
         info = ex.submit(compute_score_with_info, MATH500, f"\\boxed{{{_ones(n)}}}", str(n)).result()
         # the process that timed out still checks
         assert ex.submit(compute_score, MATH500, "\\boxed{0.25}", "\\frac{1}{4}").result() == 1.0
-    after = rewards.math_verify_stats()
-    assert info == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 1}
+    after = math_rewards.math_verify_stats()
+    assert math_keys(info) == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 1}
     assert after["timeouts"] - before["timeouts"] == 1
     assert "opd_verl.rewards: math-verify timed out on" in capfd.readouterr().err
 
@@ -302,21 +315,21 @@ def test_slow_check_times_out_and_is_counted(one_process_pool, monkeypatch, capf
 def test_main_thread_check_times_out_alone_and_cleans_up(monkeypatch):
     monkeypatch.setenv("OPD_REWARD_MV_TIMEOUT", "0.2")
     handler = signal.getsignal(signal.SIGALRM)
-    before = rewards.math_verify_stats()
+    before = math_rewards.math_verify_stats()
     start = time.monotonic()
     info = compute_score_with_info(MATH500, f"\\boxed{{{_ones(901)}}}", "901")
     assert time.monotonic() - start < 5
-    assert info == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 1}
-    assert rewards.math_verify_stats()["timeouts"] - before["timeouts"] == 1
+    assert math_keys(info) == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 1}
+    assert math_rewards.math_verify_stats()["timeouts"] - before["timeouts"] == 1
     assert signal.getsignal(signal.SIGALRM) is handler
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     # scores are those of compute_score; a check that finishes reports no timeout
-    assert compute_score_with_info(MATH500, "\\boxed{0.5}", "\\frac{1}{2}") == {
+    assert math_keys(compute_score_with_info(MATH500, "\\boxed{0.5}", "\\frac{1}{2}")) == {
         "score": 1.0,
         "acc": 1.0,
         "math_verify_timeout": 0,
     }
-    assert compute_score_with_info(GSM8K, "#### 7", "8") == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 0}
+    assert math_keys(compute_score_with_info(GSM8K, "#### 7", "8")) == {"score": 0.0, "acc": 0.0, "math_verify_timeout": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,9 +353,12 @@ async def main():
     from verl.utils.import_utils import load_extern_object
 
     loop = asyncio.get_running_loop()
+    # a code row too: its tests run in the sandbox, from the package loaded either way
+    code = ("google-research-datasets/mbpp", "```python\ndef f():\n    return 1\n```",
+            '{"tests": ["assert f() == 1"]}', 1.0)
     for path in ("pkg://opd_verl.rewards", sys.argv[1]):
         fn = load_extern_object(module_path=path, object_name="compute_score")
-        for ds, sol, gt, want in CASES:
+        for ds, sol, gt, want in CASES + [code]:
             got = await loop.run_in_executor(
                 None, lambda: fn(data_source=ds, solution_str=sol, ground_truth=gt, extra_info={"index": 0})
             )
@@ -356,7 +372,14 @@ async def main():
         got = await loop.run_in_executor(
             None, lambda: fn(data_source=ds, solution_str=sol, ground_truth=gt, extra_info={"index": 0})
         )
-        assert got == {"score": want, "acc": want, "math_verify_timeout": 0}, got
+        # one key set for every task (a mixed batch's rows must agree); the math keys carry the math result
+        from opd_verl.rewards import INFO_KEYS
+
+        assert tuple(got) == INFO_KEYS, got
+        assert {k: got[k] for k in ("score", "acc", "math_verify_timeout")} == {
+            "score": want, "acc": want, "math_verify_timeout": 0
+        }, got
+        assert all(got[k] == 0 for k in INFO_KEYS if k.startswith(("code_", "ifeval_"))), got
         for key, value in got.items():
             infos.setdefault(key, []).append(value)
     metrics = process_validation_metrics([c[0] for c in CASES], [str(i) for i in range(len(CASES))], infos)
@@ -376,7 +399,7 @@ def test_verl_loads_and_calls_compute_score(tmp_path):
     script = tmp_path / "call_like_verl.py"
     script.write_text(VERL_CALL_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), str(REPO / "opd_verl" / "rewards.py")],
+        [sys.executable, str(script), str(REPO / "opd_verl" / "rewards" / "__init__.py")],
         capture_output=True,
         text=True,
         timeout=180,

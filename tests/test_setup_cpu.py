@@ -27,7 +27,7 @@ def test_opd_torch_index_url_is_the_index_torch_is_installed_from():
     assert plain.returncode == 0, plain.stderr
     commands = [line for line in plain.stdout.splitlines() if line.startswith("+ ")]
     assert "+ .venv/bin/python -m pip install -q -c examples/constraints-cpu.txt torch==2.13.0" in commands, commands
-    assert "+ .venv/bin/python -m pip install -q -c examples/constraints-cpu.txt -e .[cpu,test,docs]" in commands, commands
+    assert "+ .venv/bin/python -m pip install -q -c examples/constraints-cpu.txt -e .[cpu,test,docs,ifeval]" in commands, commands
     assert not any("--index-url" in c for c in commands), commands
     index = "https://example.invalid/whl/cpu"
     custom = _setup("--dry-run", env={"OPD_TORCH_INDEX_URL": index})

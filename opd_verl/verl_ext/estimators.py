@@ -25,7 +25,8 @@ def _require(value, name: str, estimator: str):
     return value
 
 
-#: opd/kl_per_token/<data_source>: the KL of one data_source's samples (logged when teachers are routed)
+#: opd/kl_per_token/<data_source>: the KL of one data_source's samples (logged for a batch of several data_sources
+#: or routed teachers: opd_verl.verl_ext.task_metrics.per_task)
 KL_PER_SOURCE_PREFIX = "opd/kl_per_token/"
 
 

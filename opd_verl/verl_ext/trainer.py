@@ -24,6 +24,7 @@ from opd_verl.verl_ext.checkpoints import checkpoints_to_keep, mark_complete, pr
 from opd_verl.verl_ext.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
 from opd_verl.checks.verl_config import POLL_INTERVAL_KEY, replay_poll_interval
 from opd_verl.checks.options import OPD_ESTIMATORS, teacher_entries, uses_opd
+from opd_verl.verl_ext.task_metrics import per_task, reward_metrics
 from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD, alignment_metrics
 from opd_verl.verl_ext.teacher_pool import POOL_NAME, build_teacher_group, place_on_pool, pool_spec
 from opd_verl.verl_ext.teacher_worker import make_worker_class
@@ -169,7 +170,7 @@ class OPDTrainer(PPOTrainerSync):
 
         mask = data.batch["response_mask"]
         teacher, student = data.batch["ref_log_prob"], data.batch["old_log_probs"]
-        metrics.update(distill_metrics(teacher, student, mask, self._routed_data_sources(batch)))
+        metrics.update(distill_metrics(teacher, student, mask, self._task_metrics(batch, metrics)))
         self._cross_tokenizer_metrics(batch, metrics)
         common = dict(teacher_log_prob=teacher, student_log_prob=student, opd_config=self.opd, metrics=metrics)
         if estimator == "opd":
@@ -231,13 +232,22 @@ class OPDTrainer(PPOTrainerSync):
             for name, value in alignment_metrics(data[field]).items():
                 metrics[prefix + name] = value
 
-    def _routed_data_sources(self, batch) -> list[str] | None:
-        """Each sample's data_source when the teachers are routed (multi_teacher_mode=route, several teachers:
-        the KL is then also logged per data_source, opd/kl_per_token/<data_source>); None otherwise."""
-        if not getattr(self, "teachers_routed", False):
-            return None
+    def _task_metrics(self, batch, metrics: dict) -> list[str] | None:
+        """Per-task metrics of a batch of several data_sources, or of any batch when the teachers are routed
+        (multi_teacher_mode=route, several teachers): the reward per data_source (opd/reward/<data_source>,
+        opd/reward_extra/<key>/<data_source>, task_metrics) into ``metrics``. Returns each sample's data_source
+        then, for the KL per data_source (opd/kl_per_token/<data_source>, distill_metrics); None otherwise."""
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["data_source"])
-        return [str(x) for x in tu.get(data, "data_source")]
+        sources = [str(x) for x in tu.get(data, "data_source")]
+        if not per_task(sources, getattr(self, "teachers_routed", False)):
+            return None
+        scores = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
+        scores = scores.to_padded_tensor()["rm_scores"].sum(-1).tolist()
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        extras = [x.get("reward_extra_info") if isinstance(x, dict) else None
+                  for x in (tu.get(data, "extra_fields") or [None] * len(sources))]
+        metrics.update(reward_metrics(sources, scores, extras))
+        return sources
 
     def _dump_token_terms(self, batch, padded) -> None:
         """Debug dump ($OPD_VERL_DUMP_TOKENS=dir): ids and per-token terms of each step, to recompute offline."""
@@ -265,7 +275,7 @@ class OPDTrainer(PPOTrainerSync):
             keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask", "old_log_probs", "ref_log_prob"]
         ).to_padded_tensor()
         metrics.update(distill_metrics(data["ref_log_prob"], data["old_log_probs"], data["response_mask"],
-                                       self._routed_data_sources(batch)))
+                                       self._task_metrics(batch, metrics)))
         self._cross_tokenizer_metrics(batch, metrics)
         metrics["opd/kl_coef"] = float(self.opd["lambda_distill"])
         return data

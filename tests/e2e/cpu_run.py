@@ -62,6 +62,77 @@ def write_dataset(directory: str | os.PathLike, n_train: int = 32, n_val: int = 
     return paths[0], paths[1]
 
 
+def math_row(index: int, split: str, rng: random.Random) -> dict:
+    """A GSM8K-style row (openai/gsm8k: the math reward reads the number after ####)."""
+    from opd_verl.rewards import GSM8K
+
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    return {"data_source": GSM8K, "prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer after ####."}],
+            "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(a + b)},
+            "extra_info": {"split": split, "index": index}}
+
+
+def code_row(index: int, split: str, tests: list[str], data_source: str | None = None, module: str = "") -> dict:
+    """A code row as data_preprocess/mbpp.py (or kodcode.py, with ``module``) writes it: the code reward's JSON
+    ground truth with ``tests`` run after the completion in the sandbox (``module``: the completion is written to
+    <module>.py and the tests run whatever it holds)."""
+    from opd_verl.rewards import MBPP
+    from opd_verl.rewards.code import code_ground_truth
+
+    content = "Write add(a, b) in Python: the sum of a and b."
+    return {"data_source": data_source or MBPP, "prompt": [{"role": "user", "content": content}], "ability": "code",
+            "reward_model": {"style": "rule", "ground_truth": code_ground_truth(tests, module=module)},
+            "extra_info": {"split": split, "index": index}}
+
+
+#: IFEval instructions a random response can follow (no nltk data needed): no comma, lower case, a word limit.
+IFEVAL_INSTRUCTIONS = (("punctuation:no_comma", {}), ("change_case:english_lowercase", {}),
+                       ("length_constraints:number_words", {"relation": "less than", "num_words": 20}))
+
+
+def ifeval_row(index: int, split: str) -> dict:
+    """An IFEval row as data_preprocess/ifeval.py writes it (google/IFEval: lm-eval's instruction checks)."""
+    from opd_verl.rewards import IFEVAL
+    from opd_verl.rewards.ifeval import ifeval_ground_truth
+
+    ids, kwargs = zip(*IFEVAL_INSTRUCTIONS[: 1 + (index // 3) % len(IFEVAL_INSTRUCTIONS)])  # 1, 2, 3 instructions
+    prompt = "Describe a cat: no commas, lower case."
+    return {"data_source": IFEVAL, "prompt": [{"role": "user", "content": prompt}], "ability": "instruction",
+            "reward_model": {"style": "rule", "ground_truth": ifeval_ground_truth(prompt, list(ids), list(kwargs))},
+            "extra_info": {"split": split, "index": index}}
+
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+
+
+def write_task_dataset(directory: str | os.PathLike, n_train: int = 15, n_val: int = 6, seed: int = 0,
+                       extra_train_rows: list[dict] = ()) -> tuple[str, str]:
+    """Math, code and instruction-following rows in turn (verl's parquet; each task's own data_source and ground
+    truth, scored by opd_verl.rewards), ``extra_train_rows[k]`` after the k-th (math, code, instruction) triple
+    of the training rows (with data.shuffle=False and batches of 4, one in each batch); returns
+    (train_path, val_path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n, extra in (("train", n_train, list(extra_train_rows)), ("test", n_val, [])):
+        makers = (lambda i: math_row(i, split, rng), lambda i: code_row(i, split, ADD_TESTS), lambda i: ifeval_row(i, split))
+        rows = []
+        for i in range(n):
+            rows.append(makers[i % 3](i))
+            if i % 3 == 2 and extra:
+                rows.append(extra.pop(0))
+        rows += extra
+        path = directory / f"{split}.parquet"
+        # the tasks' extra_info / reward_model fields merged as data_preprocess/multitask.py merges them
+        pq.write_table(pa.concat_tables([pa.Table.from_pylist([r]) for r in rows], promote_options="permissive"), path)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
 def write_reward(directory: str | os.PathLike) -> str:
     path = Path(directory) / "digit_reward.py"
     path.write_text(REWARD_SOURCE)

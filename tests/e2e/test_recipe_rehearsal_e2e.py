@@ -1,12 +1,13 @@
 """Every GPU recipe in recipes/ rehearsed on CPU as written: the real trainer, 2 steps, 2 ranks.
 
 Each run overrides only what this machine cannot have (`rehearsal_overrides`, printed by the test): the models (tiny
-ones of the recipe's architecture family, built here; a LoRA rank scaled down), the data (tiny parquet of the same
-schema), the sizes (batch, lengths, token budgets of ~2 sequences), GPUs per node (2 placeholders) and the device.
+ones of the recipe's architecture family, built here; a routed recipe's teachers one each, on the same
+data_sources; a LoRA rank scaled down), the data (tiny parquet of the same schema; a code, IFEval or multi-task
+recipe's: math, code and IFEval rows, each scored by its own reward), the sizes (batch, lengths, token budgets of ~2 sequences), GPUs per node (2 placeholders) and the device.
 Every other key stays the recipe's: packed rows (use_remove_padding), token-budget micro-batches (use_dynamic_bsz),
 the bf16 teacher, the supports, LoRA, the rollout's tensor parallel size. The test checks that the CPU defaults
 rewrote none of the recipe's keys, that both steps ran, the alignment statistic, and that every sample's student
-and teacher log-probs of step 1 equal a float64 recomputation with HF (the teacher's weights rounded to bf16 where
+and teacher (routed: its data_source's) log-probs of step 1 equal a float64 recomputation with HF (the teacher's weights rounded to bf16 where
 the recipe loads it in bf16).
 
 The SFT recipe (entry point verl.trainer.sft_trainer) runs under torchrun on 2 CPU processes (gloo) with the same
@@ -28,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from cpu_run import REPO, console_metrics, run_main, write_dataset, write_model
+from cpu_run import REPO, console_metrics, run_main, write_dataset, write_model, write_task_dataset
 
 pytestmark = pytest.mark.e2e
 
@@ -81,6 +82,36 @@ def data(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("rehearsal_data"))
 
 
+#: data sets (~/data/<name>/) of code and instruction-following rows: their recipes rehearse on math, code and
+#: IFEval rows (cpu_run.write_task_dataset: each task's own data_source and ground truth, scored by its reward)
+TASK_DATA = {"mbpp", "humaneval", "kodcode", "ifeval", "multitask"}
+
+
+def uses_task_data(name: str) -> bool:
+    files = [get(recipe(name), "data.train_files"), get(recipe(name), "data.val_files")]
+    return any(os.path.basename(os.path.dirname(str(f))) in TASK_DATA for f in files if f)
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    return write_task_dataset(tmp_path_factory.mktemp("rehearsal_task_data"))
+
+
+def routed_teachers(name: str, root) -> list[dict]:
+    """The recipe's opd.teachers, each path replaced by a tiny teacher of its own weights (data_source kept)."""
+    return [{**entry, "path": write_model(root / f"teacher{i}", hidden_size=256, seed=10 + i, family=family(name))}
+            for i, entry in enumerate(get(recipe(name), "opd.teachers") or [])]
+
+
+def teacher_of(teachers: list[dict], source: str) -> str:
+    """The path of the routed teacher of a data_source (a name, a list of names, or "*")."""
+    for entry in teachers:
+        names = entry["data_source"] if isinstance(entry["data_source"], list) else [entry["data_source"]]
+        if source in names:
+            return entry["path"]
+    return next(e["path"] for e in teachers if e["data_source"] == "*")
+
+
 def rehearsal_overrides(name: str, models: dict, data: tuple[str, str], root) -> dict:
     """What this machine cannot have, and nothing else."""
     r = recipe(name)
@@ -101,12 +132,22 @@ def rehearsal_overrides(name: str, models: dict, data: tuple[str, str], root) ->
     }
     if get(r, TEACHER):
         overrides[TEACHER] = teacher
+    if get(r, "opd.teachers"):
+        overrides["opd.teachers"] = routed_teachers(name, root)
     if get(r, "actor_rollout_ref.model.lora_rank"):
         overrides["actor_rollout_ref.model.lora_rank"] = LORA_RANK
     for key in TOKEN_BUDGETS:
         if get(r, key) is not None:
             overrides[key] = 2 * (PROMPT_LEN + RESPONSE_LEN)
     return overrides
+
+
+def hydra_value(value) -> str:
+    """A Hydra override value: a list of {key: value} mappings (opd.teachers) in Hydra's syntax, else as is."""
+    if isinstance(value, list):
+        return "[" + ",".join("{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in e.items()) + "}" if isinstance(e, dict)
+                              else f"'{e}'" for e in value) + "]"
+    return f"'{value}'" if isinstance(value, str) and "/" in value and not value.startswith("/") else str(value)
 
 
 def recipe_leaf_keys(node, prefix=""):
@@ -140,27 +181,29 @@ def float64_log_probs(model_dir: str, bf16: bool, prompt, response):
     return logp[positions, response]
 
 
-def worst_log_prob_errors(saved: dict, student: str | None, teacher: str, teacher_bf16: bool) -> tuple[float, float]:
+def worst_log_prob_errors(saved: dict, student: str | None, teacher, teacher_bf16: bool) -> tuple[float, float]:
     """Max |Δ| over every sample's response tokens: the run's old_log_probs vs the student (None: not checked) and
-    its ref_log_prob vs the teacher, both in float64."""
+    its ref_log_prob vs the teacher (a path, or a function of the sample's data_source: routed teachers), both in
+    float64."""
     worst_s = worst_t = 0.0
     for i, (prompt, response) in enumerate(zip(saved["prompts"], saved["responses"])):
         n = int(saved["response_mask"][i].sum())
         if student is not None:
             s64 = float64_log_probs(student, False, prompt, response)
             worst_s = max(worst_s, float((saved["old_log_probs"][i, :n].double() - s64).abs().max()))
-        q64 = float64_log_probs(teacher, teacher_bf16, prompt, response)
+        path = teacher(saved["data_source"][i]) if callable(teacher) else teacher
+        q64 = float64_log_probs(path, teacher_bf16, prompt, response)
         worst_t = max(worst_t, float((saved["ref_log_prob"][i, :n].double() - q64).abs().max()))
     return worst_s, worst_t
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == QUICKSTART else pytest.mark.slow)
                                   for n in OPD_RECIPES])
-def test_gpu_recipe_rehearsed_on_cpu_as_written(name, models, data, tmp_path):
-    overrides = rehearsal_overrides(name, models, data, tmp_path)
+def test_gpu_recipe_rehearsed_on_cpu_as_written(name, models, data, task_data, tmp_path):
+    overrides = rehearsal_overrides(name, models, task_data if uses_task_data(name) else data, tmp_path)
     print(f"{name}: overrides {overrides}")
     dump = tmp_path / "dump"
-    args = ["--config-dir", str(REPO), f"+recipes={name}", *(f"{k}={v}" for k, v in overrides.items())]
+    args = ["--config-dir", str(REPO), f"+recipes={name}", *(f"{k}={hydra_value(v)}" for k, v in overrides.items())]
     result = run_main(args, tmp_path / f"{name}.log", timeout=TIMEOUT, env={"OPD_VERL_DUMP_TOKENS": str(dump)})
     assert not result.timed_out, f"{name} hung: {tmp_path / f'{name}.log'}"
     assert result.returncode == 0, result.log[-5000:]
@@ -178,6 +221,8 @@ def test_gpu_recipe_rehearsed_on_cpu_as_written(name, models, data, tmp_path):
 
     teacher_bf16 = get(r, "actor_rollout_ref.ref.fsdp_config.model_dtype") in ("bf16", "bfloat16")
     student, teacher = models[family(name)]
+    if get(r, "opd.teachers"):  # routed: each sample's own teacher
+        teacher = lambda source, routes=overrides["opd.teachers"]: teacher_of(routes, source)  # noqa: E731
     for step in (1, 2):  # the student moves after step 1; the teacher does not
         saved = torch.load(dump / f"step_{step}.pt")
         lengths = {len(x) for x in saved["responses"]}

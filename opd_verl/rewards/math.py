@@ -1,17 +1,4 @@
-"""Rule rewards for the math data sets the OPD recipes train and validate on.
-
-Use it as verl 0.9.1's custom reward function (verl calls it, in the reward loop's naive manager, as
-``compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=..., **reward_kwargs)``
-and accepts a float, or a dict with a ``score`` whose other keys become reward extra info; ``reward_kwargs``
-come from ``reward.custom_reward_function.reward_kwargs``)::
-
-    reward.custom_reward_function.path=pkg://opd_verl.rewards
-    reward.custom_reward_function.name=compute_score
-
-``path`` may also be the file itself (``reward.custom_reward_function.path=/path/to/opd_verl/rewards.py``);
-verl's legacy top-level keys ``custom_reward_function.path`` / ``custom_reward_function.name`` are migrated
-to the ``reward.`` ones by verl. Rows are routed by their ``data_source`` column (verl's
-``data.reward_fn_key=data_source``, the default).
+"""Math answers: GSM8K ``####`` numbers and ``\\boxed{}`` answers checked with math-verify (issue 12's pool).
 
 Scoring, 1.0 or 0.0:
 
@@ -31,19 +18,12 @@ threads, so off the main thread the checks run in a spawned process pool of min(
 worker, ``OPD_REWARD_MV_WORKERS``, default ``MV_MAX_WORKERS`` = 8) processes, started as the load needs them:
 the budget starts when a pool process picks the check up, so time spent queueing behind other checks never turns
 a correct answer into 0.0. The caller only keeps a backstop deadline scaled to the queue ahead of it, for a
-check stuck where the timer cannot interrupt it. A timed-out check scores 0.0 and is counted:
-``compute_score_with_info`` (``reward.custom_reward_function.name=compute_score_with_info``) returns
-``{"score", "acc", "math_verify_timeout"}`` per response, which verl's validation logs as
-``val-aux/<data_source>/math_verify_timeout/mean@N`` (verl 0.9.1 logs no reward extra info of training batches;
-it keeps them in the rollout dumps); every process also prints a counter line on its first timeout and at most
-once a minute after that (``opd_verl.rewards: math-verify timed out on T of N checks ...``), and
-``math_verify_stats()`` returns the counters.
+check stuck where the timer cannot interrupt it. A timed-out check scores 0.0 and is counted (the
+``math_verify_timeout`` key of ``opd_verl.rewards.compute_score_with_info``); every process also prints a counter
+line on its first timeout and at most once a minute after that (``opd_verl.rewards: math-verify timed out on T of
+N checks ...``), and ``math_verify_stats()`` returns the counters.
 
-This module is also the one place that names the ``data_source`` strings the preprocess scripts write
-(``DATA_SOURCES``); the teacher routing (``opd.teachers[*].data_source``) must use the same strings. Where
-verl's default reward knows a data set, the same string is used so verl's default scorer also applies.
-It imports nothing heavy at import time (math-verify is loaded on first use), so the preprocess scripts can
-import it cheaply.
+math-verify is loaded on first use, so importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -54,39 +34,7 @@ import threading
 from fractions import Fraction
 from typing import Any
 
-# --------------------------------------------------------------------------------------------------------------
-# data_source strings: the one place they are defined.
-# --------------------------------------------------------------------------------------------------------------
-
-GSM8K = "openai/gsm8k"
-DEEPMATH = "zwhe99/DeepMath-103K"
-OPENTHOUGHTS3 = "open-thoughts/OpenThoughts3-1.2M"
-AIME2024 = "aime2024"
-MATH500 = "HuggingFaceH4/MATH-500"
-
-#: preprocess script name -> the data_source string its rows carry.
-DATA_SOURCES: dict[str, str] = {
-    "gsm8k": GSM8K,
-    "deepmath": DEEPMATH,
-    "openthoughts3": OPENTHOUGHTS3,
-    "aime2024": AIME2024,
-    "math500": MATH500,
-}
-
-#: data_source -> answer style ("gsm8k": ``####`` answers, "boxed": ``\boxed{}`` answers).
-ANSWER_STYLE: dict[str, str] = {
-    GSM8K: "gsm8k",
-    DEEPMATH: "boxed",
-    OPENTHOUGHTS3: "boxed",
-    AIME2024: "boxed",
-    MATH500: "boxed",
-}
-
-#: The instruction appended to every prompt, per answer style; the checkers below read exactly this format.
-INSTRUCTIONS: dict[str, str] = {
-    "gsm8k": 'Let\'s think step by step and output the final answer after "####".',
-    "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
-}
+from opd_verl.rewards.sources import ANSWER_STYLE
 
 _MATH_NAME_HINTS = ("math", "aime", "amc", "deepmath", "openthoughts", "olympiad")
 
@@ -364,14 +312,14 @@ def _pool_target(name: str = "_worker_check"):
     """``name`` of this module under an importable module name, so a spawned process can unpickle it.
 
     verl loads a file-path reward module under a made-up name (``custom_module_<hash>``) that a fresh process
-    cannot import; ``pkg://opd_verl.rewards`` (or an installed opd_verl) gives the real one.
+    cannot import; the package imports this module by its real name, so a worker can import it too.
     """
-    if __name__ == "opd_verl.rewards":
+    if __name__ == "opd_verl.rewards.math":
         return globals()[name]
     try:
         import importlib
 
-        return getattr(importlib.import_module("opd_verl.rewards"), name)
+        return getattr(importlib.import_module("opd_verl.rewards.math"), name)
     except Exception:  # noqa: BLE001
         return None
 
@@ -475,7 +423,7 @@ def boxed_score(solution_str: str, ground_truth: Any) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# verl entry point
+# the math reward
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -491,8 +439,8 @@ def answer_style(data_source: str) -> str:
     return "unknown"
 
 
-def _score(data_source: str, solution_str: str, ground_truth: Any) -> tuple[float, bool]:
-    """(score, math-verify timed out) for one response."""
+def math_score(data_source: str, solution_str: str, ground_truth: Any) -> tuple[float, bool]:
+    """(score, math-verify timed out) for one response; never raises."""
     try:
         if not isinstance(solution_str, str) or not solution_str:
             return 0.0, False
@@ -507,21 +455,3 @@ def _score(data_source: str, solution_str: str, ground_truth: Any) -> tuple[floa
         return (score, False) if score > 0 else _boxed_score(solution_str, ground_truth)
     except Exception:  # noqa: BLE001 - a reward must never take the trainer down
         return 0.0, False
-
-
-def compute_score(
-    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, **kwargs: Any
-) -> float:
-    """verl custom reward function: 1.0 for a correct final answer, else 0.0 (see the module docstring)."""
-    return _score(data_source, solution_str, ground_truth)[0]
-
-
-def compute_score_with_info(
-    data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None, **kwargs: Any
-) -> dict[str, float | int]:
-    """``compute_score`` as the dict verl's reward managers accept: ``score``, ``acc`` (the same value, the key
-    verl names its validation accuracy after when the reward is a float) and ``math_verify_timeout`` (1 when the
-    math-verify check of this response timed out, else 0). verl keeps every key as reward extra info; its
-    validation logs each as ``val-aux/<data_source>/<key>/mean@N``."""
-    score, timed_out = _score(data_source, solution_str, ground_truth)
-    return {"score": score, "acc": score, "math_verify_timeout": int(timed_out)}
