@@ -12,9 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_verl.checks.device import check_device, device_note, is_cpu_run, user_override_keys
 from opd_verl.checks.verl_config import check_verl_config
-from opd_verl.checks.options import (
-    OPDConfigError, check_override_keys, deprecation_notes, uses_opd, validate_config, view_notes,
-)
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.keys import check_override_keys
+from opd_verl.checks.modes import deprecation_notes, uses_opd
+from opd_verl.checks.options import validate_config
+from opd_verl.checks.teacher_views import view_notes
 
 _PRINT_ONLY = {"flag": False}
 

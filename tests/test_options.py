@@ -4,16 +4,12 @@ import re
 
 import pytest
 
-from opd_verl.checks.options import (
-    OPDConfigError,
-    check_override_keys,
-    opd_defaults,
-    route_table,
-    route_teacher_indices,
-    teacher_entries,
-    uses_opd,
-    validate_config,
-)
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.keys import check_override_keys, opd_defaults
+from opd_verl.checks.modes import uses_opd
+from opd_verl.checks.options import validate_config
+from opd_verl.checks.routing import route_table, route_teacher_indices
+from opd_verl.checks.teachers import teacher_entries
 
 
 def _opd_config(make, estimator="opd", **opd):
@@ -162,7 +158,7 @@ def test_route_table_and_indices():
 
 
 def test_old_loss_mode_name_still_works_with_a_deprecation_line(composed_config):
-    from opd_verl.checks.options import deprecation_notes, uses_distill_loss
+    from opd_verl.checks.modes import deprecation_notes, uses_distill_loss
 
     cfg = composed_config()
     cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "opd_distill"
