@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError, did_you_mean
 from opd_verl.checks.teacher_model import check_teacher_model
 
 #: removed opd keys -> why (a one-line error before Hydra composes, and on a composed config, e.g. from a recipe)
@@ -38,8 +38,9 @@ def _flat_keys(section: Mapping, prefix: str = "") -> list[str]:
 def _unknown_key_error(key: str) -> OPDConfigError:
     if key in REMOVED_KEYS:
         return OPDConfigError(f"opd.{key} was removed: {REMOVED_KEYS[key]}")
-    valid = ", ".join(k for k in _flat_keys(opd_defaults()))
-    return OPDConfigError(f"unknown key 'opd.{key}'; valid opd keys: {valid}")
+    valid = _flat_keys(opd_defaults())
+    hint = did_you_mean(key, valid, "opd.")
+    return OPDConfigError(f"unknown key 'opd.{key}';{hint} valid opd keys: {', '.join(valid)}")
 
 
 _OVERRIDE = re.compile(r"^[+~]{0,2}opd\.([A-Za-z0-9_.]+)(=|$)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError, did_you_mean
 
 #: HFModelConfig keys a teacher's `model:` may not set -> why
 _FROZEN = "the teacher is frozen (no LoRA): give it a merged model directory"
@@ -37,5 +37,6 @@ def check_teacher_model(model: Mapping, key: str) -> None:
         if name in TEACHER_MODEL_FIXED:
             raise OPDConfigError(f"{key}.{name} cannot be set for a teacher: {TEACHER_MODEL_FIXED[name]}")
         if name not in valid:
-            settable = ", ".join(sorted(valid - set(TEACHER_MODEL_FIXED)))
-            raise OPDConfigError(f"unknown key '{key}.{name}' (not a verl HFModelConfig key); valid: {settable}")
+            settable = sorted(valid - set(TEACHER_MODEL_FIXED))
+            raise OPDConfigError(f"unknown key '{key}.{name}' (not a verl HFModelConfig key);"
+                                 f"{did_you_mean(name, settable, key + '.')} valid: {', '.join(settable)}")
