@@ -80,6 +80,13 @@ def test_a_recipe_that_does_not_resolve_is_named_with_the_fix(arg, fragments):
 def test_recipe_overrides_that_resolve_pass(tmp_path):
     check_recipe_overrides([f"+recipes={REVERSE_KL}", "~recipes", "+recipes=[demo_cpu,demo_cpu_forward_kl]",
                             "recipe_dir.x=1", "opd.teacher.path=recipes"])
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("# @package _global_\n")
+    for where in (["--config-dir", str(tmp_path)], [f"--config-dir={tmp_path}"],
+                  [f"hydra.searchpath=[pkg://verl.trainer.config,file://{tmp_path}]"]):
+        check_recipe_overrides([*where, "+recipes=mine"])
+    with pytest.raises(OPDConfigError, match="unknown recipe 'mine'"):
+        check_recipe_overrides(["+recipes=mine"])
 
 
 def test_an_unknown_recipe_stops_the_command_line_in_one_line(tmp_path):

@@ -48,13 +48,17 @@ def is_sft_recipe(path: Path) -> bool:
 
 
 def config_dirs(argv: list[str]) -> list[Path]:
-    """The `--config-dir DIR` / `-cd DIR` / `--config-dir=DIR` of a command line."""
+    """The directories a command line adds to Hydra's search path: `--config-dir DIR` (`-cd DIR`,
+    `--config-dir=DIR`) and the file:// entries of a `hydra.searchpath=[...]` override."""
     dirs = []
     for i, arg in enumerate(argv):
         if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
             dirs.append(Path(argv[i + 1]))
         elif arg.startswith("--config-dir="):
             dirs.append(Path(arg.split("=", 1)[1]))
+        elif arg.startswith("hydra.searchpath="):
+            dirs += [Path(entry.removeprefix("file://")) for entry in _names(arg.split("=", 1)[1])
+                     if entry.startswith("file://")]
     return dirs
 
 
