@@ -21,6 +21,11 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 REVERSE_KL = "gsm8k_qwen2_0.5b_reverse_kl"  # hub names only: composes without any model on disk (preflight offline)
 
 
+DEMO_CPU_MAX_NUM_SEQS = ("+recipes=demo_cpu", "actor_rollout_ref.model.path=Qwen/Qwen2-0.5B",
+                         "opd.teacher.path=Qwen/Qwen2-7B", "--cfg", "job", "--package",
+                         "actor_rollout_ref.rollout.max_num_seqs")
+
+
 def _opd_section(result) -> dict:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# @package opd\n"), result.stdout[:200]
@@ -50,9 +55,7 @@ def test_config_dir_dot_from_the_repository_still_works():
 def test_a_packaged_recipes_keys_are_never_rewritten_by_the_cpu_defaults(tmp_path):
     """checks.device.user_override_keys reads the recipe from the package: demo_cpu sets max_num_seqs 160, which
     the CPU defaults (64) leave alone only if they know the recipe set it."""
-    result = run_main_opd("+recipes=demo_cpu", "actor_rollout_ref.model.path=Qwen/Qwen2-0.5B",
-                          "opd.teacher.path=Qwen/Qwen2-7B", "--cfg", "job", "--package",
-                          "actor_rollout_ref.rollout.max_num_seqs", cwd=tmp_path)
+    result = run_main_opd(*DEMO_CPU_MAX_NUM_SEQS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "160"
     assert "max_num_seqs" not in result.stderr  # no CPU default line for it
@@ -135,7 +138,9 @@ def test_an_installed_wheel_resolves_its_recipes(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import opd_verl; print(opd_verl.__file__)"], cwd=elsewhere,
                            env={**os.environ, **env}, capture_output=True, text=True, check=True)
     assert where.stdout.strip() == str(target / "opd_verl" / "__init__.py")  # the installed copy, not the checkout
-    opd = _opd_section(run_main_opd(f"+recipes={REVERSE_KL}", "--cfg", "job", "-p", "opd", cwd=elsewhere, env=env))
-    assert opd["teacher"]["path"] == "Qwen/Qwen2-7B"
+    # the recipe composes, and checks.device.user_override_keys finds it in the installed package (160: the
+    # recipe's value, kept; 64: the CPU default's, 256: verl's)
+    result = run_main_opd(*DEMO_CPU_MAX_NUM_SEQS, cwd=elsewhere, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "160", result.stderr
     usage = run_main_opd("--help", cwd=elsewhere, env=env)
     assert usage.returncode == 0 and all(f"\n  {name}" in usage.stdout for name in RECIPES), usage.stdout

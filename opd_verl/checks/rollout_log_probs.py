@@ -11,7 +11,7 @@ from opd_verl.checks.modes import LOSS_LEVEL, OPD_ESTIMATORS, uses_distill_loss
 BYPASS_KEY = "algorithm.rollout_correction.bypass_mode"
 ACCEPT_ROLLOUT_KEY = "accept_rollout_log_probs"
 ACCEPT_ROLLOUT_NEEDS = (f"{BYPASS_KEY}=true and the OPD advantage in a loss (algorithm.adv_estimator=opd, or "
-                         f"opd_hybrid with opd.hybrid_alpha > 0; with {LOSS_LEVEL} also opd.lambda_rl > 0)")
+                        f"opd_hybrid with opd.hybrid_alpha > 0; with {LOSS_LEVEL} also opd.lambda_rl > 0)")
 
 
 def bypass_mode(config: Mapping) -> bool:
