@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
 from opd_verl.checks.preflight import FilesUnavailable, check_model_path, check_teacher, check_tokenizer_path
 
 EXIT_MISMATCH = 2
@@ -70,7 +70,8 @@ def strip_hydra_quotes(value: str) -> tuple[str, bool]:
 
 def _view_reports(args) -> list[str]:
     """The trainer's view checks (check_teacher_views' option checks, then check_teacher_view on --data's rows)."""
-    from opd_verl.checks.options import template_placeholders, view_mode
+    from opd_verl.checks.teacher_views import template_placeholders
+    from opd_verl.checks.teachers import view_mode
     from opd_verl.checks.preflight import check_teacher_view, load_tokenizer, training_rows
 
     prompt = args.teacher_prompt

@@ -18,11 +18,12 @@ os.environ["HF_HUB_CACHE"] = EMPTY_HF_HUB_CACHE = tempfile.mkdtemp(prefix="opd_v
 atexit.register(shutil.rmtree, EMPTY_HF_HUB_CACHE, ignore_errors=True)
 
 
-def run_main_opd(*overrides: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m opd_verl.main_opd <overrides>` in a subprocess of this interpreter."""
+def run_main_opd(*overrides: str, timeout: float = 120, env: dict | None = None, cwd: Path = REPO
+                 ) -> subprocess.CompletedProcess:
+    """`python -m opd_verl.main_opd <overrides>` in a subprocess of this interpreter (from `cwd`)."""
     return subprocess.run(
         [sys.executable, "-m", "opd_verl.main_opd", *overrides],
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from opd_verl.checks import device
 from opd_verl.cpu.defaults import apply_cpu_defaults, required_ray_cpus
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "opd_verl" / "config")
 REPO = Path(__file__).resolve().parents[1]

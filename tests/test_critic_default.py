@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from opd_verl.checks.critic import apply_critic_default
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
 
 
 def _config(make, estimator, enable=None, base="grpo"):

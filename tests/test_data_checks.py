@@ -5,7 +5,7 @@ import pytest
 
 from conftest import run_main_opd
 from opd_verl.checks.data import check_data, check_parquet
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
 
 ROW = {
     "data_source": "openai/gsm8k",

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from opd_verl.checks import device
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
 from opd_verl.cpu.defaults import apply_cpu_defaults
 
 from conftest import REPO, run_main_opd

@@ -4,16 +4,12 @@ import re
 
 import pytest
 
-from opd_verl.checks.options import (
-    OPDConfigError,
-    check_override_keys,
-    opd_defaults,
-    route_table,
-    route_teacher_indices,
-    teacher_entries,
-    uses_opd,
-    validate_config,
-)
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.keys import check_override_keys, opd_defaults
+from opd_verl.checks.modes import uses_opd
+from opd_verl.checks.options import validate_config
+from opd_verl.checks.routing import route_table, route_teacher_indices
+from opd_verl.checks.teachers import teacher_entries
 
 
 def _opd_config(make, estimator="opd", **opd):
@@ -95,6 +91,31 @@ def test_unknown_override_keys(override):
         check_override_keys([override])
 
 
+@pytest.mark.parametrize("override,closest", [
+    ("opd.betta=1", "opd.beta"), ("+opd.divergance=jsd", "opd.divergence"), ("opd.teacher.pth=x", "opd.teacher.path"),
+    ("opd.kl_estimater=k3", "opd.kl_estimator"), ("opd.preflight.allow_template=true",
+                                                  "opd.preflight.allow_template_mismatch"),
+    ("+opd.teacher.model.use_ligr=true", "opd.teacher.model.use_liger"),
+])
+def test_an_unknown_key_names_the_closest_one_and_keeps_the_list(override, closest):
+    with pytest.raises(OPDConfigError) as err:
+        check_override_keys([override])
+    message = str(err.value)
+    assert f"did you mean {closest}?" in message and "\n" not in message
+    assert "valid opd keys: teacher, teacher.path" in message or "valid: " in message
+
+
+def test_an_unknown_key_far_from_every_key_gets_no_guess(composed_config):
+    with pytest.raises(OPDConfigError) as err:
+        check_override_keys(["opd.zzzqqq=1"])
+    assert "did you mean" not in str(err.value) and "valid opd keys:" in str(err.value)
+    cfg = _opd_config(composed_config)  # a recipe's key (the composed section) gets the same hint
+    cfg["opd"]["teacher"]["tokenizer_pat"] = "x"
+    with pytest.raises(OPDConfigError, match=r"unknown key 'opd.teacher.tokenizer_pat'; did you mean "
+                                             r"opd.teacher.tokenizer_path\? valid opd keys:"):
+        validate_config(cfg)
+
+
 def test_known_override_keys_pass():
     check_override_keys(["opd.beta=0.2", "opd.teacher.path=/x", "algorithm.adv_estimator=opd", "opd.preflight.allow_template_mismatch=true"])
 
@@ -162,7 +183,7 @@ def test_route_table_and_indices():
 
 
 def test_old_loss_mode_name_still_works_with_a_deprecation_line(composed_config):
-    from opd_verl.checks.options import deprecation_notes, uses_distill_loss
+    from opd_verl.checks.modes import deprecation_notes, uses_distill_loss
 
     cfg = composed_config()
     cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "opd_distill"

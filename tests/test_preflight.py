@@ -3,7 +3,7 @@ tiny tokenizers: model dirs, and hub names in a Hugging Face cache built here (o
 
 import pytest
 
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
 from opd_verl.checks.preflight import (
     check_model_sources, compare_chat_templates, compare_vocabularies, run_preflight,
 )

@@ -385,7 +385,7 @@ def test_recipe_has_no_missing_values(name):
 @pytest.mark.parametrize("name", sorted(PLACEHOLDERS))
 def test_placeholder_stops_the_run_naming_the_key(name, gpu_machine):
     from opd_verl.main_opd import prepare
-    from opd_verl.checks.options import OPDConfigError
+    from opd_verl.checks.errors import OPDConfigError
 
     cfg = compose(entry_of(name), name)
     for key, (placeholder, _) in PLACEHOLDERS[name].items():
@@ -408,7 +408,7 @@ def test_opd_recipe_passes_our_and_verls_validation(name, composed, gpu_machine,
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     from opd_verl.main_opd import prepare
-    from opd_verl.checks.options import uses_opd
+    from opd_verl.checks.modes import uses_opd
 
     cfg = copy.deepcopy(composed[name])
     prepare(cfg)  # our checks (opd section, teacher, preflight of local paths), then platform defaults: none on GPU

@@ -216,7 +216,7 @@ def models(student_tok, other_tok):
 def test_the_student_view_is_todays_call_bit_for_bit(student_tok, models):
     """prompt=student (the default): the worker hands verl's batch itself to the teacher's infer_batch and returns
     its output as it is; no teacher_batch code runs."""
-    from opd_verl.checks.options import VIEW_DEFAULTS
+    from opd_verl.checks.teachers import VIEW_DEFAULTS
     from opd_verl.verl_ext.teacher_worker import OPDWorker
 
     assert OPDWorker._teacher_view(None, {"path": "t", **VIEW_DEFAULTS}, student_tok) is None

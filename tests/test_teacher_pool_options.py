@@ -3,7 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from opd_verl.checks.options import OPDConfigError, validate_config
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.options import validate_config
 from opd_verl.checks.teacher_pool import placement_note, pool_gpus, pool_shape
 
 

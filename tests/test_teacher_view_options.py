@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from opd_verl.checks.options import (
-    VIEW_DEFAULTS,
-    OPDConfigError,
-    check_override_keys,
-    teacher_entries,
-    validate_config,
-    view_notes,
-)
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.keys import check_override_keys
+from opd_verl.checks.options import validate_config
+from opd_verl.checks.teacher_views import view_notes
+from opd_verl.checks.teachers import VIEW_DEFAULTS, teacher_entries
 from opd_verl.checks.preflight import run_preflight
 from opd_verl.demo.tiny_models import CHAT_TEMPLATE, DEFAULT_CHARS, build_qwen2, build_tokenizer, save_model_dir
 

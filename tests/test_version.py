@@ -25,7 +25,7 @@ def test_the_changelog_opens_with_this_version():
 
 
 def test_deprecated_names_are_removed_in_a_later_release(composed_config):
-    from opd_verl.checks.options import DEPRECATED_DISTILL_LOSS_MODES, deprecation_notes
+    from opd_verl.checks.modes import DEPRECATED_DISTILL_LOSS_MODES, deprecation_notes
 
     for name in DEPRECATED_DISTILL_LOSS_MODES:
         cfg = composed_config()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from opd_verl.checks.options import OPD_ESTIMATORS, OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.modes import OPD_ESTIMATORS
 
 KEY = "critic.enable"
 

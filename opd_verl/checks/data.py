@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from opd_verl.checks.options import OPDConfigError, route_table, route_teacher_indices, teacher_entries
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.routing import route_table, route_teacher_indices
+from opd_verl.checks.teachers import teacher_entries
 
 REQUIRED_COLUMNS = ("prompt",)
 REWARD_COLUMNS = ("data_source", "reward_model")

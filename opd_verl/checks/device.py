@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.recipes import RECIPE_GROUP
 
 RAY_ADDRESS_KEY = "ray_kwargs.ray_init.address"
 
@@ -46,8 +47,6 @@ def torch_is_cpu_only_build() -> bool:
     """True for a CPU build of torch (no CUDA/ROCm compiled in and no other accelerator package)."""
     return torch.version.cuda is None and torch.version.hip is None and not torch_has_accelerator()
 
-
-RECIPE_GROUP = "recipes"
 
 
 def _hydra_runtime():

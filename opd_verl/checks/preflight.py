@@ -18,7 +18,8 @@ import shlex
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from opd_verl.checks.options import OPDConfigError, has_view, teacher_entries, teacher_key, view_mode
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.teachers import has_view, teacher_entries, teacher_key, view_mode
 
 PROBE_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from opd_verl.checks.options import OPDConfigError, uses_distill_loss, uses_opd
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.modes import uses_distill_loss, uses_opd
 
 POOL_KEYS = ("n_gpus_per_node", "nnodes")
 ENGINES = ("fsdp", "vllm")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from opd_verl.checks.options import DISTILL_LOSS_MODES, OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
+from opd_verl.checks.modes import DISTILL_LOSS_MODES
 
 POLL_INTERVAL_KEY = "trainer.v1.sampler.sampler_kwargs.poll_interval"
 ACTOR = "actor_rollout_ref.actor"

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from opd_verl.checks.device import is_cpu_run, user_override_keys
-from opd_verl.checks.options import OPDConfigError
+from opd_verl.checks.errors import OPDConfigError
 from opd_verl.checks.verl_config import CPU_VARLEN_ATTENTION, rollout_workers
 
 PREFIX = "opd_verl[cpu]"

@@ -50,7 +50,7 @@ def run(config: DictConfig) -> None:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
-    from opd_verl.checks.options import uses_opd
+    from opd_verl.checks.modes import uses_opd
 
     # With OPD the reference role holds the teacher, so verl's checks of the reference config apply.
     use_reference_policy = need_reference_policy(config) or uses_opd(config)

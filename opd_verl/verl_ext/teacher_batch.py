@@ -36,7 +36,7 @@ from opd_verl.algorithms.token_alignment import (
     span_terms,
     teacher_response_ids,
 )
-from opd_verl.checks.options import view_mode
+from opd_verl.checks.teachers import view_mode
 
 #: the per-sample tensor field a cross-tokenizer teacher's alignment counts travel in (one per teacher index):
 #: [B, len(AlignmentStats._fields)], the rank's totals in row 0 and zeros elsewhere, so that the sum over any

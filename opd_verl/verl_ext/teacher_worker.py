@@ -23,7 +23,8 @@ from verl.workers.config import ActorConfig, HFModelConfig, TrainingWorkerConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker, _with_routing_replay_flag
 
 from opd_verl.algorithms.teachers import mean_logit_label_log_probs, mix_log_probs, route_rows
-from opd_verl.checks.options import DISTILL_LOSS_MODES, route_table, route_teacher_indices
+from opd_verl.checks.modes import DISTILL_LOSS_MODES
+from opd_verl.checks.routing import route_table, route_teacher_indices
 from opd_verl.plugin import require_plugin_loaded
 from opd_verl.verl_ext.teacher_pool import offloads_params, resident_build
 
@@ -99,7 +100,7 @@ class OPDWorker(ActorRolloutRefWorker):
 
     def _teacher_view(self, teacher: dict, tokenizer):
         """The teacher's TeacherView, or None when it reads the student's ids (opd.teacher.prompt=student)."""
-        from opd_verl.checks.options import has_view
+        from opd_verl.checks.teachers import has_view
         from opd_verl.verl_ext.teacher_batch import TeacherView
 
         if not has_view(teacher):

@@ -23,7 +23,8 @@ from verl.workers.utils.padding import response_to_nested
 from opd_verl.verl_ext.checkpoints import checkpoints_to_keep, mark_complete, prune_complete, repair_tracker
 from opd_verl.verl_ext.estimators import compute_opd_advantage, compute_opd_hybrid_advantage, distill_metrics
 from opd_verl.checks.verl_config import POLL_INTERVAL_KEY, replay_poll_interval
-from opd_verl.checks.options import OPD_ESTIMATORS, teacher_entries, uses_opd
+from opd_verl.checks.modes import OPD_ESTIMATORS, uses_opd
+from opd_verl.checks.teachers import teacher_entries
 from opd_verl.verl_ext.task_metrics import per_task, reward_metrics
 from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD, alignment_metrics
 from opd_verl.verl_ext.teacher_pool import POOL_NAME, build_teacher_group, place_on_pool, pool_spec
