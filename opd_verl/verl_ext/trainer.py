@@ -25,6 +25,7 @@ from opd_verl.verl_ext.estimators import compute_opd_advantage, compute_opd_hybr
 from opd_verl.checks.verl_config import POLL_INTERVAL_KEY, replay_poll_interval
 from opd_verl.checks.options import OPD_ESTIMATORS, teacher_entries, uses_opd
 from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD, alignment_metrics
+from opd_verl.verl_ext.served_teacher import is_served, served_ref_log_prob, served_worker_class
 from opd_verl.verl_ext.teacher_worker import make_worker_class
 
 
@@ -111,9 +112,18 @@ class OPDTrainer(PPOTrainerSync):
         super()._init_resource_pool_mgr()
         if not uses_opd(self.config):
             return
-        worker_cls = ray.remote(
-            make_worker_class(OmegaConf.to_container(self.config.opd, resolve=True), teacher_entries(self.config.opd))
-        )
+        opd = OmegaConf.to_container(self.config.opd, resolve=True)
+        worker_cls = make_worker_class(opd, teacher_entries(self.config.opd))
+        if is_served(opd):  # the teacher is verl's teacher pool (Role.TeacherModel); the actor builds none
+            served = ray.remote(served_worker_class(worker_cls))
+            self.role_worker_mapping.pop(Role.RefPolicy, None)
+            self.mapping.pop(Role.RefPolicy, None)
+            role = Role.Actor if Role.Actor in self.role_worker_mapping else Role.ActorRollout
+            pool = self.mapping.pop(Role.ActorRolloutRef, None) or self.mapping[role]
+            self.role_worker_mapping.pop(Role.ActorRolloutRef, None)
+            self.role_worker_mapping[role], self.mapping[role] = served, pool
+            return
+        worker_cls = ray.remote(worker_cls)
         if Role.Actor in self.role_worker_mapping:  # separate actor and reference worker groups
             self.role_worker_mapping[Role.Actor] = worker_cls
             self.role_worker_mapping[Role.RefPolicy] = worker_cls
@@ -123,6 +133,17 @@ class OPDTrainer(PPOTrainerSync):
         self.role_worker_mapping.pop(Role.ActorRollout, None)
         self.role_worker_mapping[Role.ActorRolloutRef] = worker_cls
         self.mapping[Role.ActorRolloutRef] = pool
+
+    def _compute_ref_log_prob(self, batch, metrics: dict):
+        if not (getattr(self, "opd_active", False) and is_served(self.opd)):
+            return super()._compute_ref_log_prob(batch, metrics)
+        # the served teacher scored each sample as its rollout finished: its q_t takes the reference pass's place
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["teacher_logprobs", "teacher_ids", "input_ids", "response_mask"])
+        data["ref_log_prob"] = served_ref_log_prob(data["teacher_logprobs"], data["teacher_ids"], data["input_ids"],
+                                                   data["response_mask"])
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data.select("ref_log_prob"))
+        return batch
 
     def _checkpoint_root(self) -> str:
         root = self.config.trainer.default_local_dir
