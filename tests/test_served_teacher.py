@@ -3,6 +3,7 @@
 server's per-sample log-probs (opd_verl.verl_ext.served_teacher) against a brute-force recomputation."""
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from opd_verl.verl_ext.served_teacher import (
     apply_served_teacher, check_distillation_untouched, distillation_settings, sampled_token_log_probs,
     served_ref_log_prob, served_worker_class,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _served(make, estimator="opd", pool=(1, 1), **teacher):
@@ -165,3 +168,28 @@ def test_the_served_worker_drops_verls_distillation_loss():
     worker = served_worker_class(Base)("cfg", "actor_rollout", distillation_config={"enabled": True}, extra=1)
     assert worker.args == ("cfg", "actor_rollout", None, {"extra": 1})
     assert served_worker_class(Base).__name__ == "Base"
+
+
+def test_cpu_defaults_size_the_server_and_keep_explicit_values(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from opd_verl.cpu.defaults import DEFAULT_KV_CACHE_BYTES, apply_cpu_defaults
+
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    overrides = ["trainer.device=cpu", "opd.teacher.engine=vllm", "+opd.teacher.inference.max_num_seqs=8",
+                 "+opd.teacher.inference.free_cache_engine=true"]
+    with initialize_config_dir(config_dir=str(REPO / "opd_verl" / "config"), version_base=None):
+        cfg = compose(config_name="opd_trainer", overrides=overrides)
+    out = io.StringIO()
+    apply_cpu_defaults(cfg, overrides=overrides, out=out)
+    inference = OmegaConf.to_container(cfg.opd.teacher.inference)
+    assert inference == {"max_num_seqs": 8,  # explicit: kept
+                         "free_cache_engine": False,  # cannot work on CPU (vLLM's sleep mode): replaced, printed
+                         "enable_sleep_mode": False, "tensor_model_parallel_size": 1,
+                         "engine_kwargs": {"vllm": {"kv_cache_memory_bytes": DEFAULT_KV_CACHE_BYTES}}}
+    assert "opd.teacher.inference.free_cache_engine=False (was True)" in out.getvalue()
+    with initialize_config_dir(config_dir=str(REPO / "opd_verl" / "config"), version_base=None):
+        fsdp = compose(config_name="opd_trainer", overrides=["trainer.device=cpu"])
+    apply_cpu_defaults(fsdp, overrides=["trainer.device=cpu"], out=io.StringIO())
+    assert OmegaConf.to_container(fsdp.opd.teacher.inference) == {}  # an FSDP teacher: nothing of the server's

@@ -227,6 +227,8 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     # -- a served teacher (opd.teacher.engine=vllm): vLLM's CPU backend as the rollout's, one worker per replica
     if OmegaConf.select(config, "opd.teacher.engine", default="fsdp") == "vllm":
         served = "opd.teacher.inference"
+        a.force(f"{served}.free_cache_engine", False, lambda v: v is None or v is True)  # verl's default: true
+        a.force(f"{served}.enable_sleep_mode", False, lambda v: v is None or v is True)
         a.prefer(f"{served}.tensor_model_parallel_size", 1, None)
         a.prefer(f"{served}.max_num_seqs", 64, None)
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
