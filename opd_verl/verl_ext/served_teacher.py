@@ -3,9 +3,10 @@
 Reused from verl: `distillation.enabled` builds the teacher servers (experimental/teacher_loop MultiTeacherModelManager:
 vLLM replicas on the `teacher_pool` resource pool, a load balancer) and the agent loop scores each sample with
 them as soon as its rollout finishes (AgentLoopWorker._compute_teacher_logprobs, overlapping the other rollouts).
-verl's estimator losses ask the server for `prompt_logprobs=0`: the log-prob of each actual next token, which for a
-response token is the teacher's q_t; they land per sample in the batch as `teacher_logprobs` / `teacher_ids`
-([prompt + response, 1], entry i for token i + 1, the last a dummy).
+verl's estimator losses ask the server for `prompt_logprobs=0` at temperature 1 (_get_teacher_sampling_params): the
+log-prob of each actual next token, which for a response token is the teacher's q_t; they land per sample in the
+batch as `teacher_logprobs` / `teacher_ids` ([prompt + response, 1], entry i for token i + 1, the last a dummy:
+vllm_rollout.utils.extract_prompt_logprobs).
 
 Ours: the `distillation:` section written from opd.* (`distillation_settings`), q_t read from `teacher_logprobs`
 into the reference pass's place, `ref_log_prob` (`served_ref_log_prob`, called by the OPD trainer), and an actor
