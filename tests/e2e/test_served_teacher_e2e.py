@@ -59,7 +59,7 @@ def test_served_q_t_equals_the_colocated_fsdp_teachers(workdir, tmp_path):
         workdir, "served", **{"opd.teacher.engine": "vllm", "opd.teacher_pool.n_gpus_per_node": 1,
                               "opd.teacher_pool.nnodes": 1}), tmp_path)
     assert "opd_verl[served teacher]: distillation.enabled=True" in log
-    assert sorted(served_metrics) == [1, 2] and all("opd/kl_per_token" in served_metrics[s] for s in (1, 2))
+    assert {1, 2} <= set(served_metrics) and all("opd/kl_per_token" in served_metrics[s] for s in (1, 2))
     _, colocated, _ = _dumped_run(workdir, "colocated", _advantage_path(workdir, "colocated"), tmp_path)
 
     a, b = _by_tokens(served[0]), _by_tokens(colocated[0])
