@@ -4,12 +4,14 @@ tensor of the dtype and shape the pool sends (checked in tests/test_bench_teache
 
     .venv/bin/python bench/teacher_pool_bytes.py [--out bench/results/teacher_pool_bytes.json]
 
-Payloads per response token (written once by the pool into TransferQueue, read once by the student's workers):
-- sampled: the teacher's log-prob of the sampled token, fp32. verl's reference output covers the prompt
-  positions too (nested over prompt + response), so per response token it is 4 B x (P + R) / R.
-- topk (designed, not built yet): the teacher's top-k ids (int32) and log-probs (fp32) at the loss temperature and
-  the tail mass (fp32): 8k + 4 B.
-- hidden (support=full via hidden states; designed, not built yet): the teacher's final hidden state, bf16: 2H B.
+Payloads per response token (written once by the pool into TransferQueue, read once by the student's workers).
+verl's reference output is nested over each sample's prompt + response, and the pool's payload rides it, so the
+prompt positions travel too (zeros): a factor (P + R) / R on what a response token needs.
+- sampled: the teacher's log-prob of the sampled token, fp32: 4 B x (P + R) / R.
+- topk (built): the teachers' top-k ids (int32) and log-probs (fp32) at the loss temperature, and for the
+  alignment check the sampled token's log-prob and its resolution (fp32 each): (8k + 8) B x (P + R) / R. The tail
+  mass is not sent: 1 - sum exp(top-k log-probs), computed where the divergence needs it.
+- hidden (support=full via hidden states; designed, NOT built): the teacher's final hidden state, bf16: 2H B.
 - logits (what none of them sends): the [T, V] row, bf16 2V B (fp32 4V B).
 Per step = per response token x the step's response tokens (train_batch_size x rollout.n x mean response length).
 """
@@ -31,11 +33,14 @@ TOPK = 20
 
 def payload_bytes(support: str, hidden: int, vocab: int, topk: int = TOPK, prompt: int = 0, response: int = 1) -> float:
     """Bytes per response token of one support's payload (the nbytes of the tensors the pool sends)."""
+    positions = prompt + response
     if support == "sampled":
-        return torch.empty(prompt + response, dtype=torch.float32).nbytes / response
+        return torch.empty(positions, dtype=torch.float32).nbytes / response
     if support == "topk":
-        ids = torch.empty(topk, dtype=torch.int32).nbytes
-        return ids + torch.empty(topk, dtype=torch.float32).nbytes + torch.empty(1, dtype=torch.float32).nbytes
+        ids = torch.empty(positions, topk, dtype=torch.int32).nbytes
+        logp = torch.empty(positions, topk, dtype=torch.float32).nbytes
+        label_and_resolution = 2 * torch.empty(positions, dtype=torch.float32).nbytes
+        return (ids + logp + label_and_resolution) / response
     if support == "hidden":
         return torch.empty(hidden, dtype=torch.bfloat16).nbytes
     if support == "logits_bf16":

@@ -394,27 +394,17 @@ LOSS_CASES = [  # (teachers, mode, temperature, remove_padding); T exact in floa
 ]
 
 
-@pytest.mark.parametrize("support,divergence", [("full", "jsd"), ("topk", "reverse_kl"), ("topk", "jsd")])
-@pytest.mark.parametrize("teachers,mode,temperature,remove_padding", LOSS_CASES)
-def test_loss_on_response_rows_equals_the_masked_loss_over_all_rows(support, divergence, teachers, mode,
-                                                                   temperature, remove_padding):
-    """The trainer's loss (verl's engine calls our processor, then the loss call) on a micro-batch with prompt rows
-    and masked response tokens: loss value, gradient w.r.t. the student's weights and the opd/* metrics equal the
-    computation the loss did before (divergence on every packed row, float64 reference functions, then masked)."""
-    from verl.trainer.ppo.core_algos import agg_loss
+def loss_case(teachers, mode, temperature, remove_padding) -> SimpleNamespace:
+    """A loss-level micro-batch (prompt rows, masked response tokens) with tiny teachers (weights 3:1), verl's
+    reference pass at T (ref_log_prob, float64) and the loss call's batch settings."""
     from verl.utils import tensordict_utils as tu
-    from verl.utils.torch_functional import masked_mean
     from verl.workers.utils.padding import no_padding_2_padding
 
-    tau, k = 1.3, 4
-    opd = {**OPD, "support": support, "divergence": divergence, "temperature": tau, "topk": k, "beta": 0.3,
-           "chunk_size": 2, "lambda_rl": 0.0, "lambda_distill": 1.0}
     batch = micro_batch(PROMPTS, RESPONSES, temperature, remove_padding, seed=7, masks=MASKS)
     teacher_models = [tiny_model(1 + i, logit_scale=3.0) for i in range(teachers)]
     weights = [3.0, 1.0][:teachers]
     zt = [raw_forward(bare_engine(m), batch)[0] for m in teacher_models]
     labels = raw_forward(bare_engine(teacher_models[0]), batch)[1]
-    n_rows = zt[0].shape[0]
     per_row_t = temperature if not isinstance(temperature, torch.Tensor) else torch.repeat_interleave(
         temperature.double(), batch["input_ids"].offsets().diff())
     # verl's reference pass (at T), in the padded response layout
@@ -423,6 +413,28 @@ def test_loss_on_response_rows_equals_the_masked_loss_over_all_rows(support, div
     mask = _padded([m.double() for m in MASKS], max(RESPONSES))
     tu.assign_non_tensor(batch, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=3)
     config = SimpleNamespace(global_batch_info={}, loss_agg_mode="token-mean", loss_scale_factor=None)
+    return SimpleNamespace(batch=batch, teacher_models=teacher_models, weights=weights, zt=zt, ref_logp=ref_logp,
+                           per_row_t=per_row_t, mask=mask, config=config)
+
+
+@pytest.mark.parametrize("support,divergence", [("full", "jsd"), ("topk", "reverse_kl"), ("topk", "jsd")])
+@pytest.mark.parametrize("teachers,mode,temperature,remove_padding", LOSS_CASES)
+def test_loss_on_response_rows_equals_the_masked_loss_over_all_rows(support, divergence, teachers, mode,
+                                                                   temperature, remove_padding):
+    """The trainer's loss (verl's engine calls our processor, then the loss call) on a micro-batch with prompt rows
+    and masked response tokens: loss value, gradient w.r.t. the student's weights and the opd/* metrics equal the
+    computation the loss did before (divergence on every packed row, float64 reference functions, then masked)."""
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.utils.torch_functional import masked_mean
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    tau, k = 1.3, 4
+    opd = {**OPD, "support": support, "divergence": divergence, "temperature": tau, "topk": k, "beta": 0.3,
+           "chunk_size": 2, "lambda_rl": 0.0, "lambda_distill": 1.0}
+    case = loss_case(teachers, mode, temperature, remove_padding)
+    batch, teacher_models, weights, zt, mask, config = (case.batch, case.teacher_models, case.weights, case.zt,
+                                                        case.mask, case.config)
+    ref_logp, per_row_t, n_rows = case.ref_logp, case.per_row_t, zt[0].shape[0]
 
     # ours: the engine's student pass with our processor, then the loss call
     student = tiny_model(0, logit_scale=3.0)

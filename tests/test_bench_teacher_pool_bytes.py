@@ -12,7 +12,7 @@ import teacher_pool_bytes as tpb  # noqa: E402
 
 @pytest.mark.parametrize("support, expected", [
     ("sampled", 4 * (512 + 2048) / 2048),  # fp32 over prompt + response, per response token
-    ("topk", 20 * 4 + 20 * 4 + 4),  # int32 ids, fp32 log-probs, fp32 tail mass
+    ("topk", (20 * 4 + 20 * 4 + 4 + 4) * (512 + 2048) / 2048),  # int32 ids, fp32 log-probs, label, resolution
     ("hidden", 5120 * 2),  # bf16 hidden state
     ("logits_bf16", 151936 * 2),
     ("logits_fp32", 151936 * 4),
@@ -29,4 +29,4 @@ def test_the_written_table(tmp_path):
     assert result["response_tokens_per_step"] == tokens
     row = result["teachers"]["Qwen3-32B"]["supports"]
     assert row["hidden"]["gib_per_step"] == pytest.approx(10240 * tokens / 1024**3)
-    assert row["topk"]["fraction_of_bf16_logits"] == pytest.approx(164 / 303872)
+    assert row["topk"]["fraction_of_bf16_logits"] == pytest.approx(168 * 1.25 / 303872)

@@ -94,17 +94,16 @@ def known_cluster_gpus(config: Mapping) -> tuple[int | None, str]:
 
 
 def check_placement_modes(config: Mapping) -> None:
-    """What the pool supports today: the teachers' sampled-token log-probs (the reference pass): the advantage
-    path and the loss-level support=sampled."""
+    """What the pool supports today: the reference pass (the advantage path, the loss-level support=sampled) and
+    the loss-level support=topk (the pool sends the loss its top-k); support=full not yet."""
     opd = config["opd"]
     if not uses_opd(config):
         raise OPDConfigError("opd.teacher_pool is set but no teacher runs (algorithm.adv_estimator is not opd|opd_hybrid "
                              "and the actor loss is not ppo_plus_distill); drop opd.teacher_pool")
-    if uses_distill_loss(config) and opd["support"] != "sampled":
+    if uses_distill_loss(config) and opd["support"] == "full":
         raise OPDConfigError(
-            f"opd.teacher_pool with opd.support={opd['support']} is not yet available (its teacher pass runs inside "
-            "the actor's loss); use opd.support=sampled or the advantage path (algorithm.adv_estimator=opd|"
-            "opd_hybrid) with the pool, or drop opd.teacher_pool (colocated)")
+            "opd.teacher_pool with opd.support=full is not yet available (the pool would send the teachers' final "
+            "hidden states); use opd.support=topk|sampled with the pool, or drop opd.teacher_pool (colocated)")
 
 
 def check_teacher_placement(config: Mapping) -> None:

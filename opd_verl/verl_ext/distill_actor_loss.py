@@ -111,8 +111,11 @@ def response_rows(micro_batch) -> torch.Tensor | None:
 
 
 def scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Per-row values of the selected ``rows`` back in the packed layout [n] (0 elsewhere; differentiable)."""
-    return values if rows is None else values.new_zeros(n).index_copy(0, rows.to(values.device), values)
+    """Per-row values [len(rows), ...] of the selected ``rows`` back in the packed layout [n, ...] (0 elsewhere;
+    differentiable)."""
+    if rows is None:
+        return values
+    return values.new_zeros((n, *values.shape[1:])).index_copy(0, rows.to(values.device), values)
 
 
 def verl_temperature(temperature: float | torch.Tensor, dtype: torch.dtype) -> float | torch.Tensor:
@@ -146,12 +149,16 @@ class TeacherPass:
     label_log_prob [nnz]: the mixture's log-prob of the sampled token at the rollout temperature T (what verl's
     reference pass computes: each teacher's logits divided by `verl_temperature`), for the alignment check;
     resolution [nnz]: eps(compute dtype) * max |logit / T|.
+    topk: (ids, log-probs) [nnz, k] of the teacher at τ instead of its logits (from a teacher pool: logits None),
+    over the first ``vocab`` ids (the vocabulary student and teachers share, as `shared_vocab`).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     temperature: float
     label_log_prob: torch.Tensor | None = None
     resolution: torch.Tensor | None = None
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+    vocab: int | None = None
 
 
 def _row_absmax(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
@@ -333,10 +340,13 @@ def opd_actor_loss(
         if teacher.label_log_prob is not None:
             outputs[TEACHER_LABEL_KEY] = teacher.label_log_prob.to(zs.device)
             outputs[TEACHER_RESOLUTION_KEY] = teacher.resolution.to(zs.device)
-        student, teacher_z = shared_vocab(zs, teacher.logits.to(zs.device))
         tt = teacher.temperature
+        if teacher.topk is not None:  # a teacher pool's top-k over the shared vocabulary
+            student, teacher_z = zs[..., :teacher.vocab], tuple(t.to(zs.device) for t in teacher.topk)
+        else:
+            student, teacher_z = shared_vocab(zs, teacher.logits.to(zs.device))
         del teacher  # teacher_z is the one reference left to the teachers' [n, V] logits
-        if opd["support"] == "topk":  # from here on the top-k only: the logits are freed before the student's pass
+        if opd["support"] == "topk" and not isinstance(teacher_z, tuple):  # the logits go before the student's pass
             teacher_z = teacher_topk(teacher_z, opd, tt)
         stats = {}
         values, mass = distill_token_values(student, teacher_z, opd, student_divisor, tt, student_rows, stats)

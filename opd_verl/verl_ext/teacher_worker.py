@@ -25,6 +25,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker, _
 from opd_verl.algorithms.teachers import mean_logit_label_log_probs, mix_log_probs, route_rows
 from opd_verl.checks.options import DISTILL_LOSS_MODES, route_table, route_teacher_indices
 from opd_verl.plugin import require_plugin_loaded
+from opd_verl.verl_ext.teacher_pool import offloads_params, resident_build
 
 
 def teacher_model_config(model_config, teacher: dict) -> HFModelConfig:
@@ -56,6 +57,7 @@ class OPDWorker(ActorRolloutRefWorker):
 
     opd_options: dict = {}  # the composed `opd:` section, set by make_worker_class
     teacher_entries: list = []
+    resident: bool = False  # the teachers on a pool of their own (opd.teacher_pool): built without CPU offload
 
     def _rename_ref_batch_keys(self) -> None:
         with open_dict(self.config.ref):
@@ -85,8 +87,13 @@ class OPDWorker(ActorRolloutRefWorker):
         training_config.engine_config.infer_max_token_len_per_gpu = self.config.ref.ppo_max_token_len_per_gpu
         training_config.engine_config.infer_micro_batch_size_per_gpu = self.config.ref.ppo_micro_batch_size_per_gpu
         training_config.engine_config.use_remove_padding = self.config.model.get("use_remove_padding", False)
-        worker = self.ref_worker_cls(config=training_config)
-        worker.reset()
+        with resident_build() if self.resident else nullcontext():  # a pool of its own: no CPU offload
+            worker = self.ref_worker_cls(config=training_config)
+            worker.reset()
+        if self.resident:
+            offloaded = offloads_params(worker.engine.module)
+            print(f"opd_verl: teacher {teacher['path']} on its own pool: parameters "
+                  f"{'offloaded to CPU' if offloaded else 'resident'}")
         worker.opd_view = self._teacher_view(teacher, ref_config.model_config.tokenizer)
         return worker
 
@@ -141,9 +148,8 @@ class OPDWorker(ActorRolloutRefWorker):
             from opd_verl.verl_ext.distill_actor_loss import opd_actor_loss
 
             actor_config = self.loss_fn.keywords["config"]
-            self.loss_fn = partial(
-                opd_actor_loss, config=actor_config, opd=self.opd_options, teacher_logits_fn=self.teacher_logits
-            )
+            teacher_fn = self.pool_teacher_pass if self.resident else self.teacher_logits
+            self.loss_fn = partial(opd_actor_loss, config=actor_config, opd=self.opd_options, teacher_logits_fn=teacher_fn)
             self.actor.set_loss_fn(self.loss_fn)
 
     def _uses_distill_loss(self) -> bool:
@@ -167,10 +173,16 @@ class OPDWorker(ActorRolloutRefWorker):
         one teacher, the weighted mean of the teachers' probabilities (mean_prob), the token under the mean of
         their logits (mean_logit: the same mixture the loss-level pass distils from), or (route) each sample's own
         teacher. With several teachers every teacher scores the whole batch, so the FSDP collectives stay in step
-        across data-parallel ranks."""
+        across data-parallel ranks. On a teacher pool with the loss-level support=topk, the output also carries
+        the loss's top-k payload (opd_verl.verl_ext.pool_payload)."""
+        output = self._reference_pass(data)
+        if output is not None and self._sends_topk():
+            output.update(self._topk_payload(data))
+        return output.cpu() if output is not None else None
+
+    def _reference_pass(self, data):
         if len(self.teachers) == 1:
-            output = self._teacher_infer(0, data)
-            return output.cpu() if output is not None else None
+            return self._teacher_infer(0, data)
         if self.opd_options.get("multi_teacher_mode") == "mean_logit":
             return self._mean_logit_ref_log_prob(data)
         sample_teacher = self._sample_teachers(data)
@@ -189,7 +201,7 @@ class OPDWorker(ActorRolloutRefWorker):
         for i, out in enumerate(outputs[1:], 1):  # the other teachers' alignment counts (cross_tokenizer), if any
             if ALIGNMENT_FIELD.format(index=i) in out.keys():
                 outputs[0][ALIGNMENT_FIELD.format(index=i)] = out[ALIGNMENT_FIELD.format(index=i)]
-        return outputs[0].cpu()
+        return outputs[0]
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     @DistProfiler.annotate(color="red", role="actor_update", scheduled=True)
@@ -275,25 +287,7 @@ class OPDWorker(ActorRolloutRefWorker):
         teachers' forwards on the same micro-batch (as the loss-level pass does) and returns the mixture's log-probs
         as a model output.
         Micro-batching, dynamic batch sizes and the output layout stay verl's."""
-        first, others = self.teachers[0], self.teachers[1:]
-        mean_logit_processor = self._mean_logit_processor()
-
-        flags = {"compute_loss": True, "distillation_use_topk": True, "distillation_only": False}
-        previous = {key: tu.get(data, key) for key in flags}
-        tu.assign_non_tensor(data, **flags)
-        saved_loss_fn, first.loss_fn = first.loss_fn, mean_logit_processor
-        try:
-            with ExitStack() as stack:
-                for teacher in others:
-                    stack.enter_context(teacher.engine.eval_mode())
-                output = first.infer_batch(data=data)
-        finally:
-            first.loss_fn = saved_loss_fn
-            for key, value in previous.items():
-                if value is None:
-                    tu.pop(data, key)
-                else:
-                    tu.assign_non_tensor(data, **{key: value})
+        output = self._processor_pass(data, self._mean_logit_processor(), distillation_only=False)
         if output is None:
             return None
         if MEAN_LOGIT_REF_KEY not in output.keys():
@@ -303,7 +297,84 @@ class OPDWorker(ActorRolloutRefWorker):
                 "model.use_fused_kernels, or set opd.multi_teacher_mode=mean_prob"
             )
         output["log_probs"] = output.pop(MEAN_LOGIT_REF_KEY)
-        return output.cpu()
+        return output
+
+    def _processor_pass(self, data, processor, distillation_only: bool):
+        """The first teacher's infer_batch with ``processor`` as verl's logits processor (the
+        `distillation_use_topk` hook: called per micro-batch with the packed logits / T and the micro-batch; its
+        per-token outputs come back as model outputs), the other teachers in eval mode for their forwards inside
+        it. ``distillation_only``: verl skips the first teacher's sampled-token log-probs."""
+        first, others = self.teachers[0], self.teachers[1:]
+        flags = {"compute_loss": True, "distillation_use_topk": True, "distillation_only": distillation_only}
+        previous = {key: tu.get(data, key) for key in flags}
+        tu.assign_non_tensor(data, **flags)
+        saved_loss_fn, first.loss_fn = first.loss_fn, processor
+        try:
+            with ExitStack() as stack:
+                for teacher in others:
+                    stack.enter_context(teacher.engine.eval_mode())
+                return first.infer_batch(data=data)
+        finally:
+            first.loss_fn = saved_loss_fn
+            for key, value in previous.items():
+                if value is None:
+                    tu.pop(data, key)
+                else:
+                    tu.assign_non_tensor(data, **{key: value})
+
+    def _sends_topk(self) -> bool:
+        """The teachers on a pool, the student's loss-level support=topk: the pool sends the loss its top-k."""
+        return self.resident and self._uses_distill_loss() and self.opd_options["support"] == "topk"
+
+    def _shared_vocab_size(self) -> int:
+        """The vocabulary student and teachers share (their configs' vocab_size; padded rows beyond the smallest
+        are dropped, as distill_actor_loss.shared_vocab does with the logits)."""
+        if getattr(self, "_opd_shared_vocab", None) is None:
+            from transformers import AutoConfig
+            from verl.utils.fs import copy_to_local
+
+            paths = [self.config.model.path] + [t["path"] for t in self.teacher_entries]
+            trust = self.config.model.get("trust_remote_code", False)
+            self._opd_shared_vocab = min(
+                int(AutoConfig.from_pretrained(copy_to_local(p), trust_remote_code=trust).vocab_size) for p in paths)
+        return self._opd_shared_vocab
+
+    def _topk_processor(self):
+        """verl logits processor of the pool's payload pass: per micro-batch, the colocated loss-level teacher pass
+        (`teacher_logits` on the response rows: each teacher's raw logits, their mixture at τ) and its top-k over
+        the shared vocabulary (`teacher_topk`, as the colocated loss), so the numbers are the colocated run's;
+        each as [1, nnz] columns (pool_payload.column_outputs), 0 on the rows the loss does not read."""
+        from opd_verl.verl_ext.distill_actor_loss import response_rows, scatter_rows, teacher_topk
+        from opd_verl.verl_ext.pool_payload import column_outputs
+
+        vocab = self._shared_vocab_size()
+
+        def topk_processor(student_logits=None, data=None, **kwargs):
+            if student_logits is None:  # the engine's loss call: nothing to optimise
+                return torch.zeros(()), {}
+            nnz, rows = student_logits.shape[1], response_rows(data)
+            teacher = self.teacher_logits(data, rows)
+            ids, logp = teacher_topk(teacher.logits[..., :vocab], self.opd_options, teacher.temperature)
+            parts = [ids, logp, teacher.label_log_prob, teacher.resolution]
+            return column_outputs(*[scatter_rows(p, rows, nnz) for p in parts])
+
+        return topk_processor
+
+    def _topk_payload(self, data) -> dict:
+        """The loss's top-k payload of ``data`` (opd_verl.verl_ext.pool_payload)."""
+        from opd_verl.verl_ext.pool_payload import assemble
+
+        output = self._processor_pass(data, self._topk_processor(), distillation_only=False)
+        return assemble(output, int(self.opd_options["topk"]))
+
+    def pool_teacher_pass(self, micro_batch, rows=None):
+        """The actor's teacher pass with the teachers on a pool: their top-k from the micro-batch's payload."""
+        from opd_verl.verl_ext.distill_actor_loss import TeacherPass
+        from opd_verl.verl_ext.pool_payload import payload_rows
+
+        ids, logp, label, resolution = payload_rows(micro_batch, rows)
+        return TeacherPass(None, float(self.opd_options["temperature"]), label, resolution, topk=(ids, logp),
+                           vocab=self._shared_vocab_size())
 
 
 MEAN_LOGIT_REF_KEY = "opd_mean_logit_log_prob"
@@ -342,4 +413,7 @@ def _engine_autocast(engine):
 
 def make_worker_class(opd_options: dict, teacher_entries: list[dict]) -> type[OPDWorker]:
     """An OPDWorker subclass carrying the run's options (Ray pickles the class into each worker)."""
-    return type("OPDWorker", (OPDWorker,), {"opd_options": opd_options, "teacher_entries": teacher_entries})
+    from opd_verl.checks.teacher_pool import pool_shape
+
+    return type("OPDWorker", (OPDWorker,), {"opd_options": opd_options, "teacher_entries": teacher_entries,
+                                            "resident": pool_shape(opd_options) is not None})

@@ -26,7 +26,9 @@ from opd_verl.checks.verl_config import POLL_INTERVAL_KEY, replay_poll_interval
 from opd_verl.checks.options import OPD_ESTIMATORS, teacher_entries, uses_opd
 from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD, alignment_metrics
 from opd_verl.verl_ext.served_teacher import is_served, served_ref_log_prob, served_worker_class
+from opd_verl.verl_ext.teacher_pool import POOL_NAME, build_teacher_group, place_on_pool, pool_spec
 from opd_verl.verl_ext.teacher_worker import make_worker_class
+from opd_verl.checks.teacher_pool import pool_shape
 
 
 TOKEN_DUMP_ENV = "OPD_VERL_DUMP_TOKENS"
@@ -124,6 +126,11 @@ class OPDTrainer(PPOTrainerSync):
             self.role_worker_mapping[role], self.mapping[role] = served, pool
             return
         worker_cls = ray.remote(worker_cls)
+        shape = pool_shape(self.config.opd)
+        if shape is not None:  # the teachers on a pool of their own (opd_verl.verl_ext.teacher_pool)
+            place_on_pool(self.role_worker_mapping, self.mapping, worker_cls, Role)
+            self.resource_pool_manager.resource_pool_spec[POOL_NAME] = pool_spec(shape)
+            return
         if Role.Actor in self.role_worker_mapping:  # separate actor and reference worker groups
             self.role_worker_mapping[Role.Actor] = worker_cls
             self.role_worker_mapping[Role.RefPolicy] = worker_cls
@@ -144,6 +151,15 @@ class OPDTrainer(PPOTrainerSync):
                                                    data["response_mask"])
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data.select("ref_log_prob"))
         return batch
+
+    def _setup(self):
+        super()._setup()
+        # verl builds a separate reference group only beside a non-hybrid actor: the pool's is built here
+        opd = self.config.opd
+        if uses_opd(self.config) and pool_shape(opd) is not None and not is_served(opd):
+            self.ref_policy_wg = build_teacher_group(self, Role)
+            print(f"opd_verl: teachers on {POOL_NAME} {self.resource_pool_manager.resource_pool_spec[POOL_NAME]} "
+                  f"(GPUs per node), the student on {self.resource_pool_manager.resource_pool_spec['global_pool']}")
 
     def _checkpoint_root(self) -> str:
         root = self.config.trainer.default_local_dir

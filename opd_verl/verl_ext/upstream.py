@@ -42,6 +42,13 @@ MIRRORS = {
     "opd_verl.verl_ext.teacher_worker:OPDWorker._mean_logit_processor": (
         "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.prepare_model_outputs",
         "06c245b398a0a84f51e9c78943d6000d9b9a102ba1360206a31f423a1999ea41"),
+    # the teachers on their own pool: the two offload names the FSDP wrap reads, swapped while they are built
+    "opd_verl.verl_ext.teacher_pool:resident_build": (
+        "verl.workers.engine.fsdp.transformer_impl:FSDPEngine._build_fsdp_module",
+        "6855699967a0ec5e9996f42f240405f7fa19ac04ee3d15b9af5367d21f0994f1"),
+    "opd_verl.verl_ext.teacher_pool:build_teacher_group": (
+        "verl.trainer.ppo.v1.trainer_base:PPOTrainer._setup",
+        "8c11041b68030740f51455c842ec911fd3141ca3f197e95dfe909c6e1e97990a"),
     "opd_verl.verl_ext.teacher_worker:OPDWorker._teacher_forward": (
         "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.forward_step",
         "dc1a472be40ea7b8e6da4be553dfb3881e15d60dc5e098c809dfe6ea7725643b"),
