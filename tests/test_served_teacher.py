@@ -34,6 +34,7 @@ def test_the_advantage_path_with_a_pool_validates(composed_config):
         cfg = _served(composed_config, estimator)
         validate_config(cfg)
         assert "served by verl's teacher pool" in placement_note(cfg["opd"])
+    validate_config(_loss_level(_served(composed_config), "sampled"))  # the loss level reads ref_log_prob too
 
 
 def _loss_level(cfg, support, **opd):
@@ -50,8 +51,7 @@ def _loss_level(cfg, support, **opd):
      r"opd.support=full with opd.teacher.engine=vllm.*never the full vocabulary.*engine=fsdp with opd.teacher_pool.*"
      r"colocated"),
     (lambda c: _loss_level(c, "topk", divergence="forward_kl"),
-     r"ppo_plus_distill with opd.teacher.engine=vllm is not yet available \(opd.support=topk\)"),
-    (lambda c: _loss_level(c, "sampled"), r"ppo_plus_distill with opd.teacher.engine=vllm is not yet available"),
+     r"opd.support=topk with opd.teacher.engine=vllm is not yet available \(the server's top-k in the loss\)"),
     (lambda c: _loss_level(c, "topk", divergence="forward_kl", topk=64)["opd"]["teacher"].update(
         inference={"engine_kwargs": {"vllm": {"max_logprobs": 20}}}),
      r"opd.topk=64 exceeds the server's opd.teacher.inference.engine_kwargs.vllm.max_logprobs=20"),

@@ -66,9 +66,9 @@ def check_inference_keys(opd: Mapping) -> None:
 
 def check_supports(config: Mapping) -> None:
     """What the server returns: the sampled token's log-prob (vLLM's prompt log-probs) and its top-k. The advantage
-    path reads the former; the loss-level mode is not available yet."""
+    path and the loss level's support=sampled read the former (ref_log_prob); loss-level top-k is not yet."""
     opd = config["opd"]
-    if not uses_distill_loss(config):
+    if not uses_distill_loss(config) or opd["support"] == "sampled":
         return
     if opd["support"] == "full":
         raise OPDConfigError("opd.support=full with opd.teacher.engine=vllm: a served teacher returns log-probs of "
@@ -76,9 +76,9 @@ def check_supports(config: Mapping) -> None:
     if opd["support"] == "topk":
         check_topk_fits_server(opd, served_inference(opd))
     raise OPDConfigError(
-        f"actor.policy_loss.loss_mode=ppo_plus_distill with opd.teacher.engine=vllm is not yet available (opd.support="
-        f"{opd['support']}); use the advantage path (algorithm.adv_estimator=opd|opd_hybrid) with the served "
-        f"teacher, or {ALTERNATIVES}")
+        f"opd.support={opd['support']} with opd.teacher.engine=vllm is not yet available (the server's top-k in the "
+        f"loss); use opd.support=sampled or the advantage path (algorithm.adv_estimator=opd|opd_hybrid) with the "
+        f"served teacher, or {ALTERNATIVES}")
 
 
 def check_topk_fits_server(opd: Mapping, inference: Mapping) -> None:

@@ -83,3 +83,19 @@ def test_served_q_t_equals_the_colocated_fsdp_teachers(workdir, tmp_path):
     # step 2: the served teacher scored the updated student's rollouts too (every response token has a q_t < 0)
     for q, _, _ in _by_tokens(served[1]).values():
         assert torch.isfinite(q).all() and (q < 0).all()
+
+
+def test_loss_level_sampled_with_a_served_teacher_equals_the_colocated_one(workdir, tmp_path):
+    """ppo_plus_distill, support=sampled (k1 on s - q): the loss reads the served q_t as ref_log_prob."""
+    loss_level = {"actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill"}
+    served_metrics, served, _ = _dumped_run(workdir, "served_loss", _advantage_path(
+        workdir, "served_loss", **loss_level, **{
+            "opd.teacher.engine": "vllm", "opd.teacher_pool.n_gpus_per_node": 1, "opd.teacher_pool.nnodes": 1,
+            "+opd.teacher.inference.engine_kwargs.vllm.kv_cache_memory_bytes": KV_CACHE}), tmp_path)
+    colocated_metrics, colocated, _ = _dumped_run(
+        workdir, "colocated_loss", _advantage_path(workdir, "colocated_loss", **loss_level), tmp_path)
+    assert sorted(_by_tokens(served[0])) == sorted(_by_tokens(colocated[0]))
+    for step in (1, 2):
+        assert served_metrics[step]["opd/divergence_per_token"] > 1e-3
+    for key in ("opd/divergence_per_token", "opd/kl_per_token", "opd/distill_loss"):
+        assert served_metrics[1][key] == pytest.approx(colocated_metrics[1][key], rel=1e-4, abs=1e-6), key
