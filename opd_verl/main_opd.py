@@ -114,6 +114,9 @@ def prepare(config: DictConfig, explicit_keys: set[str] | None = None) -> None:
         from opd_verl.cpu.defaults import apply_cpu_defaults
 
         apply_cpu_defaults(config)
+    from opd_verl.verl_ext.served_teacher import apply_served_teacher
+
+    apply_served_teacher(config, user_override_keys())
     check_verl_config(config)
 
 

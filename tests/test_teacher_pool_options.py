@@ -35,11 +35,8 @@ def test_a_pool_validates_and_counts_its_gpus(composed_config):
     assert "2 GPU(s) x 2 node(s)" in placement_note(cfg["opd"])
 
 
-def test_the_vllm_engine_is_not_yet_available(composed_config):
+def test_an_unknown_engine_names_the_choices(composed_config):  # engine=vllm: tests/test_served_teacher.py
     cfg = _pool_config(composed_config)
-    cfg["opd"]["teacher"]["engine"] = "vllm"
-    with pytest.raises(OPDConfigError, match=r"opd.teacher.engine=vllm is not yet available.*engine=fsdp"):
-        validate_config(cfg)
     cfg["opd"]["teacher"]["engine"] = "sglang"
     with pytest.raises(OPDConfigError, match=r"opd.teacher.engine='sglang' is not one of fsdp, vllm"):
         validate_config(cfg)

@@ -60,6 +60,8 @@ def check_override_keys(overrides: list[str]) -> None:
         if key.startswith("teacher.model."):  # opd.teacher.model.<HFModelConfig key>[.<sub key>]
             check_teacher_model({key.split(".")[2]: None}, "opd.teacher.model")
             continue
+        if key.startswith("teacher.inference."):  # verl's teacher server keys: checks.served_teacher
+            continue
         if key not in valid:
             raise _unknown_key_error(key)
 
@@ -70,7 +72,7 @@ def check_unknown_keys(section: Mapping, schema: Mapping | None = None, prefix: 
     for key, value in section.items():
         if key not in schema:
             raise _unknown_key_error(prefix + str(key))
-        if prefix + key == "teacher.model":  # verl's model keys, checked by check_teacher_model
-            continue
+        if prefix + key in ("teacher.model", "teacher.inference"):  # verl's keys, checked by check_teacher_model
+            continue                                                # and checks.served_teacher
         if isinstance(schema[key], Mapping) and isinstance(value, Mapping):
             check_unknown_keys(value, schema[key], prefix + key + ".")

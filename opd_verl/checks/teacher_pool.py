@@ -46,9 +46,6 @@ def check_engine(opd: Mapping) -> None:
     engine = (opd.get("teacher") or {}).get("engine", "fsdp")
     if engine not in ENGINES:
         raise OPDConfigError(f"opd.teacher.engine={engine!r} is not one of {', '.join(ENGINES)}; set opd.teacher.engine=fsdp")
-    if engine == "vllm":
-        raise OPDConfigError("opd.teacher.engine=vllm is not yet available (a teacher served from vLLM on its own "
-                             "pool); set opd.teacher.engine=fsdp")
 
 
 def _ref(config: Mapping, *keys: str, default=None):
@@ -112,14 +109,22 @@ def check_placement_modes(config: Mapping) -> None:
 
 def check_teacher_placement(config: Mapping) -> None:
     """All placement checks on a composed config (plain containers), before Ray."""
+    from opd_verl.checks.served_teacher import check_fsdp_engine_reads_no_inference, check_served_teacher
+
     opd = config["opd"]
     check_engine(opd)
     shape = pool_shape(opd)
+    served = (opd.get("teacher") or {}).get("engine", "fsdp") == "vllm"
+    if served:
+        check_served_teacher(config, shape)
+    else:
+        check_fsdp_engine_reads_no_inference(opd)
     if shape is None:
         return
-    check_placement_modes(config)
     gpus = shape[0] * shape[1]
-    check_parallel_against_pool(config, gpus)
+    if not served:  # a served teacher's placement: opd_verl.checks.served_teacher
+        check_placement_modes(config)
+        check_parallel_against_pool(config, gpus)
     trainer = config["trainer"]
     available, key = known_cluster_gpus(config)
     check_pool_fits(int(trainer["n_gpus_per_node"]) * int(trainer["nnodes"]), gpus, available, key)
@@ -130,5 +135,8 @@ def placement_note(opd: Mapping) -> str | None:
     shape = pool_shape(opd)
     if shape is None:
         return None
+    if (opd.get("teacher") or {}).get("engine", "fsdp") == "vllm":
+        return (f"the teacher served by verl's teacher pool (vLLM): opd.teacher_pool {shape[0]} GPU(s) x {shape[1]} "
+                "node(s); q_t = its log-prob of each sampled token, scored as each rollout finishes")
     return (f"teachers on a pool of their own: opd.teacher_pool {shape[0]} GPU(s) x {shape[1]} node(s), parameters "
             "resident there (no CPU offload); the student keeps trainer.n_gpus_per_node x nnodes")

@@ -224,6 +224,15 @@ def apply_cpu_defaults(config: DictConfig, overrides: list[str] | None = None, o
     # refuses to start with more workers than NUMA nodes; unbound, they share the cores.
     if rollout_workers(config) > 1 and not os.environ.get(VLLM_CPU_BIND_ENV):
         a.prefer(f"ray_kwargs.ray_init.runtime_env.env_vars.{VLLM_CPU_BIND_ENV}", "nobind", None)
+    # -- a served teacher (opd.teacher.engine=vllm): vLLM's CPU backend as the rollout's, one worker per replica
+    if OmegaConf.select(config, "opd.teacher.engine", default="fsdp") == "vllm":
+        served = "opd.teacher.inference"
+        a.force(f"{served}.free_cache_engine", False, lambda v: v is None or v is True)  # verl's default: true
+        a.force(f"{served}.enable_sleep_mode", False, lambda v: v is None or v is True)
+        a.prefer(f"{served}.tensor_model_parallel_size", 1, None)
+        a.prefer(f"{served}.max_num_seqs", 64, None)
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            a.prefer(f"{served}.engine_kwargs.vllm.kv_cache_memory_bytes", DEFAULT_KV_CACHE_BYTES, None)
     a.prefer(f"{r}.agent.num_workers", 1, 8)
     a.prefer("reward.num_workers", 1, 8)
     # DataLoader worker processes in the TaskRunner: on CPU they compete for the cores, and at shutdown Ray kills

@@ -27,6 +27,7 @@ from opd_verl.checks.modes import OPD_ESTIMATORS, uses_opd
 from opd_verl.checks.teachers import teacher_entries
 from opd_verl.verl_ext.task_metrics import per_task, reward_metrics
 from opd_verl.verl_ext.teacher_batch import ALIGNMENT_FIELD, alignment_metrics
+from opd_verl.verl_ext.served_teacher import is_served, served_ref_log_prob, served_worker_class
 from opd_verl.verl_ext.teacher_pool import POOL_NAME, build_teacher_group, place_on_pool, pool_spec
 from opd_verl.verl_ext.teacher_worker import make_worker_class
 from opd_verl.checks.teacher_pool import pool_shape
@@ -98,9 +99,18 @@ class OPDTrainer(PPOTrainerSync):
         super()._init_resource_pool_mgr()
         if not uses_opd(self.config):
             return
-        worker_cls = ray.remote(
-            make_worker_class(OmegaConf.to_container(self.config.opd, resolve=True), teacher_entries(self.config.opd))
-        )
+        opd = OmegaConf.to_container(self.config.opd, resolve=True)
+        worker_cls = make_worker_class(opd, teacher_entries(self.config.opd))
+        if is_served(opd):  # the teacher is verl's teacher pool (Role.TeacherModel); the actor builds none
+            served = ray.remote(served_worker_class(worker_cls))
+            self.role_worker_mapping.pop(Role.RefPolicy, None)
+            self.mapping.pop(Role.RefPolicy, None)
+            role = Role.Actor if Role.Actor in self.role_worker_mapping else Role.ActorRollout
+            pool = self.mapping.pop(Role.ActorRolloutRef, None) or self.mapping[role]
+            self.role_worker_mapping.pop(Role.ActorRolloutRef, None)
+            self.role_worker_mapping[role], self.mapping[role] = served, pool
+            return
+        worker_cls = ray.remote(worker_cls)
         shape = pool_shape(self.config.opd)
         if shape is not None:  # the teachers on a pool of their own (opd_verl.verl_ext.teacher_pool)
             place_on_pool(self.role_worker_mapping, self.mapping, worker_cls, Role)
@@ -116,10 +126,22 @@ class OPDTrainer(PPOTrainerSync):
         self.role_worker_mapping[Role.ActorRolloutRef] = worker_cls
         self.mapping[Role.ActorRolloutRef] = pool
 
+    def _compute_ref_log_prob(self, batch, metrics: dict):
+        if not (getattr(self, "opd_active", False) and is_served(self.opd)):
+            return super()._compute_ref_log_prob(batch, metrics)
+        # the served teacher scored each sample as its rollout finished: its q_t takes the reference pass's place
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["teacher_logprobs", "teacher_ids", "input_ids", "response_mask"])
+        data["ref_log_prob"] = served_ref_log_prob(data["teacher_logprobs"], data["teacher_ids"], data["input_ids"],
+                                                   data["response_mask"])
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=data.select("ref_log_prob"))
+        return batch
+
     def _setup(self):
         super()._setup()
         # verl builds a separate reference group only beside a non-hybrid actor: the pool's is built here
-        if uses_opd(self.config) and pool_shape(self.config.opd) is not None:
+        opd = self.config.opd
+        if uses_opd(self.config) and pool_shape(opd) is not None and not is_served(opd):
             self.ref_policy_wg = build_teacher_group(self, Role)
             print(f"opd_verl: teachers on {POOL_NAME} {self.resource_pool_manager.resource_pool_spec[POOL_NAME]} "
                   f"(GPUs per node), the student on {self.resource_pool_manager.resource_pool_spec['global_pool']}")

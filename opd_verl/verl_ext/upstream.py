@@ -52,6 +52,23 @@ MIRRORS = {
     "opd_verl.verl_ext.teacher_worker:OPDWorker._teacher_forward": (
         "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.forward_step",
         "dc1a472be40ea7b8e6da4be553dfb3881e15d60dc5e098c809dfe6ea7725643b"),
+    # a served teacher (opd.teacher.engine=vllm): what verl's teacher pool asks the server for, the layout it returns
+    # (q_t is read from it), where it lands in the batch, the reference pass it replaces, the worker taking its loss
+    "opd_verl.verl_ext.served_teacher:distillation_settings": (
+        "verl.experimental.teacher_loop.teacher_manager:_get_teacher_sampling_params",
+        "d7857c19a55d8eccfee618954fa6dcee5ec95bb1923a0d32b692f36da2bd52f1"),
+    "opd_verl.verl_ext.served_teacher:sampled_token_log_probs": (
+        "verl.workers.rollout.vllm_rollout.utils:extract_prompt_logprobs",
+        "230548fbcddfd45f616732df5c5cce5a25f183932144d5695a9c51bf5f601431"),
+    "opd_verl.verl_ext.served_teacher:served_ref_log_prob": (
+        "verl.experimental.agent_loop.agent_loop:AgentLoopWorker._compute_teacher_logprobs",
+        "de7f318665e2025dd94aefdfccf6357153cdb212e5a4d26ae420c163f06e52c7"),
+    "opd_verl.verl_ext.trainer:OPDTrainer._compute_ref_log_prob": (
+        "verl.trainer.ppo.v1.trainer_base:PPOTrainer._compute_ref_log_prob",
+        "78f6630e855fbcd8ea6d7c5a1c6f02e34a5e3181c289c68224737f5730b0cadb"),
+    "opd_verl.verl_ext.served_teacher:served_worker_class": (
+        "verl.workers.engine_workers:ActorRolloutRefWorker.__init__",
+        "8b4bd0ea4b16f47387140766d340035ce45540596b920d1bc92b1b8884cfe847"),
 }
 
 
