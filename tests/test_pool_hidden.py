@@ -138,3 +138,16 @@ def test_the_head_read_from_the_checkpoint_gives_the_models_logits(tmp_path, mod
 def test_an_unknown_architecture_is_refused_by_name():
     with pytest.raises(ValueError, match="model_type 'mamba'"):
         head_ops({"model_type": "mamba"})
+
+
+def test_the_head_computes_in_the_hidden_states_dtype_under_the_callers_autocast(tmp_path):
+    """The student's loss runs under the actor's autocast; the teacher's head keeps the teacher's precision (the
+    dtype the pool sent its hidden states in)."""
+    model = _tiny("qwen2").float()
+    model.save_pretrained(tmp_path)
+    head = load_teacher_head(str(tmp_path))
+    hidden = torch.randn(4, 16)
+    plain = head.logits(hidden)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under = head.logits(hidden)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)

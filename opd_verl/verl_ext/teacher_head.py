@@ -21,12 +21,14 @@ class TeacherHead:
     ops: HeadOps
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits [n, V] of its final hidden states [n, H] (in their dtype); the weight moves to
-        their device once."""
+        """The teacher's logits [n, V] of its final hidden states [n, H] in their dtype (the teacher's compute
+        dtype, as the pool sent them), not under the caller's (the actor's) autocast; the weight moves to their
+        device once."""
         if self.weight.device != hidden.device:
             self.weight = self.weight.to(hidden.device)
             self.bias = None if self.bias is None else self.bias.to(hidden.device)
-        return head_logits(hidden, self.weight, self.ops, self.bias)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return head_logits(hidden, self.weight, self.ops, self.bias)
 
 
 def _head_names(config) -> tuple[str, str]:
