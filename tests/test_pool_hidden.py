@@ -151,3 +151,18 @@ def test_the_head_computes_in_the_hidden_states_dtype_under_the_callers_autocast
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         under = head.logits(hidden)
     assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
+def test_the_final_hidden_state_is_captured_in_the_autocast_dtype(tmp_path):
+    """Under the teacher engine's autocast (bf16 on GPU) lm_head computes in bf16: the pool sends the hidden state
+    in bf16 (2H bytes a token) and the head rebuilds the model's bf16 logits from it."""
+    model = _tiny("qwen2").float()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    captured = []
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16), _final_hidden(model, captured):
+        logits = model(input_ids=ids).logits
+    assert captured[0].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+    ours = load_teacher_head(str(tmp_path)).logits(captured[0])
+    assert ours.dtype == torch.bfloat16
+    assert (ours.float() - logits.float()).abs().max() <= torch.finfo(torch.bfloat16).eps * float(logits.abs().max())
