@@ -11,7 +11,9 @@ prompt positions travel too (zeros): a factor (P + R) / R on what a response tok
 - topk (built): the teachers' top-k ids (int32) and log-probs (fp32) at the loss temperature, and for the
   alignment check the sampled token's log-prob and its resolution (fp32 each): (8k + 8) B x (P + R) / R. The tail
   mass is not sent: 1 - sum exp(top-k log-probs), computed where the divergence needs it.
-- hidden (support=full via hidden states; designed, NOT built): the teacher's final hidden state, bf16: 2H B.
+- hidden (support=full, built): the teacher's final hidden state in its compute dtype (bf16 on GPU), and for the
+  alignment check the sampled token's log-prob and its resolution (fp32 each): (2H + 8) B x (P + R) / R per
+  teacher (several teachers: each one's hidden state; the label and resolution once).
 - logits (what none of them sends): the [T, V] row, bf16 2V B (fp32 4V B).
 Per step = per response token x the step's response tokens (train_batch_size x rollout.n x mean response length).
 """
@@ -42,7 +44,9 @@ def payload_bytes(support: str, hidden: int, vocab: int, topk: int = TOPK, promp
         label_and_resolution = 2 * torch.empty(positions, dtype=torch.float32).nbytes
         return (ids + logp + label_and_resolution) / response
     if support == "hidden":
-        return torch.empty(hidden, dtype=torch.bfloat16).nbytes
+        states = torch.empty(positions, hidden, dtype=torch.bfloat16).nbytes
+        label_and_resolution = 2 * torch.empty(positions, dtype=torch.float32).nbytes
+        return (states + label_and_resolution) / response
     if support == "logits_bf16":
         return torch.empty(vocab, dtype=torch.bfloat16).nbytes
     if support == "logits_fp32":

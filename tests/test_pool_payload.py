@@ -24,6 +24,16 @@ def _student_pass(student, batch, opd, teacher_fn):
     return engine.prepare_model_outputs(output, output_args, batch, processor)
 
 
+def student_loss(batch, opd, config, teacher_fn):
+    """The student's loss-level loss on ``batch`` with ``teacher_fn`` as its teacher pass: (loss, gradient w.r.t.
+    the student's parameters, the aggregated metrics)."""
+    student = tiny_model(0, logit_scale=3.0)
+    model_output = _student_pass(student, batch, opd, teacher_fn)
+    loss, metrics = opd_actor_loss(config, opd, None, model_output=model_output, data=batch)
+    return loss, torch.autograd.grad(loss, list(student.parameters())), {n: float(m.aggregate()) for n, m in
+                                                                         metrics.items()}
+
+
 def _pool_payload(worker, batch, k):
     """The pool's payload pass: the first teacher's engine (verl's prepare_model_inputs / model /
     prepare_model_outputs) with the pool's processor, its per-token outputs assembled as the pool sends them."""
@@ -44,13 +54,7 @@ def test_pool_topk_loss_equals_the_colocated_loss(divergence, teachers, mode, te
     case = loss_case(teachers, mode, temperature, remove_padding)
     batch, teacher_models, weights, config = case.batch, case.teacher_models, case.weights, case.config
 
-    def loss_and_grads(teacher_fn):
-        student = tiny_model(0, logit_scale=3.0)
-        model_output = _student_pass(student, batch, opd, teacher_fn)
-        loss, metrics = opd_actor_loss(config, opd, None, model_output=model_output, data=batch)
-        return loss, torch.autograd.grad(loss, list(student.parameters())), {n: float(m.aggregate()) for n, m in
-                                                                             metrics.items()}
-
+    loss_and_grads = partial(student_loss, batch, opd, config)
     colocated = opd_worker(teacher_models, opd, mode, weights)
     loss_c, grads_c, metrics_c = loss_and_grads(colocated.teacher_logits)
 

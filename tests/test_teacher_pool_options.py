@@ -62,14 +62,23 @@ def test_a_pool_without_a_teacher_run_is_unread(composed_config):
         validate_config(cfg)
 
 
-def test_loss_level_full_on_a_pool_is_not_yet_available(composed_config):
+def test_loss_level_full_on_a_pool_needs_a_head_the_student_reproduces(composed_config, tmp_path):
+    import json
+
     cfg = _pool_config(composed_config)
     cfg["actor_rollout_ref"]["actor"]["policy_loss"]["loss_mode"] = "ppo_plus_distill"
     validate_config(cfg)  # support=sampled reads the reference pass's log-probs: the pool gives them
     cfg["opd"]["support"] = "topk"
     validate_config(cfg)  # the pool sends the loss its top-k
     cfg["opd"]["support"] = "full"
-    with pytest.raises(OPDConfigError, match=r"opd.teacher_pool with opd.support=full is not yet available"):
+    for model_type in ("qwen2", "gemma2", "mamba"):
+        (tmp_path / model_type).mkdir()
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+    cfg["opd"]["teacher"]["path"] = str(tmp_path / "qwen2")
+    validate_config(cfg)  # the pool sends the final hidden states, the student's process applies the head
+    cfg["opd"]["teachers"] = [{"path": str(tmp_path / "gemma2")}, {"path": str(tmp_path / "mamba")}]
+    with pytest.raises(OPDConfigError, match=r"opd.teachers\[1\].path=.*mamba: opd.teacher_pool with opd.support=full"
+                                             r".*model_type 'mamba' is not one.*drop opd.teacher_pool \(colocated"):
         validate_config(cfg)
 
 

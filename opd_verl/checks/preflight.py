@@ -171,22 +171,29 @@ def _vocab_of(config: Mapping) -> int | None:
     return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
 
 
-def vocab_size(path: str) -> int | None:
-    """vocab_size of the model's config.json (None if it has none); a hub name's config.json only is fetched."""
+def model_config(path: str) -> dict | None:
+    """The model's config.json (None for a local directory without one); a hub name's config.json only is
+    fetched (FilesUnavailable when it cannot be had)."""
     if _is_local_model_path(path):
         config_file = os.path.join(os.path.expanduser(path), "config.json")
         if not os.path.isfile(config_file):
             return None
         with open(config_file) as f:
-            return _vocab_of(json.load(f))
+            return json.load(f)
 
-    def load(local_files_only: bool) -> int | None:
+    def load(local_files_only: bool) -> dict:
         from transformers.utils import cached_file
 
         with open(cached_file(path, "config.json", local_files_only=local_files_only)) as f:
-            return _vocab_of(json.load(f))
+            return json.load(f)
 
     return _from_hub(path, "config.json", "config.json", load)
+
+
+def vocab_size(path: str) -> int | None:
+    """vocab_size of the model's config.json (None if it has none)."""
+    config = model_config(path)
+    return None if config is None else _vocab_of(config)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool):

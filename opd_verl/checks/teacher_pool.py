@@ -95,16 +95,37 @@ def known_cluster_gpus(config: Mapping) -> tuple[int | None, str]:
 
 
 def check_placement_modes(config: Mapping) -> None:
-    """What the pool supports today: the reference pass (the advantage path, the loss-level support=sampled) and
-    the loss-level support=topk (the pool sends the loss its top-k); support=full not yet."""
-    opd = config["opd"]
+    """The pool serves a teacher run: the reference pass (the advantage path, the loss-level support=sampled),
+    the loss-level support=topk (the pool sends the loss its top-k) and support=full (the teachers' final hidden
+    states, to which the student's process applies their output heads: `check_teacher_heads`)."""
     if not uses_opd(config):
         raise OPDConfigError("opd.teacher_pool is set but no teacher runs (algorithm.adv_estimator is not opd|opd_hybrid "
                              "and the actor loss is not ppo_plus_distill); drop opd.teacher_pool")
-    if uses_distill_loss(config) and opd["support"] == "full":
-        raise OPDConfigError(
-            "opd.teacher_pool with opd.support=full is not yet available (the pool would send the teachers' final "
-            "hidden states); use opd.support=topk|sampled with the pool, or drop opd.teacher_pool (colocated)")
+    if uses_distill_loss(config) and config["opd"]["support"] == "full":
+        check_teacher_heads(config["opd"])
+
+
+def check_teacher_heads(opd: Mapping) -> None:
+    """support=full on a pool: each teacher's output head (what its architecture applies after the last hidden
+    state) must be one the student's process reproduces (opd_verl.algorithms.output_head), by its config.json.
+    A hub teacher whose config.json cannot be had here is checked when its head loads."""
+    from opd_verl.algorithms.output_head import head_ops
+    from opd_verl.checks.teachers import teacher_entries
+    from opd_verl.checks.preflight import FilesUnavailable, model_config
+
+    for i, entry in enumerate(teacher_entries(opd)):
+        key = f"opd.teachers[{i}].path" if opd.get("teachers") else "opd.teacher.path"
+        try:
+            model = model_config(entry["path"])
+        except FilesUnavailable:
+            continue
+        try:
+            head_ops(model or {"model_type": "llama"})  # no config.json: check_model_path names it
+        except ValueError as err:
+            raise OPDConfigError(
+                f"{key}={entry['path']}: opd.teacher_pool with opd.support=full rebuilds the teacher's logits from "
+                f"its final hidden states in the student's process, but its {err}; drop opd.teacher_pool (colocated: "
+                "the teacher's own forward gives its logits), or keep the pool with opd.support=topk") from None
 
 
 def check_teacher_placement(config: Mapping) -> None:

@@ -173,6 +173,18 @@ def coarsest_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return max((d for d in dtypes if d is not None and d.is_floating_point), key=lambda d: torch.finfo(d).eps)
 
 
+def teacher_at_tau(
+    raw_logits: list[torch.Tensor], tau: float, weights: list[float], mode: str,
+    sample_teacher: torch.Tensor | None = None, lengths: torch.Tensor | None = None, chunk_size: int = 1024,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """The teachers' raw logits (of ``rows``, when given) → (logits, divisor): softmax(logits / divisor) is the
+    loss-level teacher at τ (each sample's own teacher under route, else the mixture of ``mode``)."""
+    if sample_teacher is not None:
+        return route_rows(raw_logits, sample_teacher, lengths, rows), float(tau)
+    return teacher_mixture_at(raw_logits, weights, mode, tau, chunk_size)
+
+
 def teacher_pass(
     raw_logits: list[torch.Tensor],
     labels: torch.Tensor,
@@ -194,10 +206,7 @@ def teacher_pass(
         labels = labels.reshape(-1).index_select(0, rows.to(labels.device))
         if isinstance(rollout_t, torch.Tensor):
             rollout_t = rollout_t.index_select(0, rows.to(rollout_t.device))
-    if sample_teacher is not None:
-        logits, divisor = route_rows(raw_logits, sample_teacher, lengths, rows), float(tau)
-    else:
-        logits, divisor = teacher_mixture_at(raw_logits, weights, mode, tau, chunk_size)
+    logits, divisor = teacher_at_tau(raw_logits, tau, weights, mode, sample_teacher, lengths, chunk_size, rows)
     divisors = [verl_temperature(rollout_t, z.dtype) for z in raw_logits]  # T as verl's reference pass divides
     label_logp = mixture_label_log_probs(raw_logits, weights, mode, labels, divisors, sample_teacher, lengths,
                                          chunk_size=chunk_size, rows=rows)

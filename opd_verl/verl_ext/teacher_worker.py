@@ -9,7 +9,7 @@ and the MoE router-replay flag `_with_routing_replay_flag`.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from importlib import resources
 
@@ -158,7 +158,7 @@ class OPDWorker(ActorRolloutRefWorker):
 
     def _sample_teachers(self, data) -> torch.Tensor | None:
         """Each sample's teacher index under multi_teacher_mode=route (None when teachers are averaged)."""
-        if self.opd_options.get("multi_teacher_mode") != "route" or len(self.teachers) < 2:
+        if self.opd_options.get("multi_teacher_mode") != "route" or len(self.teacher_entries) < 2:
             return None
         sources = tu.get(data, "data_source")
         if sources is None:
@@ -175,10 +175,10 @@ class OPDWorker(ActorRolloutRefWorker):
         their logits (mean_logit: the same mixture the loss-level pass distils from), or (route) each sample's own
         teacher. With several teachers every teacher scores the whole batch, so the FSDP collectives stay in step
         across data-parallel ranks. On a teacher pool with the loss-level support=topk, the output also carries
-        the loss's top-k payload (opd_verl.verl_ext.pool_payload)."""
+        the loss's payload (opd_verl.verl_ext.pool_payload; support=topk|full)."""
         output = self._reference_pass(data)
-        if output is not None and self._sends_topk():
-            output.update(self._topk_payload(data))
+        if output is not None and self._sends_payload():
+            output.update(self._pool_payload(data))
         return output.cpu() if output is not None else None
 
     def _reference_pass(self, data):
@@ -214,29 +214,35 @@ class OPDWorker(ActorRolloutRefWorker):
         return output.cpu() if output is not None else None
 
     @staticmethod
-    def _teacher_forward(teacher, micro_batch):
+    def _teacher_forward(teacher, micro_batch, hidden: list | None = None):
         """One teacher's raw packed logits [nnz, V] of a micro-batch (no temperature) and the engine's output_args.
         Runs at the teacher engine's own precision (its autocast dtype, as its reference pass in verl's
-        FSDPEngineWithLMHead.forward_step), not under the caller's (the actor's) autocast."""
+        FSDPEngineWithLMHead.forward_step), not under the caller's (the actor's) autocast. ``hidden`` (a list):
+        its final hidden states [nnz, H] (`_final_hidden`) are appended to it."""
         from opd_verl.verl_ext.distill_actor_loss import packed_logits
 
         engine = teacher.engine
         model_inputs, output_args = engine.prepare_model_inputs(micro_batch=micro_batch)
-        with torch.no_grad(), _engine_autocast(engine):
+        captured = []
+        with torch.no_grad(), _engine_autocast(engine), _final_hidden(engine.module, captured, hidden is not None):
             output = engine.module(**model_inputs, use_cache=False)
+        if hidden is not None:
+            hidden.append(packed_logits(captured[0], micro_batch, output_args))  # any last dim: the same packing
         return packed_logits(output.logits, micro_batch, output_args), output_args
 
-    def teacher_logits(self, micro_batch, rows=None):
+    def teacher_logits(self, micro_batch, rows=None, hidden: list | None = None):
         """The teachers of this micro-batch (a distill_actor_loss.TeacherPass): the loss-level teacher at
         opd.temperature over the student's packed positions (only ``rows`` of them when given: the response rows),
         and its sampled-token log-probs at the rollout temperature for the alignment check against verl's
-        reference pass."""
+        reference pass. ``hidden`` (a list): each teacher's final hidden states at those rows are appended."""
         from opd_verl.verl_ext.distill_actor_loss import coarsest_dtype, packed_rollout_temperature, teacher_pass
 
-        raw, output_args = [], None
+        raw, output_args, packed = [], None, ([] if hidden is not None else None)
         for teacher in self.teachers:
-            logits, output_args = self._teacher_forward(teacher, micro_batch)
+            logits, output_args = self._teacher_forward(teacher, micro_batch, packed)
             raw.append(logits)
+        if hidden is not None:
+            hidden.extend(h if rows is None else h.index_select(0, rows.to(h.device)) for h in packed)
         return teacher_pass(
             raw,
             labels=output_args["input_ids_rmpad_rolled"],
@@ -323,9 +329,10 @@ class OPDWorker(ActorRolloutRefWorker):
                 else:
                     tu.assign_non_tensor(data, **{key: value})
 
-    def _sends_topk(self) -> bool:
-        """The teachers on a pool, the student's loss-level support=topk: the pool sends the loss its top-k."""
-        return self.resident and self._uses_distill_loss() and self.opd_options["support"] == "topk"
+    def _sends_payload(self) -> bool:
+        """The teachers on a pool, the student's loss-level support=topk|full: the pool sends the loss its top-k
+        or the teachers' final hidden states."""
+        return self.resident and self._uses_distill_loss() and self.opd_options["support"] in ("topk", "full")
 
     def _shared_vocab_size(self) -> int:
         """The vocabulary student and teachers share (their configs' vocab_size; padded rows beyond the smallest
@@ -361,21 +368,60 @@ class OPDWorker(ActorRolloutRefWorker):
 
         return topk_processor
 
-    def _topk_payload(self, data) -> dict:
-        """The loss's top-k payload of ``data`` (opd_verl.verl_ext.pool_payload)."""
-        from opd_verl.verl_ext.pool_payload import assemble
+    def _hidden_processor(self):
+        """verl logits processor of the pool's support=full payload pass: per micro-batch, each teacher's final
+        hidden states on the response rows (0 elsewhere) and the alignment inputs of the colocated teacher pass."""
+        from opd_verl.verl_ext.distill_actor_loss import response_rows, scatter_rows
+        from opd_verl.verl_ext.pool_payload import hidden_outputs
 
+        def hidden_processor(student_logits=None, data=None, **kwargs):
+            if student_logits is None:  # the engine's loss call: nothing to optimise
+                return torch.zeros(()), {}
+            nnz, rows, hidden = student_logits.shape[1], response_rows(data), []
+            teacher = self.teacher_logits(data, rows, hidden)
+            return hidden_outputs([scatter_rows(h, rows, nnz) for h in hidden],
+                                  scatter_rows(teacher.label_log_prob, rows, nnz),
+                                  scatter_rows(teacher.resolution, rows, nnz))
+
+        return hidden_processor
+
+    def _pool_payload(self, data) -> dict:
+        """The loss's payload of ``data`` (opd_verl.verl_ext.pool_payload): top-k, or hidden states (full)."""
+        from opd_verl.verl_ext.pool_payload import assemble, assemble_hidden
+
+        if self.opd_options["support"] == "full":
+            output = self._processor_pass(data, self._hidden_processor(), distillation_only=False)
+            return assemble_hidden(output, len(self.teachers))
         output = self._processor_pass(data, self._topk_processor(), distillation_only=False)
         return assemble(output, int(self.opd_options["topk"]))
 
-    def pool_teacher_pass(self, micro_batch, rows=None):
-        """The actor's teacher pass with the teachers on a pool: their top-k from the micro-batch's payload."""
-        from opd_verl.verl_ext.distill_actor_loss import TeacherPass
-        from opd_verl.verl_ext.pool_payload import payload_rows
+    def _teacher_heads(self) -> list:
+        """The teachers' output heads (opd_verl.verl_ext.teacher_head), read from their checkpoints once."""
+        if getattr(self, "_opd_heads", None) is None:
+            from opd_verl.verl_ext.teacher_head import load_teacher_head
 
-        ids, logp, label, resolution = payload_rows(micro_batch, rows)
-        return TeacherPass(None, float(self.opd_options["temperature"]), label, resolution, topk=(ids, logp),
-                           vocab=self._shared_vocab_size())
+            self._opd_heads = [load_teacher_head(t["path"], bool((t.get("model") or {}).get("trust_remote_code")))
+                               for t in self.teacher_entries]
+        return self._opd_heads
+
+    def pool_teacher_pass(self, micro_batch, rows=None):
+        """The actor's teacher pass with the teachers on a pool, from the micro-batch's payload: their top-k, or
+        (support=full) their logits rebuilt from their final hidden states by their output heads, mixed (or
+        routed) at τ as colocated."""
+        from opd_verl.verl_ext.distill_actor_loss import TeacherPass, teacher_at_tau
+        from opd_verl.verl_ext.pool_payload import hidden_rows, payload_rows
+
+        tau = float(self.opd_options["temperature"])
+        if self.opd_options["support"] != "full":
+            ids, logp, label, resolution = payload_rows(micro_batch, rows)
+            return TeacherPass(None, tau, label, resolution, topk=(ids, logp), vocab=self._shared_vocab_size())
+        hidden, label, resolution = hidden_rows(micro_batch, rows, len(self.teacher_entries))
+        raw = [head.logits(h) for head, h in zip(self._teacher_heads(), hidden)]
+        logits, divisor = teacher_at_tau(raw, tau, [t["weight"] for t in self.teacher_entries],
+                                         self.opd_options["multi_teacher_mode"], self._sample_teachers(micro_batch),
+                                         micro_batch["input_ids"].offsets().diff(),
+                                         int(self.opd_options.get("chunk_size", 1024)), rows)
+        return TeacherPass(logits, divisor, label, resolution)
 
 
 MEAN_LOGIT_REF_KEY = "opd_mean_logit_log_prob"
@@ -398,6 +444,29 @@ def _engine_dtype(engine) -> torch.dtype | None:
     """The dtype an FSDP engine computes its forward in (mixed_precision.param_dtype; verl 0.9.1 keeps it as
     `_autocast_dtype`)."""
     return getattr(engine, "_autocast_dtype", None)
+
+
+@contextmanager
+def _final_hidden(module, captured: list, enabled: bool = True):
+    """Within it, a forward of the causal LM ``module`` appends to ``captured`` its final hidden state: the input
+    of its output embedding (lm_head), after the final norm, in the dtype lm_head computes in (the autocast dtype
+    when one is on, as the matmul casts it)."""
+    if not enabled:
+        yield
+        return
+
+    def hook(_, args):
+        hidden = args[0]
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device) and hidden.is_floating_point():
+            hidden = hidden.to(torch.get_autocast_dtype(device))
+        captured.append(hidden.detach())
+
+    handle = module.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _engine_autocast(engine):

@@ -3,9 +3,9 @@
 
 Rollouts are greedy (`rollout.top_k=1`), so both runs sample the same responses. Advantage path: the reference
 pass (ref_log_prob, dumped per step) of every sample agrees between the runs and with HF in float64. Loss-level
-support=topk (the pool sends the loss its top-k): the loss's metrics agree over two steps (step 2's samples come
-from the student step 1 trained). Two routed teachers on a pool placed on another Ray node than the student (a
-head without GPUs and two one-GPU nodes): every sample's teacher log-prob equals its teacher's in float64. Five
+support=topk (the pool sends the loss its top-k) and support=full (the pool sends the teacher's final hidden
+states): the loss's metrics agree over two steps (step 2's samples come from the student step 1 trained). Two routed teachers on a pool placed on another Ray node than the student (a
+head without GPUs and two one-GPU nodes): every sample's teacher log-prob equals its teacher's in float64. Seven
 trainer runs (~3 min each on 2 cores): marked `slow`.
 """
 
@@ -54,6 +54,16 @@ def _dumped_run(w, name, overrides, tmp_path):
     return result.log, console_metrics(result.log), torch.load(dump / "step_1.pt")
 
 
+def _colocated_and_pool(w, name, extra, tmp_path):
+    """The colocated run and the pool run of the same settings: (the pool's log, colocated metrics, pool metrics,
+    colocated dump, pool dump)."""
+    _, colocated, saved_colocated = _dumped_run(w, f"{name}_colocated", _overrides(w, f"{name}_colocated", **extra),
+                                                tmp_path)
+    log, pooled, saved_pool = _dumped_run(w, f"{name}_pool", _overrides(
+        w, f"{name}_pool", **extra, **{"opd.teacher_pool.n_gpus_per_node": 1, "opd.teacher_pool.nnodes": 1}), tmp_path)
+    return log, colocated, pooled, saved_colocated, saved_pool
+
+
 def _by_sample(saved) -> dict:
     """{(prompt ids, response ids): (ref_log_prob, old_log_probs) over the response}."""
     out = {}
@@ -95,11 +105,7 @@ def test_loss_level_topk_on_a_teacher_pool_equals_colocated(workdir, tmp_path):
     topk = {"actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill", "opd.support": "topk",
             "opd.topk": 8, "opd.temperature": 1.5, "opd.divergence": "jsd", "opd.beta": 0.3,
             "trainer.total_training_steps": 2}
-    _, colocated, saved_colocated = _dumped_run(workdir, "topk_colocated",
-                                                _overrides(workdir, "topk_colocated", **topk), tmp_path)
-    log, pooled, saved_pool = _dumped_run(workdir, "topk_pool", _overrides(
-        workdir, "topk_pool", **topk, **{"opd.teacher_pool.n_gpus_per_node": 1, "opd.teacher_pool.nnodes": 1}),
-        tmp_path)
+    log, colocated, pooled, saved_colocated, saved_pool = _colocated_and_pool(workdir, "topk", topk, tmp_path)
     assert "parameters resident" in log
     for step in (1, 2):
         print(f"step {step}: " + ", ".join(f"{name} pool {pooled[step][name]:.7f} colocated {colocated[step][name]:.7f}"
@@ -108,6 +114,25 @@ def test_loss_level_topk_on_a_teacher_pool_equals_colocated(workdir, tmp_path):
             assert pooled[step][name] == pytest.approx(colocated[step][name], abs=1e-5, rel=1e-5), (step, name)
         assert pooled[step]["opd/teacher_alignment_seq_median_max"] <= pooled[step]["opd/teacher_alignment_tolerance"]
     assert colocated[1]["opd/divergence_per_token"] > 1e-3 and colocated[1]["opd/topk_mass"] < 1.0
+    assert sorted(_by_sample(saved_pool)) == sorted(_by_sample(saved_colocated))
+
+
+def test_loss_level_full_on_a_teacher_pool_equals_colocated(workdir, tmp_path):
+    """support=full: the pool sends the teacher's final hidden states, the student's process applies its output
+    head (read from its checkpoint) and the full-vocabulary divergence."""
+    full = {"actor_rollout_ref.actor.policy_loss.loss_mode": "ppo_plus_distill", "opd.support": "full",
+            "opd.temperature": 1.5, "opd.divergence": "jsd", "opd.beta": 0.3, "trainer.total_training_steps": 2}
+    log, colocated, pooled, saved_colocated, saved_pool = _colocated_and_pool(workdir, "full", full, tmp_path)
+    assert "parameters resident" in log
+    names = ("opd/divergence_per_token", "opd/distill_loss", "opd/kl_per_token")
+    for step in (1, 2):
+        print(f"step {step}: " + ", ".join(f"{name} pool {pooled[step][name]:.9f} colocated {colocated[step][name]:.9f}"
+                                          for name in names))
+        for name in names:
+            assert pooled[step][name] == pytest.approx(colocated[step][name], abs=1e-5, rel=1e-5), (step, name)
+        assert pooled[step]["opd/topk_mass"] == 1.0
+        assert pooled[step]["opd/teacher_alignment_seq_median_max"] <= pooled[step]["opd/teacher_alignment_tolerance"]
+    assert colocated[1]["opd/divergence_per_token"] > 1e-3
     assert sorted(_by_sample(saved_pool)) == sorted(_by_sample(saved_colocated))
 
 
