@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 class ModelShape:
     """The fields of a Qwen2/Qwen3 config.json that fix the parameter count."""
 
-    arch: str  # "qwen2" (q/k/v biases) or "qwen3" (q/k RMSNorm, no biases)
+    arch: str  # "qwen2" (q/k/v biases), "qwen3" (q/k RMSNorm, no biases) or "llama" (neither)
     hidden: int
     layers: int
     intermediate: int
@@ -68,7 +68,12 @@ MODELS = {
     "Qwen/Qwen2-0.5B": ModelShape("qwen2", 896, 24, 4864, 14, 2, 151936, True),
     "Qwen/Qwen2-7B": ModelShape("qwen2", 3584, 28, 18944, 28, 4, 152064, False),
     "Qwen/Qwen2.5-1.5B": ModelShape("qwen2", 1536, 28, 8960, 12, 2, 151936, True),
+    "Qwen/Qwen2.5-1.5B-Instruct": ModelShape("qwen2", 1536, 28, 8960, 12, 2, 151936, True),
     "Qwen/Qwen2.5-7B-Instruct": ModelShape("qwen2", 3584, 28, 18944, 28, 4, 152064, False),
+    "Qwen/Qwen2.5-Coder-7B-Instruct": ModelShape("qwen2", 3584, 28, 18944, 28, 4, 152064, False),
+    "Qwen/Qwen2.5-Math-7B-Instruct": ModelShape("qwen2", 3584, 28, 18944, 28, 4, 152064, False),
+    "deepseek-ai/deepseek-coder-1.3b-instruct": ModelShape("llama", 2048, 24, 5504, 16, 16, 32256, False),
+    "deepseek-ai/deepseek-coder-6.7b-instruct": ModelShape("llama", 4096, 32, 11008, 32, 32, 32256, False),
     "Qwen/Qwen3-1.7B-Base": ModelShape("qwen3", 2048, 28, 6144, 16, 8, 151936, True, 128),
     "Qwen/Qwen3-8B-Base": ModelShape("qwen3", 4096, 36, 12288, 32, 8, 151936, False, 128),
     "Qwen/Qwen3-8B": ModelShape("qwen3", 4096, 36, 12288, 32, 8, 151936, False, 128),
@@ -86,7 +91,7 @@ def _linears(m: ModelShape) -> list[tuple[int, int]]:
 def layer_param_count(m: ModelShape) -> int:
     """Parameters of one decoder layer."""
     weights = sum(a * b for a, b in _linears(m))
-    extra = (m.heads + 2 * m.kv_heads) * m.dim if m.arch == "qwen2" else 2 * m.dim  # qkv biases / q,k norms
+    extra = {"qwen2": (m.heads + 2 * m.kv_heads) * m.dim, "qwen3": 2 * m.dim, "llama": 0}[m.arch]  # qkv biases / q,k norms
     return weights + extra + 2 * m.hidden  # the two RMSNorms
 
 

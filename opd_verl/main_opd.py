@@ -99,7 +99,6 @@ def prepare(config: DictConfig, explicit_keys: set[str] | None = None) -> None:
         print(f"opd_verl: {line}", file=sys.stderr)
     if uses_opd(plain):
         from opd_verl.checks.preflight import run_preflight
-
         from opd_verl.checks.teacher_pool import placement_note
 
         pool = placement_note(plain["opd"])
@@ -116,7 +115,7 @@ def prepare(config: DictConfig, explicit_keys: set[str] | None = None) -> None:
         apply_cpu_defaults(config)
     from opd_verl.verl_ext.served_teacher import apply_served_teacher
 
-    apply_served_teacher(config, user_override_keys())
+    apply_served_teacher(config, explicit_keys)
     check_verl_config(config)
 
 

@@ -12,11 +12,13 @@ import hardware_estimate as he  # noqa: E402
 
 
 def _hf_config(m: he.ModelShape):
-    from transformers import Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=m.hidden, num_hidden_layers=m.layers, intermediate_size=m.intermediate,
                   num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, vocab_size=m.vocab,
                   tie_word_embeddings=m.tied)
+    if m.arch == "llama":
+        return LlamaConfig(**common)
     return Qwen2Config(**common) if m.arch == "qwen2" else Qwen3Config(head_dim=m.dim, **common)
 
 
