@@ -7,8 +7,8 @@ raises `BadRow(reason)` for a row that cannot be used (counted and reported, or 
 `Skip(reason)` for a row left out on purpose (e.g. another domain; counted and reported, never an error).
 Every user-facing failure is one line on stderr starting with "error:" and a non-zero exit.
 
-The data_source strings and prompt instructions come from opd_verl/rewards.py, so the rows and the reward
-function agree.
+The data_source strings and prompt instructions come from opd_verl.rewards (opd_verl/rewards/sources.py), so the
+rows and the reward function agree.
 """
 
 from __future__ import annotations

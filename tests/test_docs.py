@@ -135,3 +135,14 @@ def test_a_quoted_command_runs(page, argv):
     got = flat(printed)
     differ = {k: (v, got.get(k, "<missing>")) for k, v in expected.items() if got.get(k, "<missing>") != v}
     assert not differ, f"{quoted}: the printed config is not the recipe's (recipe, printed): {differ}"
+
+
+def test_the_architecture_page_names_every_module():
+    """docs/architecture.md's layout walks the package: every module and folder of opd_verl is named there."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    layout = page[page.index("```\nopd_verl/"):]
+    package = REPO / "opd_verl"
+    names = {p.name for p in package.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    names |= {f"{p.name}/" for p in package.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    missing = sorted(name for name in names if not re.search(rf"(?<![\w/]){re.escape(name)}", layout))
+    assert not missing, f"modules of opd_verl that docs/architecture.md's layout does not name: {missing}"

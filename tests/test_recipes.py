@@ -342,6 +342,10 @@ def test_recipe_is_an_experiment_config_with_a_header(name):
     )
     sft = "# Entry point: verl.trainer.sft_trainer" in header
     assert sft == (name in SFT_RECIPES), "an SFT recipe declares its entry point (the launcher reads it)"
+    if not sft:
+        assert f"python -m opd_verl.main_opd +recipes={name}" in header and "--config-dir" not in header, (
+            "main_opd resolves recipes from the package: the header's command needs no --config-dir"
+        )
     assert "defaults" not in recipe_yaml(name), "a recipe sets values only (its base config is the entry point's)"
 
 
