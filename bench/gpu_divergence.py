@@ -2,6 +2,8 @@
 
     python bench/gpu_divergence.py                      # on a CUDA machine: T in {8192, 16384}, V = 151936, bf16
     python bench/gpu_divergence.py --device cpu --tiny  # a smoke run anywhere (what tests/ runs)
+    python bench/gpu_divergence.py --ts 8192 --hidden 5120 --out bench/results/gpu_divergence_h5120.json
+                                                        # the teacher pool's support=full at a Qwen3-32B width
 
 Needs only torch and this repository (opd_verl.algorithms is pure torch; no verl, no vLLM); Liger-Kernel's
 chunked JSD runs beside ours when ``liger_kernel`` imports. Writes ``bench/results/gpu_divergence.json`` (``--out``)
@@ -206,11 +208,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke run, any device)")
     p.add_argument("--ts", type=int, nargs="+", default=None, help="token counts (default 8192 16384)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="hidden size of the hidden-state variants (default 4096; 5120: a Qwen3-32B teacher's, the "
+                        "teacher pool's support=full)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_divergence.json")
     args = p.parse_args(argv)
     cfg = dict(TINY if args.tiny else FULL)
     if args.ts:
         cfg["ts"] = args.ts
+    if args.hidden:
+        cfg["hidden"] = args.hidden
     result = run(cfg, args.device, argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

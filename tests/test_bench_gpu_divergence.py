@@ -23,3 +23,14 @@ def test_gpu_divergence_script_tiny_on_cpu(tmp_path):
     assert set(row["ratio_to_sampled"]) >= {"full_jsd", "full_reverse_kl", "topk_jsd", "hidden_jsd"}
     inv = res["batch_invariance_bf16"]
     assert inv["rows"] == 64 and inv["max_abs_diff"] >= 0 and inv["bitwise_equal"] == (inv["max_abs_diff"] == 0)
+
+
+def test_gpu_divergence_hidden_size_is_settable(tmp_path):
+    """--hidden sets the width of the hidden-state variants (the teacher pool's support=full at a teacher's width)."""
+    spec = importlib.util.spec_from_file_location("gpu_divergence", REPO / "bench" / "gpu_divergence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--device", "cpu", "--tiny", "--hidden", "48", "--out", str(tmp_path / "g.json")])
+    assert res["settings"]["hidden"] == 48
+    (row,) = res["results"]
+    assert row["hidden_jsd"]["median_s"] > 0
