@@ -10,7 +10,9 @@ subset, and the time of each file are documented in tests/verl_compat.py; the fu
 from __future__ import annotations
 
 import pytest
-from verl_compat import CI_SUBSET, MIN_PASSED, Comparison, RunResult, compare, parse_junit, verl_cpu_test_files
+from verl_compat import (
+    CI_SUBSET, MIN_PASSED, PLUGIN_ENV, Comparison, RunResult, compare, mode_env, parse_junit, verl_cpu_test_files,
+)
 
 
 def test_ci_subset_is_verls_own_cpu_tests():
@@ -20,6 +22,14 @@ def test_ci_subset_is_verls_own_cpu_tests():
     missing = sorted(set(CI_SUBSET) - set(shipped))
     assert not missing, f"CI_SUBSET names files verl no longer ships: {missing}"
     assert MIN_PASSED > 0
+
+
+def test_without_mode_drops_the_cpu_platform_name():
+    """VERL_PLATFORM=cpu (set in the driver by a CPU run's defaults, and inherited) names opd_verl's platform:
+    without the plugin verl cannot resolve it and every file fails to import. The "with" mode keeps it."""
+    base = {"VERL_PLATFORM": "cpu", "PATH": "/bin"}
+    assert "VERL_PLATFORM" not in mode_env("without", base) and mode_env("without", base)[PLUGIN_ENV] == "none"
+    assert mode_env("with", base)["VERL_PLATFORM"] == "cpu"
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="1"

@@ -163,6 +163,7 @@ def mode_env(mode: str, base: dict | None = None) -> dict:
         env.pop(var, None)
     if mode == "without":
         env[PLUGIN_ENV] = "none"
+        env.pop("VERL_PLATFORM", None)  # "cpu" names opd_verl's platform, which this mode does not register
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
